@@ -1,0 +1,20 @@
+"""Errors a user can cause, and the exit codes the CLI documents for them.
+
+Every command exits 0 when it succeeds, 1 on an internal error, 2 on a user error (bad recipe, argument,
+plugin, data source or checkpoint), 3 when training diverges, 130 after SIGINT and 143 after SIGTERM.
+A `UserError` is printed as one line (no traceback unless MINSOTA_DEBUG=1).
+"""
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; the message names the file, key, plugin or step."""
+
+    exit_code = EXIT_USER
+
+
+class DivergedError(UserError):
+    """Training produced a non-finite loss or gradient norm."""
+
+    exit_code = EXIT_DIVERGED

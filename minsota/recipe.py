@@ -1,0 +1,432 @@
+"""TOML recipes: named, inheritable (`extends`), overridable (`--set table.key=value`), validated up front.
+
+A recipe has a top-level ``description``, optional ``extends`` (a recipe name, or a path relative to the
+file) and ``plugins`` (files or modules to load), and the tables ``[model]``, ``[train]`` and ``[data]``
+whose keys and types are the dataclasses below (their comments are the reference). Validation runs
+before anything is built and each error is one line naming the file and the key. Overrides are
+type-checked against the schema, as nanoGPT's configurator checks them against the defaults.
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from minsota.errors import UserError
+
+Component = Union[str, dict]  # a registry name, or an inline table {name = "...", option = ...}
+
+
+@dataclass
+class ModelConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: int | None = None  # grouped-query attention; default n_heads (MHA), 1 = MQA
+    head_dim: int | None = None  # default dim // n_heads
+    ffn_dim: int | None = None  # feed-forward hidden width; default per feed-forward (8/3·dim SwiGLU, 4·dim MLP)
+    ffn_multiple_of: int = 256  # derived widths round up to this
+    max_seq_len: int = 2048  # longest sequence the positional encoding must serve (learned positions)
+    norm: Component = "rmsnorm"
+    positional: Component = "rope"
+    attention: Component = "sdpa"
+    feedforward: Component = "swiglu"
+    block: Component = "prenorm"
+    tie_embeddings: bool = False
+    init_std: float = 0.02  # normal(0, init_std); residual output projections (wo, w2) / sqrt(2·n_layers)
+    z_loss: float = 0.0  # PaLM's auxiliary log(Z)^2 loss coefficient (1e-4 in PaLM)
+    logit_softcap: float = 0.0  # final-logit soft-capping cap·tanh(logits/cap) (Gemma 2); 0 = off
+
+    def ffn_width(self, ratio: float) -> int:
+        """``ffn_dim`` if set, else ratio·dim rounded up to ``ffn_multiple_of``."""
+        if self.ffn_dim:
+            return self.ffn_dim
+        return self.ffn_multiple_of * math.ceil(ratio * self.dim / self.ffn_multiple_of)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 8  # global batch: sequences per optimizer step over all ranks and micro-steps
+    micro_batch_size: int | None = None  # sequences one device runs at once; default batch_size
+    seq_len: int = 256
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule decays to min_lr_ratio·lr
+    warmup_steps: int | float = 0.03  # steps, or a fraction of `steps` when < 1
+    warmup_shape: str = "linear"  # linear | cosine | none
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
+    weight_decay: float = 0.1  # applied to matrices only, never to norms, gains or biases
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    compile: bool = False
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    log_every: int = 10  # progress-bar refresh (metrics.jsonl gets every step)
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 0  # non-finite steps skipped before giving up (exit 3)
+    sample_tokens: int = 64  # generated at the end so a user sees what the model learned; 0 = off
+    parallelism: str = "none"  # none | ddp | fsdp (under torchrun)
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # a registered source, hf:NAME[:CONFIG], or a local path/glob
+    tokenizer: str = "bytes"  # a registered tokenizer, an HF name, or a local directory / tokenizer.json
+    packing: str = "causal"  # causal | document (attention and positions restart per document)
+    text_field: str = "text"
+    num_workers: int = 1
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+TOP_LEVEL = {"description": str, "extends": str, "plugins": list}
+COMPONENT_KEYS = ("norm", "positional", "attention", "feedforward", "block")
+
+
+@dataclass
+class Recipe:
+    name: str
+    source: str  # where it came from (a path, or "recipe.json" of a run)
+    description: str
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+    plugins: list[str] = field(default_factory=list)  # local plugin specs, resolved to absolute paths
+    origins: dict[str, str] = field(default_factory=dict, repr=False)  # dotted key -> file that set it
+
+    def where(self, key: str) -> str:
+        return self.origins.get(key, self.source)
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as saved in ``recipe.json``, with the plugins (and versions) it was built with."""
+        from minsota.plugins import load_plugins
+
+        loaded = load_plugins(self.plugins).infos.values()
+        return {
+            "name": self.name,
+            "description": self.description,
+            "plugins": list(self.plugins),
+            "loaded_plugins": {i.name: f"{i.distribution} {i.version}".strip() for i in loaded},
+            **{section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS},
+        }
+
+    def get(self, dotted: str):
+        section, key = dotted.split(".", 1)
+        return getattr(getattr(self, section), key)
+
+
+def component(spec: Component) -> tuple[str, dict]:
+    """(name, options) of a component spec."""
+    if isinstance(spec, str):
+        return spec, {}
+    options = dict(spec)
+    return options.pop("name"), options
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # its message carries "(at line L, column C)"
+        raise UserError(f"{path}: invalid TOML: {e}") from None
+
+
+def describe_recipe_file(path) -> str:
+    """The ``description`` of a recipe file ('' if it has none or cannot be read)."""
+    try:
+        return str(tomllib.loads(Path(str(path)).read_text()).get("description", ""))
+    except (OSError, tomllib.TOMLDecodeError):
+        return ""
+
+
+def find_recipe(name_or_path: str, plugins) -> Path:
+    """A recipe path from a registered name (file stem) or a path to a TOML file."""
+    candidate = Path(name_or_path)
+    if name_or_path.endswith(".toml") or candidate.is_file():
+        if not candidate.is_file():
+            raise UserError(f"{name_or_path}: no such recipe file")
+        return candidate
+    registry = plugins.registry("recipe")
+    if name_or_path not in registry:
+        # registry.get words the error: the kind, the name, close matches, how to list them
+        registry.get(name_or_path)
+    return Path(str(registry.get(name_or_path)))
+
+
+def _read_chain(path: Path, plugins, seen: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+    """The merged raw recipe following `extends`, and each dotted key's origin file."""
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise UserError(f"{path}: extends forms a cycle: {chain}")
+    raw = _read_toml(path)
+    for key in raw:
+        if key not in SECTIONS and key not in TOP_LEVEL:
+            raise UserError(f"{path}: unknown key '{key}'{_did_you_mean(key, [*SECTIONS, *TOP_LEVEL])}")
+    merged: dict[str, Any] = {section: {} for section in SECTIONS}
+    origins: dict[str, str] = {}
+    parent = raw.get("extends")
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise UserError(f"{path}: extends must be a recipe name or path, got {parent!r}")
+        if parent.endswith(".toml"):
+            parent_path = path.parent / parent
+            if not parent_path.is_file():
+                raise UserError(f"{path}: extends = '{parent}': no such file {parent_path}")
+        else:
+            try:
+                parent_path = find_recipe(parent, plugins)
+            except UserError as e:
+                raise UserError(f"{path}: extends = '{parent}': {e}") from None
+        merged, origins = _read_chain(parent_path, plugins, (*seen, resolved))
+    for key in ("description", "plugins"):
+        if key in raw:
+            if key == "plugins":
+                if not (isinstance(raw[key], list) and all(isinstance(p, str) for p in raw[key])):
+                    raise UserError(f"{path}: plugins must be a list of file paths or module names")
+                # paths are relative to the recipe that names them
+                merged[key] = [*merged.get(key, []), *(_plugin_spec(p, path) for p in raw[key])]
+            else:
+                merged[key] = raw[key]
+            origins[key] = str(path)
+    for section in SECTIONS:
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise UserError(f"{path}: '{section}' must be a table ([{section}])")
+        for key, value in table.items():
+            merged[section][key] = value  # component inline tables replace, never merge, the parent's
+            origins[f"{section}.{key}"] = str(path)
+    return merged, origins
+
+
+def _plugin_spec(spec: str, recipe_path: Path) -> str:
+    local = recipe_path.parent / spec
+    return str(local.resolve()) if (spec.endswith(".py") or local.exists()) else spec
+
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+# -------------------------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``table.key=value`` -> (dotted key, value): a TOML value, or the bare text when it is not TOML."""
+    if "=" not in text:
+        raise UserError(f"--set {text}: expected table.key=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _type_ok(value, hint) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list or hint is list:
+        return isinstance(value, list)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None))
+    return {dict: "inline table"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _coerce(section: str, key: str, value, hints: dict, where: str, raw_text: bool):
+    hint = hints[key]
+    if raw_text and hint is str and not isinstance(value, str):
+        value = str(value)  # `--set data.source=2024` means the string a shell user typed
+    if not _type_ok(value, hint):
+        raise UserError(f"{where}: {section}.{key} must be {_type_name(hint)}, got {value!r}")
+    if hint is float:
+        value = float(value)
+    if section == "model" and key in COMPONENT_KEYS and isinstance(value, dict):
+        if not isinstance(value.get("name"), str):
+            raise UserError(f"{where}: model.{key} inline table needs a string 'name'")
+    return value
+
+
+def _build_section(section: str, values: dict, recipe_origins: dict, default_where: str, override_keys: set):
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{section}.{key}"
+        where = recipe_origins.get(dotted, default_where)
+        if key not in fields:
+            raise UserError(f"{where}: unknown key {dotted}{_did_you_mean(key, fields)}")
+        kwargs[key] = _coerce(section, key, value, hints, where, dotted in override_keys)
+    missing = [name for name, f in fields.items() if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and name not in kwargs]
+    if missing:
+        raise UserError(f"{default_where}: missing key {section}.{missing[0]}")
+    return cls(**kwargs)
+
+
+_POSITIVE = {
+    "model": ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim", "ffn_multiple_of", "max_seq_len"),
+    "train": ("steps", "batch_size", "micro_batch_size", "seq_len", "lr", "keep_checkpoints", "log_every", "eval_batches"),
+}
+_NON_NEGATIVE = {
+    "model": ("init_std", "z_loss", "logit_softcap"),
+    "train": ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every", "max_bad_steps",
+              "sample_tokens", "min_lr_ratio", "eps", "seed"),
+    "data": ("num_workers",),
+}
+_CHOICES = {
+    "train.warmup_shape": ("linear", "cosine", "none"),
+    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.parallelism": ("none", "ddp", "fsdp"),
+    "data.packing": ("causal", "document"),
+}
+
+
+def _validate(recipe: Recipe, plugins) -> None:
+    for section, keys in _POSITIVE.items():
+        for key in keys:
+            value = getattr(getattr(recipe, section), key)
+            if value is not None and value <= 0:
+                raise UserError(f"{recipe.where(f'{section}.{key}')}: {section}.{key} must be positive, got {value}")
+    for section, keys in _NON_NEGATIVE.items():
+        for key in keys:
+            value = getattr(getattr(recipe, section), key)
+            if value < 0:
+                raise UserError(f"{recipe.where(f'{section}.{key}')}: {section}.{key} must be >= 0, got {value}")
+    for dotted, choices in _CHOICES.items():
+        value = recipe.get(dotted)
+        if value not in choices:
+            raise UserError(f"{recipe.where(dotted)}: {dotted} must be one of {', '.join(choices)}, got {value!r}")
+    m, t = recipe.model, recipe.train
+    if m.head_dim is None and m.dim % m.n_heads:
+        raise UserError(f"{recipe.where('model.n_heads')}: model.n_heads = {m.n_heads} does not divide model.dim = {m.dim}")
+    if m.n_heads % m.n_kv_heads:
+        raise UserError(f"{recipe.where('model.n_kv_heads')}: model.n_kv_heads = {m.n_kv_heads} does not divide "
+                        f"model.n_heads = {m.n_heads}")
+    if isinstance(t.warmup_steps, float) and t.warmup_steps >= 1:
+        raise UserError(f"{recipe.where('train.warmup_steps')}: train.warmup_steps as a fraction must be < 1, "
+                        f"got {t.warmup_steps} (use an integer for a step count)")
+    if t.batch_size % t.micro_batch_size:
+        raise UserError(f"{recipe.where('train.micro_batch_size')}: train.micro_batch_size = {t.micro_batch_size} "
+                        f"does not divide train.batch_size = {t.batch_size}")
+    for key in COMPONENT_KEYS:
+        name, _ = component(getattr(m, key))
+        try:
+            plugins.registry(key).describe(name)
+        except UserError as e:
+            raise UserError(f"{recipe.where(f'model.{key}')}: model.{key}: {e}") from None
+
+
+def _resolve(merged: dict, origins: dict, name: str, source: str, override_keys: set, plugins) -> Recipe:
+    sections = {s: _build_section(s, merged.get(s, {}), origins, source, override_keys) for s in SECTIONS}
+    model: ModelConfig = sections["model"]
+    if model.n_kv_heads is None:
+        model.n_kv_heads = model.n_heads
+    if model.head_dim is None and model.n_heads > 0 and model.dim % model.n_heads == 0:
+        model.head_dim = model.dim // model.n_heads
+    if sections["train"].micro_batch_size is None:
+        sections["train"].micro_batch_size = sections["train"].batch_size
+    recipe = Recipe(name, source, str(merged.get("description", "")), sections["model"], sections["train"],
+                    sections["data"], list(merged.get("plugins", [])), origins)
+    _validate(recipe, plugins)
+    return recipe
+
+
+def _apply_overrides(merged: dict, origins: dict, overrides: dict | None) -> set:
+    keys = set()
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or not key:
+            raise UserError(f"--set {dotted}: expected one of {', '.join(f'{s}.KEY' for s in SECTIONS)}"
+                            f"{_did_you_mean(section, SECTIONS)}")
+        merged.setdefault(section, {})[key] = value
+        origins[dotted] = f"--set {dotted}"
+        keys.add(dotted)
+    return keys
+
+
+def load_recipe(name_or_path: str, overrides: dict | None = None, plugins=()) -> Recipe:
+    """Read, inherit, override and validate a recipe (a registered name or a TOML path).
+
+    ``overrides`` maps dotted keys to values, e.g. ``{"model.n_layers": 4}``; ``plugins`` are extra local
+    plugin specs (as ``--plugin``). Raises `UserError` (one line, naming file and key) on any problem.
+    """
+    from minsota.plugins import load_plugins
+
+    loaded = load_plugins(plugins)
+    path = find_recipe(str(name_or_path), loaded)
+    merged, origins = _read_chain(path, loaded)
+    recipe_plugins = merged.get("plugins", [])
+    if recipe_plugins:  # the recipe brings plugins of its own: components may live there
+        loaded = load_plugins([*plugins, *recipe_plugins])
+    override_keys = _apply_overrides(merged, origins, overrides)
+    name = path.stem
+    recipe = _resolve(merged, origins, name, str(path), override_keys, loaded)
+    recipe.plugins = [*map(str, plugins), *recipe_plugins]
+    return recipe
+
+
+def recipe_from_dict(data: dict, source: str, overrides: dict | None = None, plugins=()) -> Recipe:
+    """Rebuild a resolved recipe (a run's ``recipe.json``), re-validated, with optional overrides."""
+    from minsota.plugins import load_plugins
+
+    all_plugins = [*data.get("plugins", []), *map(str, plugins)]
+    loaded = load_plugins(all_plugins)
+    merged = {s: dict(data.get(s, {})) for s in SECTIONS}
+    merged["description"] = data.get("description", "")
+    merged["plugins"] = all_plugins
+    origins: dict[str, str] = {}
+    override_keys = _apply_overrides(merged, origins, overrides)
+    return _resolve(merged, origins, data.get("name", "recipe"), source, override_keys, loaded)
+
+
+def read_recipe_json(path: Path, overrides: dict | None = None, plugins=()) -> Recipe:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read resolved recipe: {e}") from None
+    return recipe_from_dict(data, str(path), overrides, plugins)
