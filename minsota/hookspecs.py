@@ -12,6 +12,9 @@ plugin that means to replace a name wraps the factory in `minsota.override(facto
 ``**options`` are the keys of the recipe's inline table for that component (everything but ``name``);
 a factory rejects options it does not know by raising TypeError or ValueError, which minsota reports as
 one line naming the recipe key and component.
+
+A built module whose class carries a ``reference`` (a plain-tensor restatement; see `minsota.reference`)
+is checked against it by the parity suite, with no test to write.
 """
 
 import pluggy
@@ -39,12 +42,14 @@ def minsota_register_positional_encodings():
 
 @hookspec
 def minsota_register_attentions():
-    """Attention kernels. ``factory(cfg, positional, **options) -> nn.Module``.
+    """Attention kernels. ``factory(cfg, positional, *, norm, **options) -> nn.Module``.
 
-    ``forward(x, positions, document_ids) -> y`` with x, y: (B, T, cfg.dim), positions (B, T) and
-    document_ids (B, T) or None (None: plain causal attention over the window). Output projection named
-    ``wo`` receives the residual-scaled init. A kernel that cannot honour an option or the positional
-    encoding it is given raises ValueError from the factory, so the recipe is refused before training.
+    ``norm(dim)`` returns a fresh norm of the recipe's kind over ``dim`` features (for QK-norm; a kernel
+    without one ignores it). ``forward(x, positions, document_ids) -> y`` with x, y: (B, T, cfg.dim),
+    positions (B, T) and document_ids (B, T) or None (None: plain causal attention over the window).
+    Output projection named ``wo`` receives the residual-scaled init. A kernel that cannot honour an option
+    or the positional encoding it is given raises ValueError from the factory, so the recipe is refused
+    before training.
     """
 
 
@@ -60,10 +65,10 @@ def minsota_register_feedforwards():
 def minsota_register_blocks():
     """Block topologies. ``factory(cfg, *, norm, attention, feedforward, **options) -> nn.Module``.
 
-    ``norm`` is a zero-argument callable returning a fresh norm over cfg.dim (the block decides how many it
-    needs); ``attention`` and ``feedforward`` are built modules. ``forward(state) -> state`` where state is the
-    `TensorDict` described in `minsota.state`: the block reads ``hidden``, ``positions`` and (if present)
-    ``document_ids``, and writes ``hidden`` once. It never changes the key set.
+    ``norm()`` returns a fresh norm over cfg.dim (the block decides how many it needs; ``norm(dim)`` over
+    another width); ``attention`` and ``feedforward`` are built modules. ``forward(state) -> state`` where
+    state is the `TensorDict` described in `minsota.state`: the block reads ``hidden``, ``positions`` and
+    (if present) ``document_ids``, and writes ``hidden`` once. It never changes the key set.
     """
 
 

@@ -121,13 +121,14 @@ def build_model(recipe: Recipe, device: str | torch.device | None = None) -> Dec
     with torch.device(device or "cpu"):
         positional = _build(recipe, plugins, "positional", cfg)
 
-        def norm():
-            return _build(recipe, plugins, "norm", cfg.dim, cfg)
+        def norm(dim: int = cfg.dim):
+            return _build(recipe, plugins, "norm", dim, cfg)
 
         layers = [
             _build(recipe, plugins, "block", cfg, norm=norm,
-                   attention=_build(recipe, plugins, "attention", cfg, positional),
+                   attention=_build(recipe, plugins, "attention", cfg, positional, norm=norm),
                    feedforward=_build(recipe, plugins, "feedforward", cfg))
             for _ in range(cfg.n_layers)
         ]
-        return Decoder(cfg, positional, layers, norm())
+        # post-norm blocks already end on a norm: `final_norm = false` leaves the LM head without one
+        return Decoder(cfg, positional, layers, norm() if cfg.final_norm else nn.Identity())

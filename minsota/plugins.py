@@ -126,8 +126,8 @@ def _load(extra: tuple[str, ...], autoload_disabled: bool) -> Plugins:
     registries = {}
     for kind, hook_name in KINDS.items():
         registry = registries[kind] = Registry(kind)
-        # pluggy calls last-registered first; register in load order so a clash names the newcomer second
-        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        # in load order (built-ins first), so a clash names the newcomer second and overrides can follow
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
             info = infos[impl.plugin_name]
             try:
                 provided = impl.function()

@@ -45,6 +45,7 @@ class ModelConfig:
     feedforward: Component = "swiglu"
     block: Component = "prenorm"
     tie_embeddings: bool = False
+    final_norm: bool = True  # norm before the LM head; false for post-norm blocks, which end on a norm already
     init_std: float = 0.02  # normal(0, init_std); residual output projections (wo, w2) / sqrt(2·n_layers)
     z_loss: float = 0.0  # PaLM's auxiliary log(Z)^2 loss coefficient (1e-4 in PaLM)
     logit_softcap: float = 0.0  # final-logit soft-capping cap·tanh(logits/cap) (Gemma 2); 0 = off

@@ -1,0 +1,267 @@
+"""`minsota compare` (is my variant better than the baseline?) and `minsota diff` (what does it change?).
+
+compare trains every recipe for K seeds as ordinary run directories ``DIR/<recipe>/seed-<seed>/`` (so an
+interrupted comparison resumes where it stopped), then prints a table, and writes ``DIR/compare.png`` (loss vs
+tokens) and ``DIR/compare.json``. Run k of every recipe gets the same seed (the base's ``train.seed`` + k) and
+hence the same data order, which makes the runs pairs (see `minsota.stats`). Runs go seed-major, each recipe's
+seed 0 before any seed 1, so every recipe's tokens/s is measured interleaved in one process: eager speed drifts
+~30% between processes (FIELD-NOTES), far more than within one.
+
+diff flattens two resolved recipes (`Recipe.to_dict`) to dotted keys and lists the keys whose values differ,
+components (and their options) apart from the other hyperparameters.
+"""
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from statistics import median
+
+from minsota.errors import UserError
+from minsota.recipe import COMPONENT_KEYS, SECTIONS, Recipe, component, load_recipe
+from minsota.stats import mean_std, paired_difference
+
+TRAIN_TAIL = 0.1  # final train loss = mean over the last 10% of steps: one batch's loss is too noisy to rank by
+LEVEL = 0.95  # confidence level of the intervals
+
+
+def model_size(recipe: Recipe) -> tuple[int, float]:
+    """(parameters, training FLOPs per token) of a recipe's model, built on "meta" (nothing allocated)."""
+    from minsota.model import build_model
+
+    model = build_model(recipe, device="meta")
+    return model.num_parameters(), model.flops_per_token(recipe.train.seq_len)
+
+
+# --------------------------------------------------------------------------------------------------- running
+
+
+def _labels(recipes: list[Recipe]) -> list[str]:
+    """Recipe names, made unique (two files may share a stem; a recipe may be compared with itself)."""
+    labels = []
+    for recipe in recipes:
+        label, n = recipe.name, 2
+        while label in labels:
+            label, n = f"{recipe.name}-{n}", n + 1
+        labels.append(label)
+    return labels
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    """Whether a run's metrics reach its last step and the evaluation that ends it."""
+    _, evals = read_metrics(run_dir)
+    return bool(evals) and evals[-1]["step"] >= steps
+
+
+def _run(recipe: Recipe, run_dir: Path) -> int:
+    """Train, resume or skip one run; the trainer's exit code."""
+    from minsota.train import train
+
+    saved = run_dir / "recipe.json"
+    if not saved.exists():
+        return train(recipe, run_dir)
+    wanted = json.loads(json.dumps(recipe.to_dict()))
+    found = json.loads(saved.read_text())
+    if any(found.get(section) != wanted[section] for section in SECTIONS):
+        raise UserError(f"{run_dir} holds a run of a different recipe: choose another --out")
+    if _finished(run_dir, recipe.train.steps):
+        return 0
+    return train(None, run_dir, resume=True, plugins=recipe.plugins)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run, one per step; after a resume, the newest record of a step wins."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    train = {r["step"]: r for r in records if "loss" in r}
+    evals = {r["step"]: r for r in records if "val_loss" in r}
+    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
+
+
+def _tokens(record: dict, recipe: Recipe) -> int:
+    return record.get("tokens", record["step"] * recipe.train.batch_size * recipe.train.seq_len)
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+
+
+def _summarize(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
+    """One recipe's numbers over its seeds, and its loss curves for the plot."""
+    params, flops = model_size(recipes[0])
+    runs, speeds = [], []
+    for recipe, run_dir in zip(recipes, run_dirs):
+        train, evals = read_metrics(run_dir)
+        if not train or not evals:
+            raise UserError(f"{run_dir}: metrics.jsonl has no training or evaluation records")
+        tail = train[-max(1, math.ceil(TRAIN_TAIL * len(train))):]
+        speeds += [r["tokens_per_s"] for r in train]
+        runs.append({
+            "seed": recipe.train.seed, "run_dir": str(run_dir),
+            "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": evals[-1]["val_loss"],
+            "curve": [[_tokens(r, recipe), r["loss"]] for r in train],
+            "val_curve": [[_tokens(r, recipe), r["val_loss"]] for r in evals],
+        })
+    return {
+        "recipe": label, "source": recipes[0].source, "parameters": params, "flops_per_token": flops,
+        "tokens_per_s": median(speeds),  # the median shrugs off the warm-up (and compile) steps
+        **{key: dict(zip(("mean", "std"), mean_std([r[key] for r in runs]))) for key in ("train_loss", "val_loss")},
+        "runs": runs,
+    }
+
+
+def _add_differences(rows: list[dict]) -> None:
+    """Each variant's paired difference from the base (rows[0]) in final train and validation loss."""
+    base = rows[0]
+    for row in rows[1:]:
+        row["vs_base"] = {key: vars(paired_difference([r[key] for r in base["runs"]], [r[key] for r in row["runs"]],
+                                                      LEVEL))
+                          for key in ("train_loss", "val_loss")}
+
+
+def _si(value: float) -> str:
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """The comparison as aligned text; the difference columns say variant − base (negative: variant better)."""
+    seeds = len(rows[0]["runs"])
+
+    def loss(stat):
+        return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if seeds > 1 else "")
+
+    header = ["recipe", "params", "FLOPs/tok", "tok/s", "train loss", "val loss", "Δ val vs base"]
+    if seeds > 1:
+        header[-1] += f" [{LEVEL:.0%} CI]"
+        header.append("p")
+    table = [header]
+    for row in rows:
+        cells = [row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), _si(row["tokens_per_s"]),
+                 loss(row["train_loss"]), loss(row["val_loss"])]
+        difference = row.get("vs_base", {}).get("val_loss")
+        if difference is None:
+            cells += ["(base)"] + ([""] if seeds > 1 else [])
+        elif seeds > 1:
+            cells += [f"{difference['mean']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}]",
+                      f"{difference['p_value']:.3g}"]
+        else:
+            cells.append(f"{difference['mean']:+.4f}")
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Loss vs tokens, one colour per recipe: the mean train curve over seeds, shaded between the seeds' min
+    and max, and validation points; the right panel zooms on the second half, where variants separate."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, row in enumerate(rows):
+        color = f"C{i}"
+        steps = min(len(r["curve"]) for r in row["runs"])  # seeds agree unless a run is still incomplete
+        curves = np.array([r["curve"][:steps] for r in row["runs"]])  # (seeds, steps, [tokens, loss])
+        tokens, losses = curves[0, :, 0], curves[:, :, 1]
+        val = np.array([r["val_curve"][-1] for r in row["runs"]])  # (seeds, [tokens, loss])
+        for ax in axes:
+            ax.plot(tokens, losses.mean(0), color=color, lw=1.2, label=row["recipe"])
+            ax.fill_between(tokens, losses.min(0), losses.max(0), color=color, alpha=0.2, lw=0)
+            ax.errorbar(val[:, 0].mean(), val[:, 1].mean(), yerr=val[:, 1].std(), color=color, marker="o", capsize=3)
+    half = [row["runs"][0]["curve"][len(row["runs"][0]["curve"]) // 2] for row in rows]
+    axes[1].set_xlim(left=min(tokens for tokens, _ in half))
+    axes[1].set_ylim(top=max(loss for _, loss in half))
+    for ax, title in zip(axes, ("whole run", "second half")):
+        ax.set(xlabel="tokens", ylabel="loss", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    seeds = len(rows[0]["runs"])
+    fig.suptitle(f"train loss (line: mean over {seeds} seed{'s' * (seeds > 1)}, band: min–max); "
+                 "dot: final validation loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+
+
+def compare(specs: list[str], steps: int | None = None, seeds: int = 1, overrides: dict | None = None,
+            out: Path | None = None, plugins=()) -> int:
+    """Train (or resume) BASE = specs[0] and every variant for ``seeds`` seeds, then report; an exit code."""
+    if seeds < 1 or (steps is not None and steps < 1):
+        raise UserError("--seeds and --steps must be at least 1")
+    overrides = {**(overrides or {}), **({"train.steps": steps} if steps else {})}
+    first_seed = load_recipe(specs[0], overrides, plugins).train.seed
+    recipes = [[load_recipe(spec, {**overrides, "train.seed": first_seed + k}, plugins) for k in range(seeds)]
+               for spec in specs]  # recipes[i][k]: recipe i, seed k
+    labels = _labels([r[0] for r in recipes])
+    out = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dirs = [[out / label / f"seed-{r.train.seed}" for r in per_seed] for label, per_seed in zip(labels, recipes)]
+    for k in range(seeds):
+        for label, per_seed, dirs in zip(labels, recipes, run_dirs):
+            print(f"compare: {label}, seed {per_seed[k].train.seed} -> {dirs[k]}", flush=True)
+            code = _run(per_seed[k], dirs[k])
+            if code:
+                print(f"compare: {dirs[k]} stopped with exit code {code}; rerun the same command to resume")
+                return code
+    rows = [_summarize(label, per_seed, dirs) for label, per_seed, dirs in zip(labels, recipes, run_dirs)]
+    _add_differences(rows)
+    plot(rows, out / "compare.png")
+    (out / "compare.json").write_text(json.dumps({"base": labels[0], "level": LEVEL, "test": "paired t (by seed)",
+                                                  "recipes": rows}, indent=2))
+    print(format_table(rows))
+    print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- diff
+
+
+def _flatten(recipe: Recipe) -> dict:
+    """Dotted keys -> values; a component becomes ``model.KEY`` (its name) plus ``model.KEY.OPTION`` per option."""
+    data = recipe.to_dict()
+    flat = {"plugins": data["plugins"]}
+    for section in SECTIONS:
+        for key, value in data[section].items():
+            if section == "model" and key in COMPONENT_KEYS:
+                name, options = component(value)
+                flat[f"model.{key}"] = name
+                flat.update({f"model.{key}.{option}": v for option, v in options.items()})
+            else:
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
+def recipe_diff(a: Recipe, b: Recipe) -> list[tuple[str, object, object]]:
+    """(key, value in a, value in b) for every key that differs, components first; a missing option is None."""
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    keys = [k for k in dict.fromkeys([*flat_a, *flat_b]) if flat_a.get(k) != flat_b.get(k)]
+    return sorted(((k, flat_a.get(k), flat_b.get(k)) for k in keys), key=lambda d: not _is_component(d[0]))
+
+
+def _is_component(key: str) -> bool:
+    return key.startswith("model.") and key.split(".")[1] in COMPONENT_KEYS
+
+
+def format_diff(a: Recipe, b: Recipe) -> str:
+    (params_a, flops_a), (params_b, flops_b) = model_size(a), model_size(b)
+    differences = recipe_diff(a, b)
+    rows = [("", a.name, b.name), ("parameters", f"{params_a:,}", f"{params_b:,}"),
+            ("FLOPs/token", f"{flops_a:.4g}", f"{flops_b:.4g}")]
+    for title, wanted in (("components", True), ("hyperparameters", False)):
+        group = [(f"  {k}", "(unset)" if va is None else str(va), "(unset)" if vb is None else str(vb))
+                 for k, va, vb in differences if _is_component(k) == wanted]
+        rows += [(title, "", ""), *group] if group else []
+    if not differences:
+        rows.append(("(the resolved recipes are identical)", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
