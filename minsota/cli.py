@@ -1,4 +1,4 @@
-"""The `minsota` command line: train, recipes, list, show, plugins.
+"""The `minsota` command line: train, recipes, list, show, plugins, compare, diff, generate, eval.
 
 Exit codes (every command): 0 ok · 1 internal error · 2 user error (bad recipe, argument, plugin, data
 source, checkpoint) · 3 training diverged · 130 after SIGINT · 143 after SIGTERM. A user error is one
@@ -48,21 +48,14 @@ def cmd_list(args):
         print("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + f"  {row[3]}")
 
 
-def describe_model(recipe) -> list[str]:
-    """The lines `show` prints under the recipe: exact parameter count and FLOPs per token."""
-    from minsota.model import build_model
-
-    model = build_model(recipe, device="meta")  # nothing allocated: 7B recipes show in a second
-    seq_len = recipe.train.seq_len
-    return [f"parameters: {model.num_parameters():,}",
-            f"FLOPs/token: {model.flops_per_token(seq_len):.4g} (training, seq_len {seq_len})"]
-
-
 def cmd_show(args):
+    from minsota.model import model_size
+
     recipe = _recipe(args)
-    summary = describe_model(recipe)
+    params, flops = model_size(recipe)  # on "meta": 7B recipes show in a second
     print(json.dumps(recipe.to_dict(), indent=2))
-    print("\n".join(summary))
+    print(f"parameters: {params:,}")
+    print(f"FLOPs/token: {flops:.4g} (training, seq_len {recipe.train.seq_len})")
 
 
 def cmd_plugins(args):
@@ -74,10 +67,62 @@ def cmd_train(args):
     from minsota.train import train
 
     if args.resume:
-        return train(None, Path(args.resume), resume=True, overrides=_overrides(args), plugins=args.plugin)
+        return train(None, Path(args.resume), resume=True, overrides=_overrides(args), plugins=args.plugin,
+                     allow_changes=args.allow_change)
     recipe = _recipe(args)
     run_dir = Path(args.out) if args.out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
     return train(recipe, run_dir)
+
+
+def cmd_compare(args):
+    from minsota.compare import compare
+
+    return compare([args.base, *args.variants], args.steps, args.seeds, _overrides(args), args.out, args.plugin)
+
+
+def cmd_diff(args):
+    from minsota.compare import format_diff
+
+    print(format_diff(load_recipe(args.a, plugins=args.plugin), load_recipe(args.b, plugins=args.plugin)))
+
+
+def cmd_generate(args):
+    from minsota.inference import sample_text
+
+    print(sample_text(Path(args.run_dir), args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                      args.top_p, args.seed, _overrides(args), args.plugin))
+
+
+def cmd_eval(args):
+    from minsota.inference import evaluate_run, format_evaluation
+
+    print(format_evaluation(evaluate_run(Path(args.run_dir), _overrides(args), args.plugin, args.batches)))
+
+
+def cmd_import_hf(args):
+    from minsota.hf import import_to_run
+
+    print(f"imported {args.hf_dir} -> {import_to_run(args.hf_dir, args.run_dir)}")
+
+
+def cmd_export_hf(args):
+    from minsota.hf import export_run
+
+    print(f"exported {args.run_dir} -> {export_run(args.run_dir, args.out_dir, args.plugin)}")
+
+
+def cmd_bench(args):
+    import pytest
+
+    suites = Path(__file__).resolve().parents[1] / "benchmarks"  # a source checkout's; wheels do not ship them
+    if not suites.is_dir():
+        raise UserError(f"no benchmark suites at {suites}: `minsota bench` runs from a source checkout (pip install -e .)")
+    options = ["--smoke"] if args.smoke else []
+    if args.save:
+        options.append(f"--benchmark-save={args.save}")
+    if args.compare:
+        options.append("--benchmark-compare" if args.compare == "latest" else f"--benchmark-compare={args.compare}")
+    return int(pytest.main([str(suites), *options, *args.pytest_args]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common, overridable], help="train a recipe (default: quickstart)")
     p.add_argument("recipe", nargs="?", default="quickstart", help="recipe name or TOML path")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/RECIPE-TIMESTAMP)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint "
+                   "(or from RUN_DIR/checkpoints/step-N)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="with --resume: accept a changed model shape, tokenizer, batch size or data source "
+                   "(a dotted key such as data.source, or a table such as model; repeatable)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("recipes", parents=[common], help="list recipes with a one-line description")
@@ -106,6 +155,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("plugins", parents=[common], help="list loaded plugins with distribution and version")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("compare", parents=[common, overridable],
+                       help="train a base and variants over seeds: table with CIs and p-values, plot, JSON")
+    p.add_argument("base", help="the baseline recipe (name or TOML path)")
+    p.add_argument("variants", nargs="+", metavar="variant", help="recipes to compare with it")
+    p.add_argument("--steps", type=int, help="optimizer steps of every run (default: each recipe's own)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per recipe, seeds base.train.seed + 0..K-1 (K > 1: confidence intervals, p-values)")
+    p.add_argument("--out", metavar="DIR", help="runs and results (default: runs/compare-TIMESTAMP); "
+                   "the same DIR again resumes")
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("diff", parents=[common], help="components and hyperparameters two recipes differ in")
+    p.add_argument("a", metavar="A", help="recipe name or TOML path")
+    p.add_argument("b", metavar="B", help="recipe name or TOML path")
+    p.set_defaults(func=cmd_diff)
+    p = sub.add_parser("generate", parents=[common, overridable], help="sample text from a run (KV cache)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or RUN_DIR/checkpoints/step-N")
+    p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the likeliest tokens holding P probability")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("eval", parents=[common, overridable],
+                       help="validation loss, perplexity (bits/byte for bytes) of a run, e.g. on another data.source")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or RUN_DIR/checkpoints/step-N")
+    p.add_argument("--batches", type=int, help="validation micro-batches (default: the recipe's train.eval_batches)")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("import-hf", help="a Hugging Face Llama/Mistral/OLMo 2/GPT-2 directory -> a run directory "
+                       "(recipe.json, checkpoints/step-0)")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a save_pretrained directory (config.json, safetensors)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a new run directory")
+    p.set_defaults(func=cmd_import_hf)
+    p = sub.add_parser("export-hf", parents=[common], help="a run's newest checkpoint -> a Hugging Face directory")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or RUN_DIR/checkpoints/step-N")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new directory for config.json and model.safetensors")
+    p.set_defaults(func=cmd_export_hf)
+    p = sub.add_parser("bench", help="run the benchmarks (kernels, blocks, train step vs HF): one summary table")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, each case once: do they run, does parity hold")
+    p.add_argument("--save", metavar="NAME", help="store the results as JSON under .benchmarks/ (--benchmark-save)")
+    p.add_argument("--compare", nargs="?", const="latest", metavar="RUN",
+                   help="compare with a stored run (default: the newest) (--benchmark-compare)")
+    p.add_argument("pytest_args", nargs="*", metavar="-- PYTEST_ARGS",
+                   help="passed on to pytest after --, e.g. -- -k attention --benchmark-disable")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -13,24 +13,19 @@ components (and their options) apart from the other hyperparameters.
 
 import json
 import math
+import sys
 from datetime import datetime
 from pathlib import Path
 from statistics import median
 
+from minsota import checkpoint
 from minsota.errors import UserError
+from minsota.model import model_size
 from minsota.recipe import COMPONENT_KEYS, SECTIONS, Recipe, component, load_recipe
 from minsota.stats import mean_std, paired_difference
 
 TRAIN_TAIL = 0.1  # final train loss = mean over the last 10% of steps: one batch's loss is too noisy to rank by
 LEVEL = 0.95  # confidence level of the intervals
-
-
-def model_size(recipe: Recipe) -> tuple[int, float]:
-    """(parameters, training FLOPs per token) of a recipe's model, built on "meta" (nothing allocated)."""
-    from minsota.model import build_model
-
-    model = build_model(recipe, device="meta")
-    return model.num_parameters(), model.flops_per_token(recipe.train.seq_len)
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -47,14 +42,8 @@ def _labels(recipes: list[Recipe]) -> list[str]:
     return labels
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
-    """Whether a run's metrics reach its last step and the evaluation that ends it."""
-    _, evals = read_metrics(run_dir)
-    return bool(evals) and evals[-1]["step"] >= steps
-
-
 def _run(recipe: Recipe, run_dir: Path) -> int:
-    """Train, resume or skip one run; the trainer's exit code."""
+    """Train one run, or resume it (the trainer returns at once when it is complete); the trainer's exit code."""
     from minsota.train import train
 
     saved = run_dir / "recipe.json"
@@ -62,10 +51,11 @@ def _run(recipe: Recipe, run_dir: Path) -> int:
         return train(recipe, run_dir)
     wanted = json.loads(json.dumps(recipe.to_dict()))
     found = json.loads(saved.read_text())
-    if any(found.get(section) != wanted[section] for section in SECTIONS):
+    if any(found.get(section) != wanted[section] for section in SECTIONS):  # e.g. another --steps
         raise UserError(f"{run_dir} holds a run of a different recipe: choose another --out")
-    if _finished(run_dir, recipe.train.steps):
-        return 0
+    _, newest = checkpoint.find_resumable(run_dir)
+    if newest is not None and newest.name == f"step-{recipe.train.steps}":
+        return 0  # complete: skip the trainer's set-up (model, data) just to hear that
     return train(None, run_dir, resume=True, plugins=recipe.plugins)
 
 
@@ -95,7 +85,7 @@ def _summarize(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
         if not train or not evals:
             raise UserError(f"{run_dir}: metrics.jsonl has no training or evaluation records")
         tail = train[-max(1, math.ceil(TRAIN_TAIL * len(train))):]
-        speeds += [r["tokens_per_s"] for r in train]
+        speeds += [r["tokens_per_s"] for r in train[1:] or train]  # step 1 pays one-off costs (allocation)
         runs.append({
             "seed": recipe.train.seed, "run_dir": str(run_dir),
             "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": evals[-1]["val_loss"],
@@ -104,7 +94,7 @@ def _summarize(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
         })
     return {
         "recipe": label, "source": recipes[0].source, "parameters": params, "flops_per_token": flops,
-        "tokens_per_s": median(speeds),  # the median shrugs off the warm-up (and compile) steps
+        "tokens_per_s": median(speeds),  # the median shrugs off stragglers
         **{key: dict(zip(("mean", "std"), mean_std([r[key] for r in runs]))) for key in ("train_loss", "val_loss")},
         "runs": runs,
     }
@@ -112,11 +102,12 @@ def _summarize(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
 
 def _add_differences(rows: list[dict]) -> None:
     """Each variant's paired difference from the base (rows[0]) in final train and validation loss."""
-    base = rows[0]
+    base = rows[0]["runs"]
     for row in rows[1:]:
-        row["vs_base"] = {key: vars(paired_difference([r[key] for r in base["runs"]], [r[key] for r in row["runs"]],
-                                                      LEVEL))
-                          for key in ("train_loss", "val_loss")}
+        row["vs_base"] = {}
+        for key in ("train_loss", "val_loss"):
+            difference = paired_difference([r[key] for r in base], [r[key] for r in row["runs"]], LEVEL)
+            row["vs_base"][key] = vars(difference)
 
 
 def _si(value: float) -> str:
@@ -158,7 +149,8 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Loss vs tokens, one colour per recipe: the mean train curve over seeds, shaded between the seeds' min
-    and max, and validation points; the right panel zooms on the second half, where variants separate."""
+    and max, and the validation losses (dashed, mean ± std); the right panel zooms on the second half of the
+    run, where variants separate."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -166,26 +158,32 @@ def plot(rows: list[dict], path: Path) -> None:
     import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    zoom_x, zoom_y = [], []
     for i, row in enumerate(rows):
-        color = f"C{i}"
-        steps = min(len(r["curve"]) for r in row["runs"])  # seeds agree unless a run is still incomplete
+        steps = min(len(r["curve"]) for r in row["runs"])
         curves = np.array([r["curve"][:steps] for r in row["runs"]])  # (seeds, steps, [tokens, loss])
         tokens, losses = curves[0, :, 0], curves[:, :, 1]
-        val = np.array([r["val_curve"][-1] for r in row["runs"]])  # (seeds, [tokens, loss])
+        evals = np.array([r["val_curve"] for r in row["runs"]])  # (seeds, evaluations, [tokens, loss])
+        val_tokens, val_mean = evals[0, :, 0], evals[:, :, 1].mean(0)
+        val_std = evals[:, :, 1].std(0, ddof=1) if len(evals) > 1 else np.zeros_like(val_mean)
         for ax in axes:
-            ax.plot(tokens, losses.mean(0), color=color, lw=1.2, label=row["recipe"])
-            ax.fill_between(tokens, losses.min(0), losses.max(0), color=color, alpha=0.2, lw=0)
-            ax.errorbar(val[:, 0].mean(), val[:, 1].mean(), yerr=val[:, 1].std(), color=color, marker="o", capsize=3)
-    half = [row["runs"][0]["curve"][len(row["runs"][0]["curve"]) // 2] for row in rows]
-    axes[1].set_xlim(left=min(tokens for tokens, _ in half))
-    axes[1].set_ylim(top=max(loss for _, loss in half))
+            ax.plot(tokens, losses.mean(0), color=f"C{i}", lw=1.2, label=row["recipe"])
+            ax.fill_between(tokens, losses.min(0), losses.max(0), color=f"C{i}", alpha=0.2, lw=0)
+            ax.errorbar(val_tokens, val_mean, yerr=val_std, color=f"C{i}", ls="--", marker="o", capsize=3)
+        zoom_x.append(tokens[steps // 2])
+        late = val_tokens >= tokens[steps // 2]
+        zoom_y += [losses[:, steps // 2:].min(), losses[:, steps // 2:].max(),
+                   *(val_mean - val_std)[late], *(val_mean + val_std)[late]]
+    margin = 0.05 * (max(zoom_y) - min(zoom_y)) or 0.01
+    axes[1].set_xlim(left=min(zoom_x))
+    axes[1].set_ylim(min(zoom_y) - margin, max(zoom_y) + margin)
     for ax, title in zip(axes, ("whole run", "second half")):
         ax.set(xlabel="tokens", ylabel="loss", title=title)
         ax.grid(alpha=0.3)
     axes[0].legend()
     seeds = len(rows[0]["runs"])
     fig.suptitle(f"train loss (line: mean over {seeds} seed{'s' * (seeds > 1)}, band: min–max); "
-                 "dot: final validation loss")
+                 "dashed: validation loss, mean ± std")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -208,16 +206,20 @@ def compare(specs: list[str], steps: int | None = None, seeds: int = 1, override
     run_dirs = [[out / label / f"seed-{r.train.seed}" for r in per_seed] for label, per_seed in zip(labels, recipes)]
     for k in range(seeds):
         for label, per_seed, dirs in zip(labels, recipes, run_dirs):
-            print(f"compare: {label}, seed {per_seed[k].train.seed} -> {dirs[k]}", flush=True)
+            print(f"compare: {label}, seed {per_seed[k].train.seed} -> {dirs[k]}", file=sys.stderr)
             code = _run(per_seed[k], dirs[k])
             if code:
-                print(f"compare: {dirs[k]} stopped with exit code {code}; rerun the same command to resume")
+                print(f"compare: {dirs[k]} stopped with exit code {code}; rerun the same command to resume",
+                      file=sys.stderr)
                 return code
     rows = [_summarize(label, per_seed, dirs) for label, per_seed, dirs in zip(labels, recipes, run_dirs)]
     _add_differences(rows)
     plot(rows, out / "compare.png")
+    curves = ("curve", "val_curve")  # they stay in each run's metrics.jsonl
+    results = [{**row, "runs": [{k: v for k, v in run.items() if k not in curves} for run in row["runs"]]}
+               for row in rows]
     (out / "compare.json").write_text(json.dumps({"base": labels[0], "level": LEVEL, "test": "paired t (by seed)",
-                                                  "recipes": rows}, indent=2))
+                                                  "recipes": results}, indent=2))
     print(format_table(rows))
     print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}")
     return 0
@@ -261,7 +263,6 @@ def format_diff(a: Recipe, b: Recipe) -> str:
         group = [(f"  {k}", "(unset)" if va is None else str(va), "(unset)" if vb is None else str(vb))
                  for k, va, vb in differences if _is_component(k) == wanted]
         rows += [(title, "", ""), *group] if group else []
-    if not differences:
-        rows.append(("(the resolved recipes are identical)", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines + ([] if differences else ["the resolved recipes are identical"]))

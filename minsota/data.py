@@ -1,114 +1,377 @@
 """Data: sources -> tokenizer -> packing -> batches.
 
-(Core version: the offline Python-stdlib corpus, the byte tokenizer and causal packing. The data issue
-extends this module; the public functions below are the contract the trainer uses.)
+Sources (``data.source``) and tokenizers (``data.tokenizer``) come from the registries plugins fill; the
+built-ins live in `plugins/data.py` and `plugins/tokenizers.py`. A spec is a registered name (``stdlib``,
+``c4``, ``bytes``, ``gpt-neox-20b``), ``NAME:ARGUMENT`` (``hf:allenai/c4:en``), or a path, glob or hub name
+with a slash, which goes to the source ``files`` or the tokenizer ``hf``.
 
-Contract:
+The contract the trainer relies on:
   build_tokenizer(recipe) -> Tokenizer  (.name, .vocab_size, .eos_id, .encode(str) -> list[int], .decode(ids) -> str)
   build_batches(recipe, tokenizer, split="train", rank=0, world_size=1) -> Batches
-  Batches: iterator of micro-batches, dicts of int64 tensors (micro_batch_size, seq_len):
+  Batches: iterator of micro-batches, dicts of int64 tensors (train.micro_batch_size, train.seq_len):
       tokens, targets, positions, document_ids
     .state_dict() -> JSON-serialisable position just after the last micro-batch yielded
     .load_state_dict(state)
+    .epoch -> int  (added) how many times the source had run out before the next window
+  build_source(recipe, split) -> Source  (added) the documents alone, in order
+  hub_reachable, HFSource, hf_source, no_argument  (added) for source and tokenizer plugins
+
+Packing. Each document's tokens and then EOS are appended to one stream; empty (or whitespace-only)
+documents are skipped and counted. Window g is stream[g·T : g·T + T + 1] with T = train.seq_len: consecutive
+windows share one token, so every token is a target exactly once and none is dropped. A long document runs on
+into the next window, and a finite source that runs out starts its next epoch in the same stream. tokens and
+targets are a window's first and last T tokens. document_ids number the documents inside a window from 0 (a
+document carried over from the previous window is 0; an EOS belongs to the document it ends). positions:
+  causal    0..T-1 in every window: plain causal attention across documents (the seed's behaviour)
+  document  restart at 0 at every document start and at the window start, so they stay below T
+document_ids are produced in both modes; the trainer gives them to the model only for "document".
+
+Order and sharding. The window order depends only on the source, the tokenizer and T. Optimizer step s uses
+windows [s·B, (s+1)·B) (B = train.batch_size), dealt in micro-batches of M windows: micro-batch q goes to
+rank q mod world_size. Every world size sees the same global batch, and the ranks' union is the
+single-process stream.
+
+Loading. Tokenizing runs off the training thread in ``data.num_workers`` DataLoader workers (0: in process)
+that prefetch. Documents come in blocks of ``data.block_docs``; worker w of W tokenizes blocks w, w+W, … and
+the DataLoader's round-robin hands them back in order, so the worker count changes speed, never data. Each
+worker reads the whole document stream and skips the other workers' blocks: reading is cheap next to
+tokenizing. The main process packs, which is only tensor slicing, and pins each micro-batch when training on
+CUDA. Packing needs every document's length, so every rank tokenizes the whole stream and keeps its own
+micro-batches. Tokenizing work therefore grows with world size.
+
+Resume. The position is a global window counter plus the place of the next window's first token: the
+epoch, the source's resumable state at the start of a block, and a token offset into that block. For every
+built-in source that state is a ``datasets.IterableDataset.state_dict()``, with no shuffle buffer on the path.
+Resuming re-reads and re-tokenizes one block.
 """
 
-import sysconfig
+import copy
+import logging
+import os
+import threading
+import urllib.error
+import urllib.request
+from collections import deque
+from functools import lru_cache
 from pathlib import Path
+from typing import Iterator, Protocol
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minsota.errors import UserError
+from minsota.plugins import load_plugins
+
+log = logging.getLogger(__name__)
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocab 256); byte 0 (NUL, absent from text) doubles as end-of-document."""
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int  # every id encode() can return is below this
+    eos_id: int  # appended after every document
 
-    name = "bytes"
-    vocab_size = 256
-    eos_id = 0
+    def encode(self, text: str) -> list[int]: ...
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", errors="replace")
+    def decode(self, ids) -> str: ...
 
 
-def stdlib_documents(split: str):
-    """The Python standard library's own sources: real text every machine has. Every 50th file is validation."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
-    for i, path in enumerate(files):
-        if (i % 50 == 0) == (split == "validation"):
-            yield path.read_text(encoding="utf-8", errors="replace")
+class Source(Protocol):
+    def blocks(self, size: int, state: dict | None = None) -> Iterator[tuple[list[str], dict]]:
+        """One epoch of documents in a fixed order, as (texts, state) per block of ``size`` documents (the last
+        may be shorter, and texts may be fewer when the source filters). It starts at the epoch's beginning
+        (state None) or after the block whose yielded ``state`` is given. The state is JSON-serialisable."""
 
 
-def build_tokenizer(recipe):
-    if recipe.data.tokenizer != "bytes":
-        raise UserError(f"{recipe.where('data.tokenizer')}: unknown tokenizer '{recipe.data.tokenizer}'")
-    tokenizer = ByteTokenizer()
+def no_argument(name: str, argument: str) -> None:
+    """For factories that take no argument: ``NAME:ARGUMENT`` is refused, not silently ignored."""
+    if argument:
+        raise UserError(f"{name} takes no argument, got '{argument}'")
+
+
+def is_empty(text: str | None) -> bool:
+    """Documents with nothing but whitespace are skipped (and counted)."""
+    return not text or text.isspace()
+
+
+# ------------------------------------------------------------------------------------- the Hugging Face hub
+
+
+@lru_cache(maxsize=None)
+def _hub_answers(timeout: float) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    answers = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # any HTTP status is an answer
+        except (OSError, ValueError):
+            return
+        answers.append(True)
+
+    # A thread, because name resolution ignores socket timeouts and can hang for longer than `timeout`.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answers)
+
+
+def hub_reachable(for_datasets: bool = False, timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers: False at once when HF_HUB_OFFLINE (or, ``for_datasets``,
+    HF_DATASETS_OFFLINE) is set, as the libraries read them; otherwise one request to HF_ENDPOINT, DNS
+    included, given ``timeout`` seconds. The libraries' own retries take 24–47 s to give up."""
+    switches = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if for_datasets else ("HF_HUB_OFFLINE",)
+    if any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE") for name in switches):
+        return False
+    return _hub_answers(timeout)
+
+
+# --------------------------------------------------------------------------- sources over `datasets`
+
+
+class HFSource:
+    """A Source over a streaming `datasets.IterableDataset` with a text column; it resumes through the dataset's
+    own state_dict. ``holdout = (every, validation)`` keeps only the documents whose index i in the epoch has
+    i % every == 0 (validation), or only the others."""
+
+    def __init__(self, dataset, text_field: str = "text", holdout: tuple[int, bool] | None = None):
+        self.dataset, self.text_field, self.holdout = dataset, text_field, holdout
+
+    def blocks(self, size: int, state: dict | None = None):
+        dataset = copy.deepcopy(self.dataset)  # a fresh position, never the one an earlier load_state_dict left
+        seen, previous = 0, None
+        if state is not None:
+            dataset.load_state_dict(state["dataset"])
+            seen = state["documents"]
+        # .iter(), not iter(): inside a DataLoader worker iter() would read only that worker's shards. No .map()
+        # on this path: it skips examples after load_state_dict (datasets #8145).
+        for batch in dataset.iter(batch_size=size):
+            position = dataset.state_dict()
+            if position == previous:
+                raise RuntimeError("datasets stopped advancing its state_dict after a resume (datasets #8308); "
+                                   "upgrade datasets")
+            texts = batch[self.text_field]
+            if self.holdout:
+                every, validation = self.holdout
+                texts = [text for i, text in enumerate(texts, seen) if (i % every == 0) == validation]
+            seen += len(batch[self.text_field])
+            previous = position
+            yield texts, {"dataset": position, "documents": seen}
+
+
+def hf_source(split: str, data_cfg, *args, text_field: str | None = None, **kwargs) -> HFSource:
+    """Stream ``split`` of ``datasets.load_dataset(*args, **kwargs)`` as a Source, reading only the text column.
+    A dataset without a validation split holds every ``data.holdout_every``-th training document out for it:
+    a deterministic slice, the same in every epoch."""
+    import datasets
+
+    field = text_field or data_cfg.text_field
+    try:
+        splits = datasets.load_dataset(*args, streaming=True, **kwargs)
+        held_out = "validation" not in splits
+        name = "train" if held_out else split
+        if name not in splits:
+            raise UserError(f"it has no '{name}' split (only {', '.join(splits)})")
+        # Extra columns (C4's timestamp/date, url) are never read: they cost parsing and break tensor formatting.
+        dataset = splits[name].select_columns([field])
+    except (OSError, ValueError) as e:
+        raise UserError(str(e).strip().splitlines()[0]) from None
+    return HFSource(dataset, field, (data_cfg.holdout_every, split == "validation") if held_out else None)
+
+
+# -------------------------------------------------------------------------------------------- building
+
+
+def _resolve(kind: str, spec: str, fallback: str, plugins):
+    """(factory, argument): a registered name, NAME:ARGUMENT, or a path / glob / hub name for ``fallback``."""
+    registry = plugins.registry(kind)
+    if spec in registry:
+        return registry.get(spec), ""
+    prefix, colon, rest = spec.partition(":")
+    if colon and prefix in registry:
+        return registry.get(prefix), rest
+    if any(c in spec for c in "/\\*?") or Path(spec).expanduser().exists():
+        return registry.get(fallback), spec
+    try:
+        return registry.get(spec), ""
+    except UserError as e:
+        raise UserError(f"{e}; a local path, or hf:NAME for the Hugging Face hub, also works") from None
+
+
+def _build(recipe, key: str, kind: str, fallback: str, *args):
+    spec = getattr(recipe.data, key)
+    where = f"{recipe.where(f'data.{key}')}: data.{key} = '{spec}'"
+    try:
+        factory, argument = _resolve(kind, spec, fallback, load_plugins(recipe.plugins))
+        return factory(argument, recipe.data, *args)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def build_tokenizer(recipe) -> Tokenizer:
+    """The recipe's tokenizer; refused when it has more tokens than the model's embedding rows."""
+    tokenizer = _build(recipe, "tokenizer", "tokenizer", "hf")
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise UserError(f"{recipe.where('model.vocab_size')}: tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} "
                         f"tokens but model.vocab_size = {recipe.model.vocab_size}")
     return tokenizer
 
 
-class Batches:
-    """Packs documents, joined by EOS, into windows of seq_len + 1 tokens; yields micro-batches."""
+def build_source(recipe, split: str = "train") -> Source:
+    """The recipe's documents for ``split`` ("train" or "validation"), checked to hold at least one non-empty
+    document, so a wrong path, column or split fails here, in one line, and not in a worker process."""
+    source = _build(recipe, "source", "source", "files", split)
+    where = f"{recipe.where('data.source')}: data.source = '{recipe.data.source}'"
+    try:
+        for texts, _ in source.blocks(recipe.data.block_docs):
+            if not all(map(is_empty, texts)):
+                return source
+    except KeyError as e:
+        raise UserError(f"{where}: documents have no field {e} (data.text_field = '{recipe.data.text_field}')") from None
+    raise UserError(f"{where}: no non-empty {split} documents")
 
-    def __init__(self, recipe, tokenizer, split="train", rank=0, world_size=1):
-        if recipe.data.source != "stdlib":
-            raise UserError(f"{recipe.where('data.source')}: unknown data source '{recipe.data.source}'")
-        self.recipe, self.tokenizer, self.split = recipe, tokenizer, split
-        self.rank, self.world_size = rank, world_size
-        self.seq_len, self.micro = recipe.train.seq_len, recipe.train.micro_batch_size
-        self.windows_done = 0
-        self._windows = None
 
-    def _all_windows(self):
-        epoch, n = 0, self.seq_len + 1
-        while True:
-            buf, docs, pos, doc_id = [], [], [], 0
-            for text in stdlib_documents(self.split):
-                ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
-                buf += ids
-                docs += [doc_id] * len(ids)
-                pos += range(len(ids))
-                doc_id += 1
-                while len(buf) >= n:
-                    yield buf[:n], docs[:n], pos[:n]
-                    buf, docs, pos = buf[n:], docs[n:], pos[n:]
-            epoch += 1
+def build_batches(recipe, tokenizer: Tokenizer, split: str = "train", rank: int = 0, world_size: int = 1) -> "Batches":
+    """Micro-batches of ``split`` for ``rank`` of ``world_size``: its share of the one global order."""
+    t = recipe.train
+    if t.batch_size % (t.micro_batch_size * world_size):
+        raise UserError(f"{recipe.where('train.batch_size')}: train.batch_size = {t.batch_size} is not a multiple of "
+                        f"train.micro_batch_size × world size = {t.micro_batch_size} × {world_size}")
+    return Batches(recipe, tokenizer, build_source(recipe, split), split, rank, world_size)
+
+
+# --------------------------------------------------------------------------------- tokenizing and packing
+
+
+class TokenizedBlocks(IterableDataset):
+    """From a position on, every block of the endless (epoch after epoch) document stream, tokenized and joined
+    with EOS. Worker w of W yields blocks w, w+W, …, which the DataLoader's round-robin puts back in order."""
+
+    def __init__(self, source: Source, tokenizer: Tokenizer, block_docs: int, epoch: int, state: dict | None):
+        self.source, self.tokenizer, self.block_docs = source, tokenizer, block_docs
+        self.epoch, self.state = epoch, state
 
     def __iter__(self):
-        self._windows = self._all_windows()
-        for _ in range(self.windows_done):  # resume: skip what was consumed
-            next(self._windows)
+        info = get_worker_info()
+        workers, me = (info.num_workers, info.id) if info else (1, 0)
+        if info is not None:
+            import fsspec.asyn
+
+            fsspec.asyn.reset_lock()  # a lock inherited through fork hangs hub streaming (datasets does the same)
+        epoch, state, n = self.epoch, self.state, 0
+        while True:
+            for texts, after in self.source.blocks(self.block_docs, state):
+                if n % workers == me:
+                    yield {"epoch": epoch, "source": state, **self.tokenize(texts)}
+                state, n = after, n + 1
+            epoch, state = epoch + 1, None
+
+    def tokenize(self, texts: list[str]) -> dict:
+        """tokens (N,), starts (N,) true at each document's first token, and the number of empty documents."""
+        ids, starts, empty = [], [], 0
+        for text in texts:
+            if is_empty(text):
+                empty += 1
+                continue
+            starts.append(len(ids))
+            ids += self.tokenizer.encode(text)
+            ids.append(self.tokenizer.eos_id)
+        first = torch.zeros(len(ids), dtype=torch.bool)
+        first[starts] = True
+        return {"tokens": torch.tensor(ids, dtype=torch.int64), "starts": first, "empty": empty}
+
+
+class Batches:
+    """This rank's micro-batches of the global window order (see the module docstring), resumable exactly."""
+
+    def __init__(self, recipe, tokenizer: Tokenizer, source: Source, split: str = "train", rank: int = 0,
+                 world_size: int = 1):
+        self.source, self.tokenizer, self.split = source, tokenizer, split
+        self.seq_len, self.micro = recipe.train.seq_len, recipe.train.micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.document_positions = recipe.data.packing == "document"
+        self.num_workers, self.block_docs = recipe.data.num_workers, recipe.data.block_docs
+        self.pin_memory = torch.cuda.is_available() and recipe.train.device != "cpu"
+        self.load_state_dict({"windows": 0, "epoch": 0, "source": None, "offset": 0, "empty_documents": 0})
+
+    def state_dict(self) -> dict:
+        """windows: global windows consumed; epoch, source and offset: where the next window starts;
+        empty_documents: skipped so far. Every rank holds the same state, and one saved at a step boundary
+        resumes at any world size."""
+        return copy.deepcopy(self._position)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._position = copy.deepcopy(state)
+        self._loader = None  # the next micro-batch restarts the workers from this position
+
+    @property
+    def epoch(self) -> int:
+        return self._position["epoch"]
+
+    def __iter__(self):
         return self
 
-    def __next__(self):
-        if self._windows is None:
-            iter(self)
+    def __next__(self) -> dict:
+        if self._loader is None:
+            self._start()
         rows = []
-        while len(rows) < self.micro:
-            window = next(self._windows)
-            index = self.windows_done
-            self.windows_done += 1
-            if index % self.world_size == self.rank:
+        for j in range(self.micro * self.world_size):  # one round: every rank's next micro-batch; keep ours
+            window = self._take()
+            if j // self.micro == self.rank:
                 rows.append(window)
-        tokens = torch.tensor([r[0] for r in rows])
-        docs = torch.tensor([r[1] for r in rows])
-        pos = torch.tensor([r[2] for r in rows])
-        return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": pos[:, :-1],
-                "document_ids": docs[:, :-1]}
+        self._drop_consumed()
+        first = self._blocks[0]
+        self._position = {"windows": self._position["windows"] + self.micro * self.world_size, "epoch": first["epoch"],
+                          "source": first["source"], "offset": self._offset, "empty_documents": self._empty}
+        windows, starts = (torch.stack(x) for x in zip(*rows))
+        return self._micro_batch(windows, starts)
 
-    def state_dict(self):
-        return {"windows_done": self.windows_done}
+    def _start(self):
+        p = self._position
+        blocks = TokenizedBlocks(self.source, self.tokenizer, self.block_docs, p["epoch"], p["source"])
+        self._loader = iter(DataLoader(blocks, batch_size=None, num_workers=self.num_workers))
+        self._blocks = deque()  # blocks not yet fully consumed: epoch, source state at their start, length, empty
+        self._tokens = torch.empty(0, dtype=torch.int64)  # their tokens, concatenated
+        self._starts = torch.empty(0, dtype=torch.bool)
+        self._offset, self._empty, self._announced = p["offset"], p["empty_documents"], p["epoch"]
 
-    def load_state_dict(self, state):
-        self.windows_done = state["windows_done"]
-        self._windows = None
+    def _pull(self):
+        block = next(self._loader)
+        if block["epoch"] > self._announced:
+            self._announced = block["epoch"]
+            log.info("%s data ran out: epoch %d begins", self.split, block["epoch"])
+        self._blocks.append({"epoch": block["epoch"], "source": block["source"], "length": len(block["tokens"]),
+                             "empty": block["empty"]})
+        self._tokens = torch.cat([self._tokens, block["tokens"]])
+        self._starts = torch.cat([self._starts, block["starts"]])
 
+    def _take(self):
+        """The next window's T + 1 tokens and document-start flags."""
+        end = self._offset + self.seq_len + 1
+        while len(self._tokens) < end:
+            self._pull()
+        window = self._tokens[self._offset:end], self._starts[self._offset:end]
+        self._offset += self.seq_len
+        return window
 
-def build_batches(recipe, tokenizer, split="train", rank=0, world_size=1):
-    return Batches(recipe, tokenizer, split, rank, world_size)
+    def _drop_consumed(self):
+        # The first block stays until a later one exists: it anchors the resumable position.
+        while len(self._blocks) > 1 and self._offset >= self._blocks[0]["length"]:
+            block = self._blocks.popleft()
+            self._tokens, self._starts = self._tokens[block["length"]:], self._starts[block["length"]:]
+            self._offset -= block["length"]
+            self._empty += block["empty"]
+
+    def _micro_batch(self, windows: torch.Tensor, starts: torch.Tensor) -> dict:
+        starts = starts[:, :-1]  # (M, T)
+        document_ids = starts.cumsum(1)
+        document_ids = document_ids - document_ids[:, :1]
+        index = torch.arange(self.seq_len).expand_as(starts)
+        if self.document_positions:
+            positions = index - torch.where(starts, index, 0).cummax(1).values  # distance from the segment start
+        else:
+            positions = index.clone()
+        batch = {"tokens": windows[:, :-1].contiguous(), "targets": windows[:, 1:].contiguous(),
+                 "positions": positions, "document_ids": document_ids}
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch

@@ -1,7 +1,8 @@
 """Errors a user can cause, and the exit codes the CLI documents for them.
 
-Every command exits 0 when it succeeds, 1 on an internal error, 2 on a user error (bad recipe, argument,
-plugin, data source or checkpoint), 3 when training diverges, 130 after SIGINT and 143 after SIGTERM.
+Every command exits 0 when it succeeds, 1 on an internal error or a failed checkpoint write (disk full),
+2 on a user error (bad recipe, argument, plugin, data source or checkpoint), 3 when training diverges,
+130 after SIGINT and 143 after SIGTERM.
 A `UserError` is printed as one line (no traceback unless MINSOTA_DEBUG=1).
 """
 
@@ -18,3 +19,9 @@ class DivergedError(UserError):
     """Training produced a non-finite loss or gradient norm."""
 
     exit_code = EXIT_DIVERGED
+
+
+class SaveError(UserError):
+    """Writing a checkpoint failed (disk full, I/O error); earlier checkpoints are intact. One line, exit 1."""
+
+    exit_code = EXIT_INTERNAL

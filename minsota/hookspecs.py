@@ -49,7 +49,8 @@ def minsota_register_attentions():
     positions (B, T) and document_ids (B, T) or None (None: plain causal attention over the window).
     Output projection named ``wo`` receives the residual-scaled init. A kernel that cannot honour an option
     or the positional encoding it is given raises ValueError from the factory, so the recipe is refused
-    before training.
+    before training. Cached decoding (`minsota generate`) sets a ``kv_cache`` attribute on kernels that
+    declare one (see `minsota.inference`); a kernel without it still generates, recomputing the prefix.
     """
 
 
@@ -82,16 +83,26 @@ def minsota_register_recipes():
 
 @hookspec
 def minsota_register_data_sources():
-    """Data sources. ``factory(spec, data_cfg, split) -> minsota.data.Source``.
+    """Data sources. ``factory(argument, data_cfg, split) -> minsota.data.Source``.
 
-    ``spec`` is the value of ``data.source`` (the part after ``name:`` for prefixed specs such as
-    ``hf:NAME``); ``split`` is "train" or "validation". See `minsota.data` for the Source protocol.
+    ``data.source`` names one: ``NAME`` calls it with argument ``""``, ``NAME:ARGUMENT`` with the text after the
+    first colon (``hf:allenai/c4:en``), and a path or glob (it has a slash or a wildcard, or exists) goes to the
+    source ``files``. ``data_cfg`` is the recipe's `minsota.recipe.DataConfig`; ``split`` is "train" or
+    "validation". A Source yields one epoch of documents in a fixed order, block by block, each block with a
+    JSON-serialisable state to resume after it (see `minsota.data.Source`); wrapping a streaming
+    `datasets.IterableDataset` in `minsota.data.HFSource` gives exactly that, and `minsota.data.hf_source`
+    builds one from `datasets.load_dataset` arguments. A factory that needs the network checks
+    `minsota.data.hub_reachable` first and raises `minsota.errors.UserError` (one line: how to use a local
+    copy) rather than waiting for the libraries' retries.
     """
 
 
 @hookspec
 def minsota_register_tokenizers():
-    """Tokenizers. ``factory(spec, data_cfg) -> minsota.data.Tokenizer``.
+    """Tokenizers. ``factory(argument, data_cfg) -> minsota.data.Tokenizer``.
 
-    ``spec`` is the value of ``data.tokenizer``. See `minsota.data` for the Tokenizer protocol.
+    ``data.tokenizer`` names one as for sources (``NAME``, ``NAME:ARGUMENT``); a path or a hub name with a slash
+    goes to the tokenizer ``hf``. A Tokenizer has ``name``, ``vocab_size`` (every id is below it), ``eos_id``
+    (appended after each document) and ``encode(str) -> list[int]`` (no special tokens added),
+    ``decode(ids) -> str``. It must be picklable: DataLoader workers use it.
     """

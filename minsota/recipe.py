@@ -87,6 +87,7 @@ class TrainConfig:
     max_bad_steps: int = 0  # non-finite steps skipped before giving up (exit 3)
     sample_tokens: int = 64  # generated at the end so a user sees what the model learned; 0 = off
     parallelism: str = "none"  # none | ddp | fsdp (under torchrun)
+    trackers: list[str] = field(default_factory=list)  # also log to "tensorboard" (RUN_DIR/tensorboard), "wandb"
 
 
 @dataclass
@@ -94,8 +95,10 @@ class DataConfig:
     source: str = "stdlib"  # a registered source, hf:NAME[:CONFIG], or a local path/glob
     tokenizer: str = "bytes"  # a registered tokenizer, an HF name, or a local directory / tokenizer.json
     packing: str = "causal"  # causal | document (attention and positions restart per document)
-    text_field: str = "text"
-    num_workers: int = 1
+    text_field: str = "text"  # the column holding each document's text (json, parquet, hub datasets)
+    num_workers: int = 1  # DataLoader worker processes that tokenize ahead; 0 = in the training process
+    holdout_every: int = 100  # sources without a validation split: documents 0, N, 2N, … are held out for it
+    block_docs: int = 32  # documents per unit of tokenizing work handed to a worker (a resume re-reads one)
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
@@ -311,11 +314,12 @@ def _build_section(section: str, values: dict, recipe_origins: dict, default_whe
 _POSITIVE = {
     "model": ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim", "ffn_multiple_of", "max_seq_len"),
     "train": ("steps", "batch_size", "micro_batch_size", "seq_len", "lr", "keep_checkpoints", "log_every", "eval_batches"),
+    "data": ("holdout_every", "block_docs"),
 }
 _NON_NEGATIVE = {
     "model": ("init_std", "z_loss", "logit_softcap"),
     "train": ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every", "max_bad_steps",
-              "sample_tokens", "min_lr_ratio", "eps", "seed"),
+              "sample_tokens", "min_lr_ratio", "decay_fraction", "eps", "seed"),
     "data": ("num_workers",),
 }
 _CHOICES = {
@@ -351,6 +355,13 @@ def _validate(recipe: Recipe, plugins) -> None:
     if isinstance(t.warmup_steps, float) and t.warmup_steps >= 1:
         raise UserError(f"{recipe.where('train.warmup_steps')}: train.warmup_steps as a fraction must be < 1, "
                         f"got {t.warmup_steps} (use an integer for a step count)")
+    for tracker in t.trackers:
+        if tracker not in ("tensorboard", "wandb"):
+            raise UserError(f"{recipe.where('train.trackers')}: train.trackers: unknown tracker {tracker!r} "
+                            f"(tensorboard, wandb)")
+    for key in ("min_lr_ratio", "decay_fraction"):
+        if getattr(t, key) > 1:
+            raise UserError(f"{recipe.where(f'train.{key}')}: train.{key} must be <= 1, got {getattr(t, key)}")
     if t.batch_size % t.micro_batch_size:
         raise UserError(f"{recipe.where('train.micro_batch_size')}: train.micro_batch_size = {t.micro_batch_size} "
                         f"does not divide train.batch_size = {t.batch_size}")

@@ -24,6 +24,16 @@ import torch
 from torch import nn
 
 
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    """Raise AssertionError unless max |actual - expected| <= rtol · max |expected| (relative to the reference's
+    scale, so near-zero elements do not demand the impossible); the message gives max and mean abs diff."""
+    diff = (actual.detach().double() - expected.detach().double()).abs()
+    allowed = rtol * expected.detach().double().abs().max().item()
+    if not diff.max().item() <= allowed:
+        raise AssertionError(f"{what}: max abs diff {diff.max().item():.3e}, mean abs diff {diff.mean().item():.3e}, "
+                             f"allowed {allowed:.3e} ({rtol} relative)")
+
+
 def of(module: nn.Module):
     """The reference a module's class carries, or None. nn.Identity (an absent norm) is its own."""
     if isinstance(module, nn.Identity):
@@ -144,14 +154,14 @@ def attention(m, x, positions, document_ids=None):
     v = v.reshape(B, T, KV, hd).transpose(1, 2)
     positional = of(m.positional)
     q, k = positional.rotate(m.positional, q, k, positions)
-    kv_head = torch.arange(H) // (H // KV)  # query head h reads K/V head h // group
+    kv_head = torch.arange(H, device=x.device) // (H // KV)  # query head h reads K/V head h // group
     scores = q @ k[:, kv_head].transpose(-1, -2) / math.sqrt(hd)  # (B, H, T, T)
     bias = positional.bias(m.positional, positions, H)
     if bias is not None:
         scores = scores + bias
     if m.softcap:
         scores = m.softcap * torch.tanh(scores / m.softcap)
-    query, key = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    query, key = torch.arange(T, device=x.device)[:, None], torch.arange(T, device=x.device)[None, :]
     visible = (key <= query) & ((query - key < m.window) if m.window else True)
     if document_ids is not None:
         visible = visible & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
@@ -190,7 +200,7 @@ def sandwich(b, x, positions, document_ids=None):
 def decoder(model, tokens, positions=None, document_ids=None):
     """(B, T) tokens -> (B, T, vocab) logits of a `minsota.model.Decoder`, from references only."""
     if positions is None:
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     x = of(model.positional).embed(model.positional, model.tok_embeddings.weight[tokens], positions)
     for layer in model.layers:
         x = call(layer, x, positions, document_ids)

@@ -1,51 +1,143 @@
-"""Built-in attention kernels: `sdpa` (torch's fused scaled-dot-product attention; flash where the device has it).
+"""Built-in attention kernels: `sdpa` (torch's fused scaled-dot-product attention; flash where the device has
+it) and `math` (an explicit softmax(QK^T/sqrt(hd))V: the slow truth, and the only kernel that soft-caps).
 
-Grouped-query attention (Ainslie et al. 2023) by ``cfg.n_kv_heads``: K/V are never copied per query head,
-SDPA's ``enable_gqa`` broadcasts them. Q, K and V come from one fused projection ``wqkv``.
+Both share one module: a fused ``wqkv`` projection, optional QK-norm, the decoder's positional encoding and
+``wo``. Options (keys of the ``model.attention`` inline table):
+  bias = true        q/k/v and output projection biases (GPT-2)
+  qk_norm = "head"   the recipe's norm over each head's q and k (Qwen 3, Gemma 3; Dehghani et al. 2023,
+                     https://arxiv.org/abs/2302.05442); "full": over the whole q and k projections (OLMo 2,
+                     https://arxiv.org/abs/2501.00656); "none" (default)
+  window = N         sliding-window attention: each token sees itself and the N-1 tokens before it (Mistral)
+  softcap = C        scores become C·tanh(scores/C) before masking (Gemma 2); `math` only, since the fused
+                     kernels have no hook on the scores
+Grouped-query attention (Ainslie et al. 2023) by ``cfg.n_kv_heads`` (1 = MQA): SDPA broadcasts K/V with
+``enable_gqa``, never copying them per query head.
+
+Masks: causal; with ``document_ids`` (packed batches) also within one document; with ``window`` also within
+it. Plain causal attention takes SDPA's flash path. Otherwise CPU builds a dense boolean mask (flex_attention
+has no CPU backward in this torch) and CUDA uses flex_attention, which skips fully masked blocks.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minsota import hookimpl
+from minsota import hookimpl, reference
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5: the dense mask serves CUDA too
+    flex_attention = None
 
 
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids -> (B, 1, T, T) bool: causal and within the same document."""
-    T = document_ids.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
-    return (causal & same_doc)[:, None]
+def visible_keys(T: int, document_ids, window: int, device) -> torch.Tensor:
+    """(B|1, 1, T, T) bool: key j is visible to query i (causal, same document, within the window)."""
+    i = torch.arange(T, device=device)
+    distance = i[:, None] - i[None, :]
+    mask = (distance >= 0) & (distance < window) if window else distance >= 0
+    if document_ids is None:
+        return mask[None, None]
+    return mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
 
 
-class SDPAttention(nn.Module):
-    """Causal multi-/grouped-query attention through F.scaled_dot_product_attention."""
+def flex_attend(q, k, v, document_ids, window: int):
+    """Causal attention within documents and the window through flex_attention (CUDA; forward also on CPU)."""
+    def mask_mod(b, h, i, j):
+        keep = (i >= j) & ((i - j < window) if window else True)
+        return keep if document_ids is None else keep & (document_ids[b, i] == document_ids[b, j])
 
-    def __init__(self, cfg, positional):
+    B, T = (document_ids.shape[0] if document_ids is not None else None), q.shape[-2]
+    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class Attention(nn.Module):
+    """Projections, QK-norm and positional encoding; subclasses supply the kernel (`attend`).
+
+    Cached decoding (`minsota.inference`): while ``kv_cache`` is set, forward appends the new tokens' keys,
+    values and positions to it and attends over all of them, so `attend` gets q (B, H, Tq, hd) for the last
+    Tq of the Tk positions of k and v (B, KV, Tk, hd), and ``positions`` (B, Tk) of the keys. Tq = Tk always
+    in training, which never sets the cache.
+    """
+
+    reference = staticmethod(reference.attention)
+    kv_cache = None  # a minsota.inference.KVCache, only while generating
+
+    def __init__(self, cfg, positional, *, norm, bias: bool = False, qk_norm: str = "none", window: int = 0,
+                 softcap: float = 0.0):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if qk_norm not in ("none", "head", "full"):
+            raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {qk_norm!r}")
+        if window < 0 or softcap < 0:
+            raise ValueError("window and softcap must be >= 0")
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qk_norm, self.window, self.softcap = qk_norm, window, softcap
+        self.wqkv = nn.Linear(cfg.dim, (H + 2 * KV) * hd, bias=bias)
+        self.wo = nn.Linear(H * hd, cfg.dim, bias=bias)
+        # the features one norm sees: a head, or the whole projection ("full"); (B, T, groups, width) views
+        self.q_width, self.k_width = (H * hd, KV * hd) if qk_norm == "full" else (hd, hd)
+        has_norm = qk_norm != "none"
+        self.q_norm = norm(self.q_width) if has_norm else nn.Identity()
+        self.k_norm = norm(self.k_width) if has_norm else nn.Identity()
         object.__setattr__(self, "positional", positional)  # shared: the decoder owns (and moves) it
 
     def forward(self, x, positions, document_ids=None):
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
-        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        q = self.q_norm(q.view(B, T, -1, self.q_width)).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_norm(k.view(B, T, -1, self.k_width)).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, KV, hd).transpose(1, 2)
         q, k = self.positional.rotate(q, k, positions)
-        mask = None if document_ids is None else document_causal_mask(document_ids)
-        bias = self.positional.bias(positions, H)
-        if bias is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if mask is None else mask
-            mask = bias.masked_fill(~causal, float("-inf")).to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=KV != H)
+        if self.kv_cache is not None:  # generating: the earlier tokens' keys and values come from the cache
+            k, v, positions = self.kv_cache.update(k, v, positions)
+        y = self.attend(q, k, v, positions, document_ids)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, D)
+
+
+class SDPAttention(Attention):
+    """Causal multi-/grouped-query attention through F.scaled_dot_product_attention (flash when unmasked)."""
+
+    def __init__(self, cfg, positional, *, norm, softcap: float = 0.0, **options):
+        if softcap:
+            raise ValueError("attention 'sdpa' cannot soft-cap scores (its fused kernels have no hook on them); "
+                             "use attention = { name = \"math\", softcap = ... }")
+        super().__init__(cfg, positional, norm=norm, **options)
+
+    def attend(self, q, k, v, positions, document_ids):
+        gqa, T = self.n_kv_heads != self.n_heads, k.shape[-2]
+        window = self.window if self.window < T else 0  # a window as long as the sequence hides nothing
+        bias = self.positional.bias(positions, self.n_heads)
+        fused = q.shape[-2] == T  # the causal and flex paths align queries with keys: not so in cached decoding
+        if fused and bias is None and document_ids is None and not window:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if fused and bias is None and q.is_cuda and flex_attention is not None:
+            return flex_attend(q, k, v, document_ids, window)
+        mask = visible_keys(T, document_ids, window, q.device)
+        if bias is not None:
+            mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
+        mask = mask[..., -q.shape[-2]:, :]  # the queries' rows: the newest (all of them but in cached decoding)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class MathAttention(Attention):
+    """Explicit softmax(QK^T/sqrt(hd) + bias)V: the slow truth; the kernel that soft-caps scores (Gemma 2)."""
+
+    def attend(self, q, k, v, positions, document_ids):
+        group = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T, hd)
+        queries, T = q.shape[-2], k.shape[-2]  # queries are the newest rows (fewer only in cached decoding)
+        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # (B, H, queries, T)
+        bias = self.positional.bias(positions, self.n_heads)
+        if bias is not None:
+            scores = scores + bias[..., -queries:, :]
+        if self.softcap:
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+        visible = visible_keys(T, document_ids, self.window, q.device)[..., -queries:, :]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
 
 
 @hookimpl
 def minsota_register_attentions():
-    return {"sdpa": SDPAttention}
+    return {"sdpa": SDPAttention, "math": MathAttention}

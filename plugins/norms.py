@@ -1,24 +1,49 @@
-"""Built-in norms: RMSNorm (Zhang & Sennrich 2019, as in Llama/Mistral)."""
+"""Built-in norms: RMSNorm (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467; Llama, Mistral), its
+parameter-free variant (OLMo's non-parametric norm, https://arxiv.org/abs/2402.00838) and LayerNorm
+(Ba et al. 2016; with bias as GPT-2, without as PaLM). Statistics are computed in fp32 whatever the input
+dtype, and the result is cast back, as HF Llama does.
+"""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minsota import hookimpl
+from minsota import hookimpl, reference
 
 
 class RMSNorm(nn.Module):
     """RMSNorm with a learned gain; statistics in fp32 (as HF Llama), result cast back to the input dtype."""
 
-    def __init__(self, dim: int, cfg=None, eps: float = 1e-5):
+    reference = staticmethod(reference.rms_norm)
+
+    def __init__(self, dim: int, cfg=None, eps: float = 1e-5, gain: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if gain else None
 
     def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return y if self.weight is None else self.weight * y
+
+
+def rmsnorm_noparam(dim: int, cfg=None, eps: float = 1e-5) -> RMSNorm:
+    """RMSNorm without a gain (no parameters)."""
+    return RMSNorm(dim, cfg, eps, gain=False)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with a gain and a bias (bias = false drops it, as PaLM); computed in fp32, cast back."""
+
+    reference = staticmethod(reference.layer_norm)
+
+    def __init__(self, dim: int, cfg=None, eps: float = 1e-5, bias: bool = True):
+        super().__init__(dim, eps=eps, bias=bias)
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), bias, self.eps).type_as(x)
 
 
 @hookimpl
 def minsota_register_norms():
-    return {"rmsnorm": RMSNorm}
+    return {"rmsnorm": RMSNorm, "rmsnorm-noparam": rmsnorm_noparam, "layernorm": LayerNorm}

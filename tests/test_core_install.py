@@ -4,6 +4,7 @@ or `recipes`), and the example third-party plugin, installed as its own distribu
 through its entry point and trains by name with no minsota file changed."""
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,7 +25,9 @@ def venv(tmp_path_factory):
                                capture_output=True, text=True, check=True).stdout.strip())
     # torch & co. come from this environment (a second 200 MB torch install would only cost time)
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    for project in (REPO, PLUGINS / "minsota-example"):
+    # build the example from a copy: an in-tree build would leave egg-info that other tests could discover
+    example = shutil.copytree(PLUGINS / "minsota-example", root / "src" / "minsota-example")
+    for project in (REPO, example):
         subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
                         "--no-build-isolation", project], check=True, capture_output=True)
     return python, site

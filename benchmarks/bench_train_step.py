@@ -1,0 +1,160 @@
+"""Train step: tokens/s, MFU and peak memory of a whole step, minsota against Hugging Face Llama, in one run.
+
+A step is what `minsota.train` runs for one optimizer step: forward and loss (`Decoder.loss`, its fused
+linear + cross-entropy), backward, gradient clipping, fused AdamW over the trainer's `param_groups`, zero_grad.
+The peer is transformers' `LlamaForCausalLM` (attn_implementation="sdpa") holding the same weights (exported
+by `minsota.hf.save_hf`; nothing is downloaded) and stepped the same way; the first loss of both must agree.
+
+Cases: eager (minsota eager against HF eager) and compile (minsota's loss under torch.compile(fullgraph=True),
+against HF eager and HF compiled). In both, the same model with a plain dict in place of the TensorDict state
+runs in the same rounds: "TD overhead" is how much slower the TensorDict version is. MFU divides model FLOPs
+by the fp32 (CUDA: bf16) matmul rate `minsota.train.peak_flops` measures, re-measured every round. Peak
+memory: CUDA's allocator peak; on CPU the live parameters and optimizer state plus the largest net
+allocation within a step, from the profiler's allocation events.
+
+Sizes: CPU fp32 sota-2024 shrunk to vocab 32000, dim 384, 6 layers, 6 heads / 2 KV, batch 8 x 256 (the
+issue's targets are set there); CUDA sota-2024 itself (~124M parameters) in bf16, batch 16 x 1024; --smoke:
+vocab 512, dim 64, 2 layers, batch 2 x 32.
+"""
+
+import statistics
+from unittest import mock
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import minsota.model
+from harness import TOLERANCE, interleaved, parity
+from minsota.hf import save_hf
+from minsota.model import build_model
+from minsota.recipe import load_recipe
+from minsota.state import DOCUMENT_IDS, HIDDEN, POSITIONS
+from minsota.train import param_groups, peak_flops
+
+SIZES = {  # (smoke, cuda) -> sota-2024 overrides
+    (True, False): {"model.vocab_size": 512, "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
+                    "model.n_kv_heads": 2, "model.max_seq_len": 32, "train.seq_len": 32, "train.micro_batch_size": 2},
+    (False, False): {"model.vocab_size": 32000, "model.dim": 384, "model.n_layers": 6, "model.n_heads": 6,
+                     "model.n_kv_heads": 2, "model.max_seq_len": 256, "train.seq_len": 256, "train.micro_batch_size": 8},
+    (False, True): {},
+}
+SIZES[True, True] = SIZES[True, False]
+
+
+def plain_state(hidden, positions, document_ids=None):
+    """The block state as a plain dict of tensors: what the TensorDict is measured against."""
+    state = {HIDDEN: hidden, POSITIONS: positions}
+    if document_ids is not None:
+        state[DOCUMENT_IDS] = document_ids
+    return state
+
+
+class Trainee:
+    """A model, its loss function and fused AdamW, stepped as `minsota.train` steps (one micro-batch)."""
+
+    def __init__(self, model: nn.Module, loss_fn, recipe, setting):
+        t = recipe.train
+        self.model, self.loss_fn, self.setting, self.grad_clip = model, loss_fn, setting, t.grad_clip
+        self.optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                           fused=True)
+
+    def step(self, batch):
+        with self.setting.autocast():
+            loss = self.loss_fn(*batch)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def with_loss(self, loss_fn) -> "Trainee":
+        """The same model and optimizer stepped through another loss function (compiled, or on plain state)."""
+        other = object.__new__(Trainee)
+        other.__dict__.update(self.__dict__, loss_fn=loss_fn)
+        return other
+
+    def live_bytes(self) -> int:
+        """Bytes held between steps: parameters, buffers and optimizer state (gradients are freed)."""
+        state = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [*self.model.parameters(), *self.model.buffers(), *state]}
+        return sum(storages.values())
+
+
+def peak_bytes(trainee: Trainee, batch) -> int:
+    """Peak memory of one step (see the module docstring for how each device measures it)."""
+    setting = trainee.setting
+    if setting.cuda:
+        torch.cuda.reset_peak_memory_stats(setting.device)
+        trainee.step(batch)
+        return torch.cuda.max_memory_allocated(setting.device)
+    live = trainee.live_bytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainee.step(batch)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = highest = 0
+    for _, nbytes in events:  # + for an allocation, - for a free
+        current += nbytes
+        highest = max(highest, current)
+    return live + highest
+
+
+@pytest.fixture
+def models(setting, tmp_path):
+    """(recipe, minsota Decoder, HF LlamaForCausalLM with the same weights, a batch), fresh for each case."""
+    recipe = load_recipe("sota-2024", SIZES[setting.smoke, setting.cuda])
+    torch.manual_seed(0)
+    model = build_model(recipe, setting.device)
+    transformers.utils.logging.disable_progress_bar()
+    hf = transformers.LlamaForCausalLM.from_pretrained(save_hf(model, tmp_path),
+                                                       attn_implementation="sdpa").to(setting.device)
+    B, T = recipe.train.micro_batch_size, recipe.train.seq_len
+    tokens = torch.randint(0, recipe.model.vocab_size, (B, T + 1), device=setting.device)
+    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.arange(T, device=setting.device).expand(B, T))
+    return recipe, model, hf, batch
+
+
+def hf_loss(hf):
+    def loss(tokens, targets, positions):  # targets are already next tokens: HF must not shift them again
+        return hf(input_ids=tokens, labels=targets, shift_labels=targets, position_ids=positions).loss
+    return loss
+
+
+def on_plain_state(loss_fn):
+    def loss(*batch):
+        with mock.patch.object(minsota.model, "make_state", plain_state):
+            return loss_fn(*batch)
+    return loss
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_train_step(benchmark, record, setting, models, mode):
+    recipe, model, hf, batch = models
+    ours, theirs = Trainee(model, model.loss, recipe, setting), Trainee(hf, hf_loss(hf), recipe, setting)
+    peers = {"hf_eager": theirs}
+    if mode == "compile":
+        ours = ours.with_loss(torch.compile(model.loss, fullgraph=True))  # fullgraph: a graph break fails here
+        peers["hf_compile"] = theirs.with_loss(hf_loss(torch.compile(hf)))
+    peers["plain_state"] = ours.with_loss(on_plain_state(ours.loss_fn))
+    with setting.autocast():  # with autograd on, as in a step: the graph compiled here is the one timed
+        figures = parity(ours.loss_fn(*batch), peers["hf_eager"].loss_fn(*batch), TOLERANCE[setting.dtype],
+                         f"first loss ({mode}) vs HF")
+    rates = []
+
+    def measure_matmul():
+        rates.append(peak_flops.__wrapped__(setting.device, setting.dtype))
+
+    timing = interleaved(benchmark, setting, lambda: ours.step(batch),
+                         {"matmul": measure_matmul, **{name: lambda t=t: t.step(batch) for name, t in peers.items()}})
+    peak, hf_peak = peak_bytes(ours, batch), peak_bytes(peers[f"hf_{mode}"], batch)
+    figures |= {"peak_mb": peak / 2**20, "vs_hf_peak": peak / hf_peak}
+    if timing:
+        seconds, tokens = timing["ms"] / 1e3, batch[0].numel()
+        flops = model.flops_per_token(recipe.train.seq_len) * tokens
+        figures |= {"ms": timing["ms"], "tokens_per_s": tokens / seconds,
+                    "mfu": flops / seconds / statistics.median(rates),
+                    "td_overhead": 1 / timing["plain_state"] - 1,
+                    **{f"vs_{name}": timing[name] for name in peers if name.startswith("hf_")}}
+    record(**figures)

@@ -1,0 +1,82 @@
+"""Benchmark fixtures and options: the device setting, --smoke, a fresh compiler per case, the summary table.
+
+    pytest benchmarks                              # full sizes; prints one summary table at the end
+    pytest benchmarks --benchmark-save=NAME        # ... and stores the JSON (extra_info holds every figure)
+    pytest benchmarks --benchmark-compare          # ... against the newest stored run
+    pytest benchmarks --smoke --benchmark-disable  # CI: tiny sizes, each case once, parity still asserted
+"""
+
+import pytest
+import torch
+
+from harness import Setting
+
+COLUMNS = {  # summary-table column -> heading, in print order
+    "ms": "ms", "speedup": "speed-up", "vs": "over", "max_abs_diff": "max|diff|", "mean_abs_diff": "mean|diff|",
+    "tokens_per_s": "tok/s", "mfu": "MFU", "vs_hf_eager": "x HF eager", "vs_hf_compile": "x HF compiled",
+    "td_overhead": "TD overhead", "peak_mb": "peak MB", "vs_hf_peak": "x HF peak", "backend": "backend",
+}
+ROWS = pytest.StashKey[list]()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--smoke", action="store_true",
+                     help="tiny sizes and a single round: checks that every benchmark runs and its parity holds")
+
+
+def pytest_configure(config):
+    config.stash[ROWS] = []
+
+
+@pytest.fixture(scope="session")
+def setting(request) -> Setting:
+    smoke = request.config.getoption("--smoke")
+    if torch.cuda.is_available():
+        return Setting(torch.device("cuda"), torch.bfloat16, smoke, rounds=1 if smoke else 20)
+    return Setting(torch.device("cpu"), torch.float32, smoke, rounds=1 if smoke else 5)
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each case compiles from scratch: no graphs, guards or recompile counts carried over from the last."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
+@pytest.fixture
+def record(request, benchmark):
+    """record(**figures): store figures in the benchmark's extra_info (saved JSON) and the summary table."""
+
+    def store(**figures):
+        benchmark.extra_info.update(figures)
+        suite = request.node.module.__name__.removeprefix("bench_")
+        request.config.stash[ROWS].append((suite, request.node.name.split("[", 1)[-1].rstrip("]"), figures))
+
+    return store
+
+
+def _cell(key: str, value) -> str:
+    if isinstance(value, str):
+        return value
+    if key == "mfu" or key == "td_overhead":
+        return f"{value:.1%}"
+    if key.endswith("abs_diff"):
+        return f"{value:.1e}"
+    if key in ("speedup",) or key.startswith("vs_"):
+        return f"{value:.2f}x"
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    rows = config.stash.get(ROWS, [])
+    if not rows:
+        return
+    columns = [key for key in COLUMNS if any(key in figures for _, _, figures in rows)]
+    table = [["suite", "case", *(COLUMNS[key] for key in columns)]]
+    table += [[suite, case, *(_cell(key, figures[key]) if key in figures else "" for key in columns)]
+              for suite, case, figures in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    terminalreporter.section("minsota benchmarks")
+    for row in table:
+        terminalreporter.write_line("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -1,0 +1,244 @@
+"""Checkpoints: atomic, verifiable, and loadable without unpickling anything.
+
+Layout of a run directory (what `minsota train` writes and `--resume` reads):
+
+    RUN_DIR/recipe.json                 the resolved recipe (`Recipe.to_dict()`); --resume rebuilds from it
+    RUN_DIR/metrics.jsonl               one JSON object per optimizer step and per evaluation, appended
+    RUN_DIR/checkpoints/step-N/         N = optimizer steps completed
+        model.safetensors               weights by module path (`layers.0.attention.wqkv.weight`), as trained
+                                        (fp32); tensors sharing storage (tied embeddings) are stored once and
+                                        listed in the metadata entry "aliases" ({alias: stored name})
+        optimizer.safetensors           AdamW state, "{parameter path}/{exp_avg|exp_avg_sq|step}"
+        rng.safetensors                 torch RNG states: "cpu", "cuda:I"
+        trainer.json                    step, data position, Python/NumPy RNG, loss-scaler and skipped-step counts
+        recipe.json                     the resolved recipe this checkpoint was trained with
+        manifest.json                   {"format": 1, "step": N, "files": {name: {"bytes", "sha256"}}}, written last
+
+Only model.safetensors, recipe.json and manifest.json are required: a weights-only checkpoint (an imported
+model, say) resumes as a fresh run from those weights. A checkpoint is written into a hidden temporary
+directory, every file fsynced, the manifest last, then renamed into place (rename is atomic on POSIX), so a
+kill at any instant leaves the new checkpoint whole or absent. A checkpoint whose manifest is missing, or
+whose files differ from it in size or sha256, is never loaded. Nothing here unpickles: tensors are
+safetensors, everything else JSON.
+
+`save_weights` / `load_weights` read and write one weights file in that format for other tools
+(`minsota.hf` import/export).
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minsota.errors import DivergedError, SaveError, UserError
+
+FORMAT = 1
+MODEL, OPTIMIZER, RNG, TRAINER, RECIPE, MANIFEST = (
+    "model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json", "recipe.json", "manifest.json")
+STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint that does not match its manifest; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    _fsync(path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON durably and atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_json(tmp, obj)
+    os.replace(tmp, path)
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write a state dict as safetensors (fsynced); a tensor that appears under several names (tied
+    weights) is stored once, the other names recorded in the metadata entry "aliases"."""
+    tensors, aliases, seen, storages = {}, {}, {}, set()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu()
+        storage = tensor.untyped_storage().data_ptr()
+        key = (storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        # safetensors refuses two tensors over one storage: another view of a stored one gets its own copy
+        tensors[name] = tensor.clone() if storage in storages else tensor.contiguous()
+        storages.add(storage)
+    save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    _fsync(path)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a weights file written by `save_weights` (aliases restored as the same tensor)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    tensors = load_file(str(path))
+    return {**tensors, **{alias: tensors[name] for alias, name in aliases.items()}}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def save(directory: Path, step: int, *, model: dict, recipe: dict, optimizer: dict | None = None,
+         rng: dict | None = None, trainer: dict | None = None, keep: int | None = None) -> Path:
+    """Write ``directory/step-{step}`` atomically and return it; then keep only the newest ``keep`` up to it.
+
+    ``model``, ``optimizer`` and ``rng`` map names to tensors, ``trainer`` and ``recipe`` are JSON objects.
+    Raises `DivergedError` (nothing written) if a tensor is non-finite, `SaveError` on an I/O error (disk
+    full, ...) after removing the temporary directory; earlier checkpoints are untouched either way.
+    """
+    tensors = {MODEL: model, OPTIMIZER: optimizer, RNG: rng}
+    for file, contents in tensors.items():
+        bad = contents and _non_finite(contents)
+        if bad:
+            raise DivergedError(f"step {step}: refusing to checkpoint a non-finite tensor ({file}: {bad})")
+    final = directory / f"step-{step}"
+    tmp = directory / f".tmp-step-{step}-{os.getpid()}"
+    old = directory / f".old-step-{step}-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for file, contents in tensors.items():
+            if contents is not None:
+                save_weights(tmp / file, contents)
+        for file, obj in ((TRAINER, trainer), (RECIPE, recipe)):
+            if obj is not None:
+                _write_json(tmp / file, obj)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
+        _fsync(tmp)
+        if final.exists():  # a step re-done after resuming from an earlier checkpoint replaces its old self
+            final.rename(old)
+        tmp.rename(final)
+        _fsync(directory)
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise SaveError(f"could not write checkpoint {final}: {reason} (earlier checkpoints are intact)") from None
+    shutil.rmtree(old, ignore_errors=True)
+    if keep:
+        for path in [p for p in checkpoints(directory) if _step(p) <= step][:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def remove_temporary(directory: Path) -> None:
+    """Remove what interrupted saves left behind (hidden .tmp-*/.old-* directories)."""
+    for path in directory.glob(".*-step-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+def _step(path: Path) -> int:
+    return int(STEP_DIR.fullmatch(path.name).group(1))
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """The ``step-N`` directories under ``directory``, oldest first (verified only when loaded)."""
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()), key=_step)
+
+
+def verify(path: Path) -> dict:
+    """The manifest of checkpoint ``path``; raises `CorruptCheckpoint` naming the first file that disagrees."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"{path / MANIFEST}: missing or unreadable manifest ({e})") from None
+    if manifest.get("step") != _step(path):
+        raise CorruptCheckpoint(f"{path / MANIFEST}: says step {manifest.get('step')!r}, the directory step {_step(path)}")
+    for required in (MODEL, RECIPE):
+        if required not in files:
+            raise CorruptCheckpoint(f"{path / MANIFEST}: does not list {required}")
+    for name, expected in files.items():
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            raise CorruptCheckpoint(f"{file}: missing") from None
+        if size != expected["bytes"]:
+            raise CorruptCheckpoint(f"{file}: {size} bytes, manifest says {expected['bytes']} (truncated?)")
+        if _sha256(file) != expected["sha256"]:
+            raise CorruptCheckpoint(f"{file}: sha256 differs from the manifest (corrupted)")
+    return manifest
+
+
+def load(path: Path) -> dict:
+    """A verified checkpoint's parts: step, model, recipe; optimizer, rng, trainer (None when absent)."""
+    files = verify(path)["files"]
+
+    def tensors(name):
+        return load_weights(path / name) if name in files else None
+
+    def obj(name):
+        return json.loads((path / name).read_text()) if name in files else None
+
+    return {"path": path, "step": _step(path), "model": tensors(MODEL), "optimizer": tensors(OPTIMIZER),
+            "rng": tensors(RNG), "trainer": obj(TRAINER), "recipe": obj(RECIPE)}
+
+
+def find_resumable(path: Path) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from) for ``--resume PATH``.
+
+    PATH is a run directory (its newest valid checkpoint; a corrupt one is skipped with a one-line warning;
+    None if the run never checkpointed) or one named checkpoint ``RUN_DIR/checkpoints/step-N`` (refused with
+    `CorruptCheckpoint`, exit 2, if it does not verify).
+    """
+    path = Path(path)
+    if STEP_DIR.fullmatch(path.name):
+        verify(path)
+        return path.parent.parent, path
+    if not (path / RECIPE).is_file():
+        raise UserError(f"--resume {path}: not a run directory (no {RECIPE})")
+    for candidate in reversed(checkpoints(path / "checkpoints")):
+        try:
+            verify(candidate)
+            return path, candidate
+        except CorruptCheckpoint as e:
+            print(f"minsota: warning: skipping corrupt checkpoint: {e}", file=sys.stderr)
+    return path, None

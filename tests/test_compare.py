@@ -1,0 +1,144 @@
+"""`minsota compare` on tiny with two variants and two seeds, and `minsota diff`.
+
+One comparison (6 runs of 3 steps) is shared by the module's tests; the resume test retrains one run.
+"""
+
+import contextlib
+import io
+import json
+import shutil
+
+import matplotlib.image
+import pytest
+
+from minsota.cli import main
+from minsota.compare import format_table, read_metrics, recipe_diff
+from minsota.recipe import load_recipe
+
+QUICK = ["--steps", "3", "--seeds", "2", *(f"--set=train.{key}" for key in
+         ("sample_tokens=0", "eval_batches=1", "batch_size=2", "micro_batch_size=2", "seq_len=32"))]
+
+
+def write_variants(directory):
+    (directory / "gelu.toml").write_text('extends = "tiny"\n[model]\nfeedforward = "mlp"\n')
+    (directory / "lowlr.toml").write_text('extends = "tiny"\n[train]\nlr = 1e-3\n')
+    return directory / "gelu.toml", directory / "lowlr.toml"
+
+
+def invoke(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("compare")
+    gelu, lowlr = write_variants(directory)
+    args = ["compare", "tiny", gelu, lowlr, *QUICK, "--out", directory / "out"]
+    code, out, err = invoke(*args)
+    assert code == 0, err
+    return args, directory / "out", out
+
+
+def test_table_names_each_recipe_with_statistics(compared):
+    _, _, out = compared
+    header, rule, *rows = out.splitlines()[:5]
+    for column in ("recipe", "params", "FLOPs/tok", "tok/s", "train loss", "val loss", "95% CI", "p"):
+        assert column in header
+    assert [row.split()[0] for row in rows] == ["tiny", "gelu", "lowlr"]
+    assert "(base)" in rows[0]
+    for row in rows[1:]:
+        assert "±" in row and "[" in row  # mean ± std over seeds, a confidence interval
+
+
+def test_png_is_a_readable_plot(compared):
+    _, out_dir, _ = compared
+    png = out_dir / "compare.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, channels = matplotlib.image.imread(png).shape
+    assert width > 500 and height > 300 and channels in (3, 4)
+
+
+def test_json_has_paired_statistics_over_the_same_seeds(compared):
+    _, out_dir, _ = compared
+    result = json.loads((out_dir / "compare.json").read_text())
+    assert result["base"] == "tiny"
+    recipes = result["recipes"]
+    assert [r["recipe"] for r in recipes] == ["tiny", "gelu", "lowlr"]
+    for r in recipes:
+        assert [run["seed"] for run in r["runs"]] == [0, 1]
+        assert r["parameters"] > 0 and r["flops_per_token"] > 0 and r["tokens_per_s"] > 0
+    assert recipes[1]["parameters"] != recipes[0]["parameters"]  # the GELU MLP is 4·dim wide, SwiGLU 8/3·dim
+    for r in recipes[1:]:
+        d = r["vs_base"]["val_loss"]
+        assert d["ci_low"] <= d["mean"] <= d["ci_high"] and 0 <= d["p_value"] <= 1
+        base_runs = recipes[0]["runs"]
+        assert d["mean"] == pytest.approx(sum(v["val_loss"] - b["val_loss"] for v, b in zip(r["runs"], base_runs)) / 2)
+
+
+def test_runs_share_seeds_and_data_order(compared):
+    _, out_dir, _ = compared
+    # the first loss is measured before any update: same seed + same batch -> same loss, whatever the lr
+    first = {(name, seed): read_metrics(out_dir / name / f"seed-{seed}")[0][0]["loss"]
+             for name in ("tiny", "lowlr") for seed in (0, 1)}
+    assert first["tiny", 0] == first["lowlr", 0] and first["tiny", 1] == first["lowlr", 1]
+    assert first["tiny", 0] != first["tiny", 1]
+
+
+def test_rerun_resumes_only_what_is_missing(compared):
+    args, out_dir, out = compared
+    before = json.loads((out_dir / "compare.json").read_text())
+    shutil.rmtree(out_dir / "lowlr" / "seed-1")
+    written = {path: path.stat().st_mtime_ns for path in out_dir.glob("*/seed-*/metrics.jsonl")}
+    code, _, err = invoke(*args)
+    assert code == 0, err
+    assert {path: path.stat().st_mtime_ns for path in written} == written  # the complete runs were left alone
+    assert (out_dir / "lowlr" / "seed-1" / "checkpoints" / "step-3").is_dir()  # the missing one was trained
+    after = json.loads((out_dir / "compare.json").read_text())
+    assert [[run["val_loss"] for run in r["runs"]] for r in after["recipes"]] == \
+           [[run["val_loss"] for run in r["runs"]] for r in before["recipes"]]  # CPU fp32 is deterministic
+
+
+def test_refuses_to_mix_runs_of_another_recipe(compared):
+    args, _, _ = compared
+    code, _, err = invoke(*[("5" if a == "3" else a) for a in args])  # --steps 5 into the same --out
+    assert code == 2 and "different recipe" in err and len(err.strip().splitlines()[-1]) < 300
+
+
+def test_one_seed_table_has_differences_but_no_statistics():
+    def row(name, val_loss):
+        return {"recipe": name, "parameters": 853120, "flops_per_token": 5.1e6, "tokens_per_s": 2.5e3,
+                "train_loss": {"mean": 1.5, "std": 0.0}, "val_loss": {"mean": val_loss, "std": 0.0},
+                "runs": [{"val_loss": val_loss}]}
+
+    variant = row("variant", 1.25) | {"vs_base": {"val_loss": {"mean": -0.25, "ci_low": None, "ci_high": None,
+                                                               "p_value": None}}}
+    header, _, base, other = format_table([row("base", 1.5), variant]).splitlines()
+    assert header.split()[-4:] == ["Δ", "val", "vs", "base"]  # no CI, no p with one seed
+    assert base.split() == ["base", "853k", "5.1M", "2.5k", "1.5000", "1.5000", "(base)"]
+    assert other.split()[-1] == "-0.2500" and "±" not in other
+
+
+def test_diff_names_exactly_the_changed_keys(tmp_path):
+    gelu, lowlr = write_variants(tmp_path)
+    tiny = load_recipe("tiny")
+    assert [key for key, *_ in recipe_diff(tiny, load_recipe(gelu))] == ["model.feedforward"]
+    assert recipe_diff(tiny, load_recipe(lowlr)) == [("train.lr", 3e-3, 1e-3)]
+    (tmp_path / "theta.toml").write_text('extends = "tiny"\n[model]\npositional = { name = "rope", theta = 5e5 }\n'
+                                         '[train]\nsteps = 7\n')
+    assert recipe_diff(tiny, load_recipe(tmp_path / "theta.toml")) == [
+        ("model.positional.theta", 10000.0, 500000.0), ("train.steps", 50, 7)]
+
+
+def test_diff_command_prints_sizes_and_groups(tmp_path):
+    gelu, _ = write_variants(tmp_path)
+    code, out, _ = invoke("diff", "tiny", gelu)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["tiny", "gelu"]
+    assert lines[1].startswith("parameters") and lines[2].startswith("FLOPs/token")
+    assert lines[3:] == ["components", "  model.feedforward  swiglu     mlp"]
+    code, out, _ = invoke("diff", "tiny", "tiny")
+    assert code == 0 and out.splitlines()[-1] == "the resolved recipes are identical"

@@ -1,0 +1,294 @@
+"""The data pipeline: real tokenizers and real `datasets` loading on local files, packing, sharding, resume, offline.
+
+Corpora are small local files written per test (or the offline stdlib corpus); the real gpt-neox-20b tokenizer
+and the C4 sample come from ../shared/data and the tests that need them skip without it.
+"""
+
+import gzip
+import json
+import logging
+import math
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import minsota
+from minsota.data import build_batches, build_source, build_tokenizer
+from minsota.errors import UserError
+from conftest import SHARED_DATA, run
+
+NEOX = SHARED_DATA / "gpt-neox-20b"
+C4_SAMPLE = SHARED_DATA / "c4-sample"
+needs_neox = pytest.mark.skipif(not NEOX.is_dir(), reason=f"real tokenizer not found at {NEOX}")
+needs_c4 = pytest.mark.skipif(not (C4_SAMPLE.is_dir() and NEOX.is_dir()), reason=f"C4 sample not found at {C4_SAMPLE}")
+
+# Short documents of uneven length, an empty and a whitespace-only one: windows cross documents, blocks and epochs.
+DOCS = [f"doc {i}: " + "abcdefghij"[: i % 7] * (1 + i % 4) for i in range(24)]
+DOCS[5], DOCS[9] = "", "  \n"
+
+
+def tiny(overrides=None, **data):
+    """The tiny recipe with a small batch: 2 windows of 16 tokens per micro-batch, 4 per optimizer step."""
+    settings = {"train.seq_len": 16, "train.batch_size": 4, "train.micro_batch_size": 2, "data.num_workers": 0,
+                "data.block_docs": 2, **{f"data.{k}": v for k, v in data.items()}, **(overrides or {})}
+    return minsota.load_recipe("tiny", settings)
+
+
+def write_jsonl_gz(path, texts):
+    """C4's layout: text, url and a `date` that datasets reads as a timestamp (only text may be read)."""
+    with gzip.open(path, "wt") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"text": text, "url": f"https://example.org/{i}", "date": "2019-04-21T18:54:04Z"}) + "\n")
+    return path
+
+
+def corpus(tmp_path, kind):
+    """DOCS as a data.source of the given kind -> (spec, the training documents in order)."""
+    train = [t for i, t in enumerate(DOCS) if i % 100]  # holdout_every = 100 keeps document 0 for validation
+    if kind == "jsonl.gz":
+        return str(write_jsonl_gz(tmp_path / "docs.jsonl.gz", DOCS)), train
+    if kind == "txt":
+        for i, text in enumerate(DOCS):
+            (tmp_path / f"{i:03}.txt").write_text(text)
+        return str(tmp_path / "*.txt"), train
+    if kind == "parquet":
+        pq.write_table(pa.table({"id": list(range(len(DOCS))), "text": DOCS}), tmp_path / "docs.parquet")
+        return str(tmp_path), train
+    if kind == "hf-dir":  # a dataset directory with its own validation split: nothing is held out of train
+        write_jsonl_gz(tmp_path / "train.jsonl.gz", DOCS)
+        write_jsonl_gz(tmp_path / "validation.jsonl.gz", ["held out"])
+        return f"hf:{tmp_path}", DOCS
+    raise ValueError(kind)
+
+
+def packed(texts, tokenizer):
+    """The token stream by definition: each non-empty document, then EOS; and its document-start flags."""
+    ids, starts = [], []
+    for text in texts:
+        if text.strip():
+            doc = tokenizer.encode(text) + [tokenizer.eos_id]
+            ids += doc
+            starts += [True] + [False] * (len(doc) - 1)
+    return ids, starts
+
+
+def take(batches, n):
+    return [next(batches) for _ in range(n)]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+
+
+@needs_neox
+@pytest.mark.parametrize("path", ["dir", "tokenizer.json"])
+def test_gpt_neox_tokenizer_exact_ids(path):
+    spec = NEOX if path == "dir" else NEOX / "tokenizer.json"
+    tokenizer = build_tokenizer(tiny({"model.vocab_size": 50304}, tokenizer=str(spec)))
+    assert (tokenizer.vocab_size, tokenizer.eos_id) == (50277, 0)
+    assert tokenizer.encode("Hello world") == [12092, 1533]
+    assert tokenizer.encode("Hello world! This is a test.") == [12092, 1533, 2, 831, 310, 247, 1071, 15]
+    assert tokenizer.decode([12092, 1533]) == "Hello world"
+    assert 0 not in tokenizer.encode("a<|endoftext|>b")  # text that spells EOS is not a document boundary
+
+
+def test_tokenizer_larger_than_the_model_is_refused():
+    with pytest.raises(UserError, match=r"256 tokens but model.vocab_size = 128"):
+        build_tokenizer(tiny({"model.vocab_size": 128}))
+
+
+def test_unknown_names_suggest_close_ones():
+    with pytest.raises(UserError, match=r"data.source = 'stdlb'.*did you mean 'stdlib'"):
+        build_source(tiny(source="stdlb"))
+    with pytest.raises(UserError, match=r"data.tokenizer = 'byte'.*did you mean 'bytes'"):
+        build_tokenizer(tiny(tokenizer="byte"))
+    with pytest.raises(UserError, match=r"data.source = 'stdlib:py': stdlib takes no argument"):
+        build_source(tiny(source="stdlib:py"))
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def documents(recipe, split="train"):
+    return [text for texts, _ in build_source(recipe, split).blocks(8) for text in texts]
+
+
+def test_stdlib_corpus_is_real_python_with_a_held_out_slice():
+    train, validation = documents(tiny(), "train"), documents(tiny(), "validation")
+    assert len(validation) == math.ceil((len(train) + len(validation)) / 100)  # documents 0, 100, 200, …
+    assert len(train) > 500 and sum(map(len, train)) > 5_000_000
+    assert "def " in train[0] + train[1] and "import " in train[0] + train[1]
+
+
+@pytest.mark.parametrize("kind", ["jsonl.gz", "txt", "parquet"])
+def test_local_files_hold_out_every_nth_document_for_validation(tmp_path, kind):
+    spec, _ = corpus(tmp_path, kind)
+    recipe = tiny(source=spec, holdout_every=10)
+    assert documents(recipe, "validation") == [DOCS[0], DOCS[10], DOCS[20]]
+    assert documents(recipe, "train") == [t for i, t in enumerate(DOCS) if i % 10]
+
+
+def test_hf_dataset_directory_uses_its_validation_split(tmp_path):
+    spec, train = corpus(tmp_path, "hf-dir")
+    recipe = tiny(source=spec)
+    assert documents(recipe, "train") == train
+    assert documents(recipe, "validation") == ["held out"]
+
+
+def test_bad_sources_fail_in_one_line(tmp_path):
+    with pytest.raises(UserError, match="no files match"):
+        build_source(tiny(source=str(tmp_path / "nothing-*.jsonl")))
+    path = write_jsonl_gz(tmp_path / "blank.jsonl.gz", ["", " ", "\n"])
+    with pytest.raises(UserError, match="no non-empty train documents"):
+        build_source(tiny(source=str(path)))
+    with pytest.raises(UserError, match="'body'"):
+        build_source(tiny(source=str(path), text_field="body"))
+
+
+@needs_c4
+def test_c4_sample_streams_with_the_real_tokenizer():
+    recipe = tiny({"model.vocab_size": 50304}, source=str(C4_SAMPLE / "*.json.gz"), tokenizer=str(NEOX))
+    tokenizer = build_tokenizer(recipe)
+    train, validation = documents(recipe, "train"), documents(recipe, "validation")
+    assert (len(train), len(validation)) == (29, 1)  # 30 documents, the first held out for validation
+    assert sum(len(tokenizer.encode(text)) for text in train + validation) == 11811  # shared/data/README.md
+    stream, _ = packed(train, tokenizer)
+    batch = next(build_batches(recipe, tokenizer))
+    assert batch["tokens"].flatten().tolist() == stream[:16] + stream[16:32]
+    assert int(batch["tokens"].max()) < tokenizer.vocab_size
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def test_causal_packing_drops_no_token_and_runs_into_the_next_epoch(tmp_path, caplog):
+    spec, train = corpus(tmp_path, "jsonl.gz")
+    recipe = tiny(source=spec)
+    tokenizer = build_tokenizer(recipe)
+    stream, starts = packed(train, tokenizer)
+    n = 2 * len(stream) // 32 + 1  # micro-batches (of 2 × 16 tokens) whose next window lies in the third epoch
+    stream, starts = stream * 3, starts * 3
+    with caplog.at_level(logging.INFO, logger="minsota.data"):
+        batches = build_batches(recipe, tokenizer)
+        got = take(batches, n)
+    for q, batch in enumerate(got):
+        for row in range(2):
+            g = 2 * q + row  # the global window index
+            window = stream[g * 16:g * 16 + 17]
+            assert batch["tokens"][row].tolist() == window[:-1]
+            assert batch["targets"][row].tolist() == window[1:]
+            assert batch["positions"][row].tolist() == list(range(16))
+            expected_ids = torch.tensor(starts[g * 16:g * 16 + 16]).cumsum(0)
+            assert batch["document_ids"][row].tolist() == (expected_ids - expected_ids[0]).tolist()
+    assert batches.epoch == 2 and batches.state_dict()["epoch"] == 2
+    assert batches.state_dict()["empty_documents"] >= 2  # "" and "  \n", skipped and counted in each epoch
+    assert any("epoch 1 begins" in r.getMessage() for r in caplog.records)
+
+
+def test_document_packing_restarts_positions_per_document(tmp_path):
+    spec, train = corpus(tmp_path, "jsonl.gz")
+    recipe = tiny(source=spec, packing="document")
+    tokenizer = build_tokenizer(recipe)
+    _, starts = packed(train, tokenizer)
+    batch = next(build_batches(recipe, tokenizer))
+    for row in range(2):
+        flags = starts[row * 16:row * 16 + 16]
+        position, expected = 0, []
+        for i, first in enumerate(flags):
+            position = 0 if first or i == 0 else position + 1
+            expected.append(position)
+        assert batch["positions"][row].tolist() == expected
+        assert batch["document_ids"][row].max() >= 1  # the window does hold several documents
+
+
+def test_document_masking_keeps_documents_apart(tmp_path):
+    """Perturbing document 1's tokens leaves document 2's logits unchanged under document packing (and changes
+    them under plain causal attention, so the test can fail)."""
+    spec, _ = corpus(tmp_path, "jsonl.gz")
+    recipe = tiny({"train.seq_len": 48}, source=spec, packing="document")
+    batch = next(build_batches(recipe, build_tokenizer(recipe)))
+    tokens, positions, document_ids = batch["tokens"][:1], batch["positions"][:1], batch["document_ids"][:1]
+    first, second = document_ids[0] == 0, document_ids[0] == 1
+    assert first.sum() > 1 and second.sum() > 1
+    perturbed = tokens.clone()
+    perturbed[0, first] = (tokens[0, first] + 7) % 256
+    model = minsota.build_model(recipe).eval()
+    with torch.no_grad():
+        masked = [model(t, positions, document_ids)[0] for t in (tokens, perturbed)]
+        causal = [model(t, positions)[0] for t in (tokens, perturbed)]
+    diff = (masked[0][second] - masked[1][second]).abs()
+    assert diff.max() < 1e-6, f"document 2 leaked: max abs diff {diff.max():.3g}, mean {diff.mean():.3g}"
+    assert (masked[0][first] - masked[1][first]).abs().max() > 1e-3
+    assert (causal[0][second] - causal[1][second]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------- sharding and resume
+
+
+def test_ranks_and_workers_split_the_single_process_stream(tmp_path):
+    spec, _ = corpus(tmp_path, "jsonl.gz")
+    overrides = {"train.batch_size": 8, "data.block_docs": 1}
+    single = take(build_batches(tiny(overrides, source=spec), build_tokenizer(tiny())), 16)
+    recipe = tiny(overrides, source=spec, num_workers=2)
+    tokenizer = build_tokenizer(recipe)
+    ranks = [build_batches(recipe, tokenizer, rank=r, world_size=2) for r in range(2)]
+    per_rank = [take(b, 8) for b in ranks]
+    # micro-batch q of the global order goes to rank q % 2: together the ranks read every window exactly once
+    assert_same([per_rank[q % 2][q // 2] for q in range(16)], single)
+    assert ranks[0].state_dict() == ranks[1].state_dict()
+    assert ranks[0].state_dict()["windows"] == 4 * 8  # four optimizer steps of 8 sequences
+
+
+@pytest.mark.parametrize("kind", ["jsonl.gz", "txt", "parquet", "hf-dir"])
+def test_resume_is_exact_twice_over_and_across_worker_counts(tmp_path, kind):
+    spec, _ = corpus(tmp_path, kind)
+    recipe = tiny(source=spec)
+    tokenizer = build_tokenizer(recipe)
+    original = build_batches(recipe, tokenizer)
+    take(original, 3)
+    saved = json.loads(json.dumps(original.state_dict()))  # as the trainer stores it
+    reference = take(original, 12)
+    assert original.epoch >= 1  # the resumed stretch crosses into the next epoch
+
+    first = build_batches(tiny(source=spec, num_workers=2), tokenizer)
+    first.load_state_dict(saved)
+    assert_same(take(first, 6), reference[:6])
+    second = build_batches(tiny(source=spec, num_workers=1), tokenizer)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))  # a resumed run's position resumes again
+    assert_same(take(second, 6), reference[6:])
+    assert second.state_dict() == json.loads(json.dumps(original.state_dict()))
+
+
+# --------------------------------------------------------------------------------------------- offline
+
+
+def test_c4_without_the_hub_fails_fast_in_one_line(tmp_path):
+    start = time.monotonic()
+    result = run("train", "tiny", "--set", "data.source=c4", "--out", tmp_path / "run", timeout=60,
+                 env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": ""})
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "data.source" in result.stderr and "json.gz" in result.stderr
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+
+
+def test_hub_tokenizer_offline_fails_fast_in_one_line(tmp_path):
+    start = time.monotonic()
+    result = run("train", "tiny", "--set", "data.tokenizer=gpt-neox-20b", "--set", "model.vocab_size=50304",
+                 "--out", tmp_path / "run", timeout=60, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "data.tokenizer" in result.stderr and "local copy" in result.stderr
+    assert elapsed < 10, f"took {elapsed:.1f} s"

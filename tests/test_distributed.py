@@ -1,0 +1,100 @@
+"""Data-parallel training under torchrun, 2 CPU processes over gloo: DDP and FSDP2 match one process on the
+same global batch, write the single-process checkpoint format, resume exactly, and a dying rank ends the job."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from minsota import checkpoint
+
+# 8 sequences per step: 2 micro-batches of 4 in one process, one per rank in two
+RUN = {"train.steps": 6, "train.micro_batch_size": 4, "train.checkpoint_every": 3, "train.eval_batches": 2,
+       "train.sample_tokens": 0}
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def sets(overrides: dict) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def torchrun(*args, script: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m minsota ARGS`` (or SCRIPT ARGS)."""
+    target = [str(script)] if script else ["-m", "minsota"]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *target, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    process = subprocess.run([sys.executable, "-m", "minsota", "train", "tiny", "--out", run_dir, *sets(RUN)],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
+    run_dir = tmp_path / "run"
+    process = torchrun("train", "tiny", "--out", run_dir, *sets({**RUN, "train.parallelism": parallelism}))
+    assert process.returncode == 0, process.stderr
+    one, two = losses(single), losses(run_dir)
+    assert two == pytest.approx(one, rel=1e-4)
+    assert [r["val_loss"] for r in records(run_dir) if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4)
+    assert len(records(run_dir)) == len(records(single))  # rank 0 alone writes metrics
+
+    # full tensors in the single-process format, whatever the sharding
+    gathered = checkpoint.load(run_dir / "checkpoints" / "step-6")
+    alone = checkpoint.load(single / "checkpoints" / "step-6")
+    for part in ("model", "optimizer"):
+        assert {k: v.shape for k, v in gathered[part].items()} == {k: v.shape for k, v in alone[part].items()}
+
+    # from step 3 again: at the same world size, steps 4-6 repeat bit for bit
+    resumed = Path(shutil.copytree(run_dir, tmp_path / "resumed"))
+    process = torchrun("train", "--resume", resumed / "checkpoints" / "step-3")
+    assert process.returncode == 0, process.stderr
+    again = [r for r in records(resumed)[len(records(run_dir)):] if "loss" in r]
+    assert [(r["step"], r["loss"]) for r in again] == [(step, two[step]) for step in (4, 5, 6)]
+
+    if parallelism == "fsdp":  # and at another world size: one process continues the sharded run
+        alone_dir = Path(shutil.copytree(run_dir, tmp_path / "alone"))
+        process = subprocess.run([sys.executable, "-m", "minsota", "train", "--resume",
+                                  alone_dir / "checkpoints" / "step-3"], env=ENV, capture_output=True, text=True)
+        assert process.returncode == 0, process.stderr
+        tail = [r for r in records(alone_dir)[len(records(run_dir)):] if "loss" in r]
+        assert [r["loss"] for r in tail] == pytest.approx([one[step] for step in (4, 5, 6)], rel=1e-4)
+
+
+def test_a_rank_that_dies_ends_the_job(tmp_path):
+    """Rank 1 is killed (SIGKILL, no goodbye) as it starts step 4: torchrun stops the job and names it."""
+    script = tmp_path / "dies.py"
+    script.write_text("import os, signal, sys\n"
+                      "import minsota.train\n"
+                      "def lr_at(step, t, real=minsota.train.lr_at):\n"
+                      "    if step == 3 and os.environ['RANK'] == '1':\n"
+                      "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "    return real(step, t)\n"
+                      "minsota.train.lr_at = lr_at\n"
+                      "from minsota.cli import main\n"
+                      "sys.exit(main())\n")
+    start = time.monotonic()
+    process = torchrun("train", "tiny", "--out", tmp_path / "run", *sets({**RUN, "train.parallelism": "ddp"}),
+                       script=script, timeout=120)
+    assert process.returncode != 0 and time.monotonic() - start < 90
+    assert "Root Cause" in process.stderr and "rank      : 1" in process.stderr and "SIGKILL" in process.stderr
+    assert max(losses(tmp_path / "run")) == 3

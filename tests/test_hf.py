@@ -1,0 +1,120 @@
+"""Hugging Face parity: random-init HF models built from toy configs (no download) are imported, their logits
+compared with minsota's (fp32, max abs diff <= 1e-5 · max |HF logits|), exported back and reloaded by
+`transformers.AutoModelForCausalLM.from_pretrained` with the same logits."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from minsota import hf
+from minsota.errors import UserError
+from minsota.model import build_model
+from minsota.recipe import load_recipe
+from minsota.reference import assert_close
+
+VOCAB, T = 101, 24  # an odd vocabulary must survive exactly
+ROTARY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1)
+SCALED = dict(max_position_embeddings=64, rope_theta=500000.0)  # toy original context 16 < T: the scaling acts
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", ROTARY),
+    "llama-gqa1-bias-tied": ("LlamaConfig", "LlamaForCausalLM",
+                             {**ROTARY, "num_key_value_heads": 1, "attention_bias": True, "tie_word_embeddings": True}),
+    "llama-3.1-scaling": ("LlamaConfig", "LlamaForCausalLM", {**ROTARY, **SCALED, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", {**ROTARY, **SCALED, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}),
+    "llama-linear": ("LlamaConfig", "LlamaForCausalLM", {**ROTARY, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {**ROTARY, "sliding_window": 5}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {**ROTARY, "rms_norm_eps": 1e-6}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32,
+                                                    initializer_range=0.1)),
+    "gpt2-exact-gelu-untied": ("GPT2Config", "GPT2LMHeadModel", dict(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32, n_inner=40, activation_function="gelu",
+        tie_word_embeddings=False, initializer_range=0.1)),
+}
+
+
+def hf_model(case, directory):
+    config_class, model_class, kwargs = CASES[case]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs)).eval()
+    with torch.no_grad():  # norm gains off 1 and biases off 0, so a misplaced one shows
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(directory)
+    return model
+
+
+def logits_of(model, tokens):
+    with torch.no_grad():
+        out = model(tokens)
+    return getattr(out, "logits", out)
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_import_and_export_match_hugging_face(case, tokens, tmp_path):
+    theirs = hf_model(case, tmp_path / "hf")
+    expected = logits_of(theirs, tokens)
+    ours = hf.load_hf(tmp_path / "hf")
+    assert ours.cfg.vocab_size == VOCAB and ours.num_parameters() == theirs.num_parameters()
+    assert_close(logits_of(ours, tokens), expected, 1e-5, f"{case}: imported logits vs HF")
+
+    hf.save_hf(ours, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded) is type(theirs)
+    assert_close(logits_of(reloaded, tokens), expected, 1e-5, f"{case}: exported logits in HF vs HF")
+
+
+def test_cli_round_trip_through_a_run_directory(cli, tokens, tmp_path):
+    theirs = hf_model("mistral-window", tmp_path / "hf")
+    code, out, _ = cli("import-hf", tmp_path / "hf", tmp_path / "run")
+    step = tmp_path / "run" / "checkpoints" / "step-0"
+    assert code == 0 and str(step) in out and (step / "model.safetensors").is_file()
+    recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert recipe["model"]["attention"] == {"name": "sdpa", "window": 5} and recipe["model"]["vocab_size"] == VOCAB
+    code, _, err = cli("import-hf", tmp_path / "hf", tmp_path / "run")
+    assert code == 2 and "not an empty directory" in err and err.count("\n") == 1
+    assert cli("export-hf", tmp_path / "run", tmp_path / "out")[0] == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert_close(logits_of(reloaded, tokens), logits_of(theirs, tokens), 1e-5, "run round trip")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"model.feedforward": "geglu"}, "model.feedforward = 'geglu'"),
+    ({"model.attention": {"name": "math", "softcap": 30.0}}, "softcap"),
+    ({"model.positional": {"name": "rope", "use_xpos": True}}, "xPos"),
+    ({"model.positional": "alibi"}, "model.positional = 'alibi'"),
+])
+def test_export_refuses_what_hugging_face_cannot_hold(override, message, tmp_path):
+    model = build_model(load_recipe("tiny", {"model.n_layers": 1, **override}))
+    with pytest.raises(UserError, match=message):
+        hf.save_hf(model, tmp_path)
+
+
+def test_import_refuses_unknown_families(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UserError, match="model_type 'bert' is not supported"):
+        hf.load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("recipe_name, parameters", [
+    ("mistral-7b", 7_241_732_096), ("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248),
+    ("llama-3.1-8b", 8_030_261_248), ("gpt2-small", 124_439_808), ("olmo2", 7_298_617_344),
+])
+def test_real_model_recipes_have_the_real_shapes(recipe_name, parameters):
+    """Exact parameter counts on the meta device, and the same count from the HF model of the exported config."""
+    ours = build_model(load_recipe(recipe_name), "meta")
+    assert ours.num_parameters() == parameters
+    with torch.device("meta"):
+        theirs = transformers.AutoModelForCausalLM.from_config(hf.hf_config(ours))
+    assert theirs.num_parameters() == parameters

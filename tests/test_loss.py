@@ -1,0 +1,95 @@
+"""The fused linear + cross-entropy (`minsota.loss`) against plain F.cross_entropy on materialised logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minsota.loss import linear_cross_entropy, softcap
+from minsota.model import build_model
+from minsota.recipe import load_recipe
+
+TOL = 1e-5  # fp32
+
+
+def plain_cross_entropy(logits, targets, z_loss=0.0):
+    """The unfused definition: F.cross_entropy plus PaLM's z-loss over the same (non-ignored) targets."""
+    valid = (targets != -100).float()
+    z = (torch.logsumexp(logits, dim=-1).square() * valid).sum() / valid.sum().clamp_min(1)
+    return F.cross_entropy(logits, targets, ignore_index=-100) + z_loss * z
+
+
+def plain_loss(hidden, weight, targets, logit_softcap=0.0, z_loss=0.0):
+    return plain_cross_entropy(softcap((hidden @ weight.T).float(), logit_softcap), targets, z_loss)
+
+
+def inputs(n=37, dim=16, vocab=101, ignored=(0, 5, 36), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, dim, generator=gen).mul_(0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    targets[list(ignored)] = -100
+    return hidden, weight, targets
+
+
+def assert_close(name, got, want):
+    diff = (got - want).abs()
+    assert diff.max() <= TOL, f"{name}: max abs diff {diff.max():.3g}, mean {diff.mean():.3g} (tolerance {TOL})"
+
+
+def loss_and_grads(fn, hidden, weight, targets, scale=1.0, **kwargs):
+    loss = fn(hidden, weight, targets, **kwargs)
+    return (loss, *torch.autograd.grad(loss * scale, (hidden, weight)))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 37, 64])  # uneven last chunk, one chunk, chunk > rows
+@pytest.mark.parametrize("logit_softcap,z_loss", [(0.0, 0.0), (0.0, 1e-2), (3.0, 0.0), (3.0, 1e-2)])
+def test_fused_matches_plain(chunk_size, logit_softcap, z_loss):
+    hidden, weight, targets = inputs()
+    options = dict(logit_softcap=logit_softcap, z_loss=z_loss)
+    # scale: the upstream gradient (e.g. 1/accumulation steps) must multiply the stored gradients
+    want = loss_and_grads(plain_loss, hidden, weight, targets, scale=0.25, **options)
+    got = loss_and_grads(linear_cross_entropy, hidden, weight, targets, scale=0.25, chunk_size=chunk_size, **options)
+    for name, g, w in zip(["loss", "d hidden", "d weight"], got, want):
+        assert_close(name, g, w)
+
+
+def test_without_autograd_only_the_loss():
+    hidden, weight, targets = inputs()
+    with torch.no_grad():
+        assert_close("loss", linear_cross_entropy(hidden, weight, targets, chunk_size=8), plain_loss(hidden, weight, targets))
+
+
+def test_all_ignored_is_nan_with_zero_gradients_as_cross_entropy():
+    hidden, weight, targets = inputs(n=6, ignored=range(6))
+    want = loss_and_grads(plain_loss, hidden, weight, targets)
+    got = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_size=4)
+    assert want[0].isnan() and got[0].isnan()
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_compiles_fullgraph():
+    hidden, weight, targets = inputs()
+    compiled = torch.compile(linear_cross_entropy, fullgraph=True)
+    options = dict(logit_softcap=3.0, z_loss=1e-2, chunk_size=16)
+    got = loss_and_grads(compiled, hidden, weight, targets, **options)
+    want = loss_and_grads(plain_loss, hidden, weight, targets, logit_softcap=3.0, z_loss=1e-2)
+    for name, g, w in zip(["loss", "d hidden", "d weight"], got, want):
+        assert_close(name, g, w)
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_decoder_loss_is_cross_entropy_of_its_logits(tie_embeddings):
+    recipe = load_recipe("tiny", {"model.tie_embeddings": tie_embeddings, "model.z_loss": 1e-3, "model.logit_softcap": 5.0})
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    tokens = torch.randint(0, recipe.model.vocab_size, (2, 16))
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = -100
+
+    params = list(model.parameters())
+    got = model.loss(tokens, targets)
+    got = [got, *torch.autograd.grad(got, params)]
+    want = plain_cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), z_loss=1e-3)  # soft-capped logits
+    want = [want, *torch.autograd.grad(want, params)]
+    for name, g, w in zip(["loss", *(n for n, _ in model.named_parameters())], got, want):
+        assert_close(name, g, w)

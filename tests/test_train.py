@@ -1,0 +1,373 @@
+"""The trainer on the tiny recipe (CPU, fp32, offline data): schedules, weight-decay groups, accumulation,
+the golden loss curve, bit-exact resume after kill -9 and SIGTERM, divergence, disk full, refused changes.
+
+An intended numerics change regenerates the golden curve in the same commit:
+    python tests/test_train.py --update-golden
+The tests train on one thread, so the curve is exact on any core count of this machine kind (AVX-512 CPU,
+the pinned torch); another instruction set or torch version may round differently.
+"""
+
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minsota import checkpoint
+from minsota.cli import main
+from minsota.model import build_model
+from minsota.plugins import load_plugins
+from minsota.recipe import TrainConfig, load_recipe
+from minsota.train import lr_at, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "assets" / "losses" / "tiny.json"
+GOLDEN_RUN = {"train.steps": 20, "train.eval_batches": 1, "train.sample_tokens": 0}
+NAN_PLUGIN = REPO / "tests" / "assets" / "nan_plugin.py"
+SHORT = {"train.steps": 8, "train.checkpoint_every": 3, "train.eval_batches": 1, "train.sample_tokens": 0}
+# One thread everywhere: the golden curve then does not depend on the core count, and two test processes
+# never fight over the cores (OpenMP's spinning turns 0.13 s steps into 1 s under contention).
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def sets(overrides: dict) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def popen(*args, prelude: str = "") -> subprocess.Popen:
+    """`minsota ARGS` in a child process, after running ``prelude`` there (to arm a fault)."""
+    code = f"import sys\n{prelude}\nfrom minsota.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    _, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(r.get("step", 0) >= step for r in (records(run_dir) if (run_dir / "metrics.jsonl").exists() else [])):
+        assert process.poll() is None, finish(process)
+        assert time.monotonic() < deadline, f"no step {step} within {timeout} s"
+        time.sleep(0.05)
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Every loss the (interrupted, resumed) run logged, repeats included, equals the reference's bit for bit."""
+    expected, got = losses(reference), records(run_dir)
+    for record in got:
+        if "loss" in record:
+            assert record["loss"] == expected[record["step"]], f"step {record['step']}"
+    assert {r["step"] for r in got if "loss" in r} == set(expected)
+    assert [r for r in got if "val_loss" in r][-1] == [r for r in records(reference) if "val_loss" in r][-1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted SHORT run (checkpoints at steps 3, 6 and 8), in a child process like the faulty ones."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    code, err = finish(popen("train", "tiny", "--out", run_dir, *sets(SHORT)))
+    assert code == 0, err
+    return run_dir
+
+
+@pytest.fixture
+def finished_run(reference, tmp_path) -> Path:
+    """A copy of the reference run to damage or extend."""
+    return Path(shutil.copytree(reference, tmp_path / "run"))
+
+
+# ------------------------------------------------------------------------------------------ numerics
+
+
+def test_schedules_at_key_steps():
+    cosine = TrainConfig(steps=101, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cosine) == pytest.approx(1 / 11)  # the first step already learns
+    assert lr_at(9, cosine) == pytest.approx(10 / 11)
+    assert lr_at(10, cosine) == 1.0
+    assert lr_at(55, cosine) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(100, cosine) == pytest.approx(0.1)  # min_lr_ratio·lr on the last step
+    assert lr_at(4, TrainConfig(steps=101, lr=1.0, warmup_steps=9, warmup_shape="cosine")) == pytest.approx(0.5)
+    assert lr_at(0, TrainConfig(steps=101, lr=1.0, warmup_steps=10, warmup_shape="none")) == 1.0
+    assert lr_at(2, TrainConfig(steps=100, lr=1.0, warmup_steps=0.03)) == pytest.approx(3 / 4)  # 3% of 100 steps
+    wsd = TrainConfig(steps=100, lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
+    assert lr_at(79, wsd) == 1.0
+    assert lr_at(80, wsd) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(1 / 20)))  # 1-sqrt cooldown
+    assert lr_at(99, wsd) == pytest.approx(0.1)
+    assert lr_at(99, TrainConfig(steps=100, lr=1.0, warmup_steps=10, schedule="constant")) == 1.0
+
+
+@pytest.mark.parametrize("tie, decay_embeddings", [(False, False), (False, True), (True, False)])
+def test_weight_decay_on_matrices_only(tie, decay_embeddings):
+    recipe = load_recipe("tiny", {"model.tie_embeddings": tie, "train.decay_embeddings": decay_embeddings})
+    model = build_model(recipe, device="meta")
+    decay, no_decay = param_groups(model, recipe.train)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed, not_decayed = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    embedding = "tok_embeddings.weight"
+    matrices = {name for name, p in model.named_parameters() if p.ndim >= 2} - {embedding}
+    assert decayed == matrices | ({embedding} if decay_embeddings else set())
+    assert not_decayed == set(names.values()) - decayed
+    assert "norm.weight" in not_decayed and "layers.0.attention_norm.weight" in not_decayed
+    assert ("output.weight" in decayed) == (not tie)  # tied, the head is the embedding: listed once
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_accumulation_equals_the_large_batch(tmp_path, cli):
+    """4 micro-batches of 2 = 1 batch of 8: the same gradient (norm) on the same weights, the same losses after."""
+    runs = {}
+    for micro in (8, 2):
+        run_dir = tmp_path / f"micro-{micro}"
+        code, _, err = cli("train", "tiny", "--out", run_dir, *sets({**GOLDEN_RUN, "train.steps": 3,
+                                                                     "train.micro_batch_size": micro}))
+        assert code == 0, err
+        runs[micro] = [(r["loss"], r["grad_norm"]) for r in records(run_dir) if "loss" in r]
+    assert list(sum(runs[2], ())) == pytest.approx(list(sum(runs[8], ())), rel=1e-5)
+
+
+def test_golden_loss_curve_and_learning(tmp_path, cli):
+    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets(GOLDEN_RUN))
+    assert code == 0, err
+    got = [losses(tmp_path / "run")[step] for step in range(1, 21)]
+    val_loss = records(tmp_path / "run")[-1]["val_loss"]
+    assert sum(got[-5:]) / 5 < got[0] - 1.5 and val_loss < math.log(256) - 0.5  # it learns
+    expected = json.loads(GOLDEN.read_text())["losses"]
+    diffs = [(step, e, g) for step, (e, g) in enumerate(zip(expected, got), 1) if e != g]
+    assert not diffs, (f"{len(diffs)} of 20 losses differ from {GOLDEN.name}, first at step {diffs[0][0]}: "
+                       f"{diffs[0][1]!r} -> {diffs[0][2]!r} (max abs diff "
+                       f"{max(abs(e - g) for _, e, g in diffs):.3g}); if intended: python tests/test_train.py --update-golden")
+
+
+def test_compiled_training_matches_eager(tmp_path, cli, reference):
+    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets({**SHORT, "train.steps": 2,
+                                                                         "train.compile": "true"}))
+    assert code == 0, err
+    compiled = losses(tmp_path / "run")
+    eager = losses(reference)  # a different schedule length changes lr only after warmup: steps 1-2 agree
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-5) and compiled[2] == pytest.approx(eager[2], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------ interruptions
+
+
+def kill_at_fsync(n: int, signum: int = signal.SIGKILL) -> str:
+    """A child-process prelude: send itself ``signum`` at its n-th fsync (a checkpoint is 8 of them)."""
+    return ("import os, minsota.checkpoint as c\n"
+            f"def fsync(path, real=c._fsync, calls=[0]):\n"
+            f"    calls[0] += 1\n"
+            f"    if calls[0] == {n}: os.kill(os.getpid(), {int(signum)})\n"
+            f"    real(path)\n"
+            f"c._fsync = fsync")
+
+
+def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    # fsyncs: 1 recipe.json, then per checkpoint 6 files, its directory and checkpoints/ (2-9 = step 3)
+    code, _ = finish(popen("train", "tiny", "--out", run_dir, *sets(SHORT), prelude=kill_at_fsync(11)))
+    assert code == -signal.SIGKILL  # inside writing step 6, its optimizer state half done
+    assert [p.name for p in checkpoint.checkpoints(run_dir / "checkpoints")] == ["step-3"]
+    assert list((run_dir / "checkpoints").glob(".tmp-step-6-*"))
+
+    code, _ = finish(popen("train", "--resume", run_dir, prelude=kill_at_fsync(8)))
+    assert code == -signal.SIGKILL  # every file of step 6 synced, killed before the rename
+    assert [p.name for p in checkpoint.checkpoints(run_dir / "checkpoints")] == ["step-3"]
+
+    process = popen("train", "--resume", run_dir)
+    wait_for_step(process, run_dir, 7)
+    process.kill()  # between steps
+    assert finish(process)[0] == -signal.SIGKILL
+
+    code, err = finish(popen("train", "--resume", run_dir))
+    assert code == 0, err
+    assert "resuming at step 6" in err
+    assert_same_run(run_dir, reference)
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-3", "step-6", "step-8"]
+
+
+def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    process = popen("train", "tiny", "--out", run_dir, *sets(SHORT))
+    wait_for_step(process, run_dir, 1)
+    process.send_signal(signal.SIGTERM)
+    code, err = finish(process)
+    assert code == 143, err
+    stopped = max(losses(run_dir))
+    assert stopped < 8 and checkpoint.checkpoints(run_dir / "checkpoints")[-1].name == f"step-{stopped}"
+    code, err = finish(popen("train", "--resume", run_dir))
+    assert code == 0, err
+    assert_same_run(run_dir, reference)
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    """SIGINT while checkpointing step 2 (it will checkpoint that step and stop), then SIGINT again: out now."""
+    run_dir = tmp_path / "run"
+    # fsyncs: 1 recipe.json, 2-9 checkpoint step 1, 10-17 checkpoint step 2
+    prelude = kill_at_fsync(11, signal.SIGINT) + "\n" + kill_at_fsync(13, signal.SIGINT)
+    code, err = finish(popen("train", "tiny", "--out", run_dir, *sets({**SHORT, "train.checkpoint_every": 1}),
+                             prelude=prelude))
+    assert code == 130 and "second signal: exiting now" in err
+    assert [p.name for p in checkpoint.checkpoints(run_dir / "checkpoints")] == ["step-1"]
+    checkpoint.verify(run_dir / "checkpoints" / "step-1")
+
+
+def test_disk_full_keeps_the_previous_checkpoint(finished_run):
+    def limit_file_size():  # files over 4 MB fail with EFBIG (Python ignores SIGXFSZ): the optimizer state does
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    process = subprocess.run([sys.executable, "-m", "minsota", "train", "--resume", finished_run,
+                              "--set", "train.steps=9"], env=ENV, capture_output=True, text=True,
+                             preexec_fn=limit_file_size, timeout=120)
+    assert process.returncode == 1, process.stderr
+    error = process.stderr.strip().splitlines()[-1]
+    assert error.startswith("minsota: error: could not write checkpoint") and "step-9" in error
+    assert sorted(os.listdir(finished_run / "checkpoints")) == ["step-3", "step-6", "step-8"]
+    checkpoint.verify(finished_run / "checkpoints" / "step-8")
+
+
+# --------------------------------------------------------------------------------- damage, changes
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(finished_run, reference, cli):
+    newest = finished_run / "checkpoints" / "step-8" / checkpoint.MODEL
+    data = newest.read_bytes()
+    newest.write_bytes(data[:5000] + bytes([data[5000] ^ 0x40]) + data[5001:])
+    code, _, err = cli("train", "--resume", finished_run / "checkpoints" / "step-8")
+    assert code == 2 and err.strip() == f"minsota: error: {newest}: sha256 differs from the manifest (corrupted)"
+
+    code, _, err = cli("train", "--resume", finished_run)
+    assert code == 0, err
+    assert err.splitlines()[0] == f"minsota: warning: skipping corrupt checkpoint: {newest}: sha256 differs " \
+                                  f"from the manifest (corrupted)"
+    assert "resuming at step 6" in err
+    assert_same_run(finished_run, reference)
+
+
+def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, cli):
+    code, _, err = cli("train", "--resume", finished_run, "--set", "train.steps=9", "--set", "train.batch_size=16")
+    assert code == 2 and err.count("\n") == 1
+    assert "train.batch_size changed from 8 to 16" in err and "--allow-change train.batch_size" in err
+    code, _, err = cli("train", "--resume", finished_run, "--set", "train.steps=9", "--set", "train.batch_size=16",
+                       "--allow-change", "train.batch_size")
+    assert code == 0, err
+    assert records(finished_run)[-2]["tokens"] == 8 * 8 * 64 + 16 * 64
+
+
+@pytest.mark.parametrize("where, what", [("loss", "loss"), ("grad", "gradient norm")])
+def test_non_finite_step_exits_3_with_parameters_untouched(tmp_path, cli, where, what):
+    run_dir = tmp_path / "run"
+    poison = f'{{name="poison", at_step=3, where="{where}"}}'
+    code, _, err = cli("train", "tiny", "--plugin", NAN_PLUGIN, "--out", run_dir,
+                       *sets({**SHORT, "train.checkpoint_every": 1, "model.feedforward": poison}))
+    assert code == 3 and err.strip().splitlines()[-1] == (
+        f"minsota: error: step 3: non-finite {what}; parameters were not updated (lower train.lr, or let "
+        f"train.max_bad_steps skip such steps)")
+    assert [p.name for p in checkpoint.checkpoints(run_dir / "checkpoints")] == ["step-1", "step-2"]
+    # the live parameters (the poison modules' own, which a NaN step would have hit) are step 2's
+    saved = checkpoint.load(run_dir / "checkpoints" / "step-2")["model"]
+    plugin = load_plugins([str(NAN_PLUGIN)]).manager.get_plugin("nan_plugin")
+    layers = plugin.Poison.instances[-4:]
+    for i, layer in enumerate(layers):
+        assert torch.equal(layer.w2.weight, saved[f"layers.{i}.feed_forward.w2.weight"])
+
+
+def test_skipped_step_changes_nothing(tmp_path, cli):
+    run_dir = tmp_path / "run"
+    code, _, err = cli("train", "tiny", "--plugin", NAN_PLUGIN, "--out", run_dir,
+                       *sets({**SHORT, "train.steps": 4, "train.checkpoint_every": 1, "train.max_bad_steps": 1,
+                              "model.feedforward": '{name="poison", at_step=3, where="grad"}'}))
+    assert code == 0, err
+    assert "step 3: non-finite gradient norm, step skipped" in err
+    assert records(run_dir)[2] == {"step": 3, "lr": records(run_dir)[2]["lr"], "skipped": "non-finite gradient norm"}
+    before, after, later = (checkpoint.load(run_dir / "checkpoints" / f"step-{s}") for s in (2, 3, 4))
+    for part in ("model", "optimizer"):
+        assert all(torch.equal(before[part][k], after[part][k]) for k in before[part]), part
+        assert not all(torch.equal(after[part][k], later[part][k]) for k in after[part]), part
+
+
+def test_never_checkpoints_a_non_finite_tensor(tmp_path, cli):
+    run_dir = tmp_path / "run"
+    code, _, err = cli("train", "tiny", "--out", run_dir, *sets({**SHORT, "train.checkpoint_every": 1,
+                                                                  "train.lr": "inf"}))
+    assert code == 3 and "step 1: refusing to checkpoint a non-finite tensor" in err
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_new_run_refuses_an_existing_run_dir(finished_run, cli):
+    code, _, err = cli("train", "tiny", "--out", finished_run)
+    assert code == 2 and f"--resume {finished_run}" in err
+
+
+def test_weights_only_checkpoint_starts_a_run_from_those_weights(finished_run, tmp_path, cli):
+    """What an imported model looks like: recipe.json and a step-0 checkpoint of weights alone."""
+    trained = checkpoint.load(finished_run / "checkpoints" / "step-8")
+    run_dir = tmp_path / "imported"
+    checkpoint.save(run_dir / "checkpoints", 0, model=trained["model"], recipe=trained["recipe"])
+    shutil.copy(finished_run / "recipe.json", run_dir / "recipe.json")
+    code, _, err = cli("train", "--resume", run_dir, "--set", "train.steps=2")
+    assert code == 0, err
+    assert losses(run_dir)[1] < losses(finished_run)[1] - 1.0  # starts where the trained model was
+
+
+def test_tensorboard_receives_the_metrics(tmp_path, cli):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    code, _, err = cli("train", "tiny", "--out", run_dir, *sets({**SHORT, "train.steps": 2,
+                                                                  "train.trackers": '["tensorboard"]'}))
+    assert code == 0, err
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == sorted(losses(run_dir).items())
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"} <= set(events.Tags()["scalars"])
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets({"train.trackers": '["wandb"]'}))
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "minsota: error: train.trackers asks for wandb, which is not installed (pip install wandb)")
+
+
+def update_golden() -> None:
+    import tempfile
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TQDM_DISABLE"] = "1"
+        assert main(["train", "tiny", "--out", f"{tmp}/run", *sets(GOLDEN_RUN)]) == 0
+        got = [losses(Path(tmp) / "run")[step] for step in range(1, 21)]
+    GOLDEN.write_text(json.dumps({"recipe": "tiny", "overrides": GOLDEN_RUN, "torch": torch.__version__,
+                                  "threads": 1, "losses": got}, indent=2) + "\n")
+    print(f"wrote {GOLDEN}")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--update-golden"]:
+    update_golden()
