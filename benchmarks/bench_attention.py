@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harness import TOLERANCE, interleaved, parity, worst
+from harness import TOLERANCE, interleaved, parity, size_key, worst
 from minsota import load_plugins, reference
 from minsota.builtins.attention import flex_attend
 from minsota.errors import UserError
@@ -29,16 +29,15 @@ BASELINE = "math"
 BACKENDS = {"sdpa": [SDPBackend.FLASH_ATTENTION]}  # the only SDPA backend each kernel may run on
 MASKS = ["causal", "document", "window"]
 PASSES = ["fwd", "fwd+bwd"]
-SIZES = {  # (smoke, cuda) -> shape of one attention layer and the sequence lengths
-    (True, False): dict(dim=64, heads=4, kv_heads=2, seq_lens=[64]),
-    (True, True): dict(dim=64, heads=4, kv_heads=2, seq_lens=[64]),
-    (False, False): dict(dim=384, heads=6, kv_heads=2, seq_lens=[256, 512, 1024, 2048]),
-    (False, True): dict(dim=768, heads=12, kv_heads=4, seq_lens=[1024, 2048, 4096, 8192]),
+SIZES = {  # shape of one attention layer and the sequence lengths
+    "smoke": dict(dim=64, heads=4, kv_heads=2, seq_lens=[64]),
+    "cpu": dict(dim=384, heads=6, kv_heads=2, seq_lens=[256, 512, 1024, 2048]),
+    "cuda": dict(dim=768, heads=12, kv_heads=4, seq_lens=[1024, 2048, 4096, 8192]),
 }
 
 
 def sizes(config) -> dict:
-    return SIZES[config.getoption("--smoke"), torch.cuda.is_available()]
+    return SIZES[size_key(config.getoption("--smoke"))]
 
 
 def pytest_generate_tests(metafunc):

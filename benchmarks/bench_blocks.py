@@ -18,18 +18,17 @@ from minsota.model import build_model
 from minsota.recipe import load_recipe
 from minsota.state import HIDDEN, make_state
 
-SIZES = {  # (smoke, cuda) -> recipe overrides and the batch
-    (True, False): dict(shape={"model.dim": 64, "model.n_heads": 4, "model.n_kv_heads": 2}, batch=2, seq_len=32),
-    (True, True): dict(shape={"model.dim": 64, "model.n_heads": 4, "model.n_kv_heads": 2}, batch=2, seq_len=32),
-    (False, False): dict(shape={"model.dim": 384, "model.n_heads": 6, "model.n_kv_heads": 2}, batch=8, seq_len=256),
-    (False, True): dict(shape={}, batch=16, seq_len=1024),
+SIZES = {  # recipe overrides and the batch
+    "smoke": dict(shape={"model.dim": 64, "model.n_heads": 4, "model.n_kv_heads": 2}, batch=2, seq_len=32),
+    "cpu": dict(shape={"model.dim": 384, "model.n_heads": 6, "model.n_kv_heads": 2}, batch=8, seq_len=256),
+    "cuda": dict(shape={}, batch=16, seq_len=1024),
 }
 
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 @pytest.mark.parametrize("name", load_plugins().registry("block").list())
 def test_block(request, benchmark, record, setting, name, mode):
-    size = SIZES[setting.smoke, setting.cuda]
+    size = SIZES[setting.size_key]
     T = size["seq_len"]
     recipe = load_recipe("sota-2024", {**size["shape"], "model.n_layers": 1, "model.max_seq_len": T, "model.block": name})
     torch.manual_seed(0)

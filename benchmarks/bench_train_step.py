@@ -34,14 +34,13 @@ from minsota.recipe import load_recipe
 from minsota.state import DOCUMENT_IDS, HIDDEN, POSITIONS
 from minsota.train import param_groups, peak_flops
 
-SIZES = {  # (smoke, cuda) -> sota-2024 overrides
-    (True, False): {"model.vocab_size": 512, "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
-                    "model.n_kv_heads": 2, "model.max_seq_len": 32, "train.seq_len": 32, "train.micro_batch_size": 2},
-    (False, False): {"model.vocab_size": 32000, "model.dim": 384, "model.n_layers": 6, "model.n_heads": 6,
-                     "model.n_kv_heads": 2, "model.max_seq_len": 256, "train.seq_len": 256, "train.micro_batch_size": 8},
-    (False, True): {},
+SIZES = {  # sota-2024 overrides
+    "smoke": {"model.vocab_size": 512, "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
+              "model.n_kv_heads": 2, "model.max_seq_len": 32, "train.seq_len": 32, "train.micro_batch_size": 2},
+    "cpu": {"model.vocab_size": 32000, "model.dim": 384, "model.n_layers": 6, "model.n_heads": 6,
+            "model.n_kv_heads": 2, "model.max_seq_len": 256, "train.seq_len": 256, "train.micro_batch_size": 8},
+    "cuda": {},
 }
-SIZES[True, True] = SIZES[True, False]
 
 
 def plain_state(hidden, positions, document_ids=None):
@@ -104,12 +103,12 @@ def peak_bytes(trainee: Trainee, batch) -> int:
 @pytest.fixture
 def models(setting, tmp_path):
     """(recipe, minsota Decoder, HF LlamaForCausalLM with the same weights, a batch), fresh for each case."""
-    recipe = load_recipe("sota-2024", SIZES[setting.smoke, setting.cuda])
+    recipe = load_recipe("sota-2024", SIZES[setting.size_key])
     torch.manual_seed(0)
-    model = build_model(recipe, setting.device)
+    model = build_model(recipe)  # built and exported on the CPU, then both moved
     transformers.utils.logging.disable_progress_bar()
-    hf = transformers.LlamaForCausalLM.from_pretrained(save_hf(model, tmp_path),
-                                                       attn_implementation="sdpa").to(setting.device)
+    hf = transformers.LlamaForCausalLM.from_pretrained(save_hf(model, tmp_path), attn_implementation="sdpa")
+    model, hf = model.to(setting.device), hf.to(setting.device)
     B, T = recipe.train.micro_batch_size, recipe.train.seq_len
     tokens = torch.randint(0, recipe.model.vocab_size, (B, T + 1), device=setting.device)
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.arange(T, device=setting.device).expand(B, T))

@@ -33,7 +33,7 @@ def setting(request) -> Setting:
     smoke = request.config.getoption("--smoke")
     if torch.cuda.is_available():
         return Setting(torch.device("cuda"), torch.bfloat16, smoke, rounds=1 if smoke else 20)
-    return Setting(torch.device("cpu"), torch.float32, smoke, rounds=1 if smoke else 5)
+    return Setting(torch.device("cpu"), torch.float32, smoke, rounds=1 if smoke else 10)
 
 
 @pytest.fixture(autouse=True)

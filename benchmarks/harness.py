@@ -17,6 +17,11 @@ import torch
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
+def size_key(smoke: bool) -> str:
+    """Which sizes a suite runs: "smoke" (tiny, for CI), else "cuda" or "cpu" by the device present."""
+    return "smoke" if smoke else "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass(frozen=True)
 class Setting:
     device: torch.device
@@ -27,6 +32,10 @@ class Setting:
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def size_key(self) -> str:
+        return size_key(self.smoke)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)

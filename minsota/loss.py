@@ -24,33 +24,46 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
+def _chunk(h, weight, targets, valid, row_weight, cap: float, z_loss: float, grad_hidden=None, grad_weight=None):
+    """Cross-entropy and z-loss sums of one chunk of rows (weighted by ``valid``). Given gradient buffers, it
+    writes d loss/d h into ``grad_hidden`` (these rows) and adds d loss/d weight into ``grad_weight``.
+
+    One (c, V) block is alive (two under softcap): logsumexp is done by hand so that exp(logits - max)
+    overwrites the logits (torch.logsumexp would allocate two more blocks), and that block then becomes the
+    gradient. A function, not a loop body, so the block is freed before the next chunk allocates its own.
+    """
+    logits = softcap((h @ weight.T).float(), cap)  # (c, V), fp32
+    target_logit = logits.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)  # ignored rows read column 0
+    tanh_grad = 1 - (logits / cap).square() if cap and grad_weight is not None else None  # d softcap / d logits
+    top = logits.amax(dim=-1)  # (c,)
+    exp = logits.sub_(top[:, None]).exp_()
+    total = exp.sum(dim=-1)
+    lse = top + total.log()
+    ce, z = ((lse - target_logit) * valid).sum(), (lse.square() * valid).sum()
+    if grad_weight is not None:
+        # d(loss)/d(logits) = w · (softmax · (1 + 2·z_loss·lse) − onehot(target)), times 1 − tanh² under softcap
+        grad = exp.mul_((row_weight * (1 + 2 * z_loss * lse) / total)[:, None])
+        grad.scatter_add_(1, targets.clamp_min(0)[:, None], -row_weight[:, None])
+        if cap:
+            grad.mul_(tanh_grad)
+        grad_hidden.copy_(grad.to(weight.dtype) @ weight)
+        grad_weight.addmm_(grad.T.to(weight.dtype), h.to(weight.dtype))
+    return ce, z
+
+
 def _fused(hidden, weight, targets, cap: float, z_loss: float, chunk_size: int, with_grads: bool):
     """(loss, d loss/d hidden, d loss/d weight) walking row chunks; the gradients are None without ``with_grads``."""
     valid = (targets != IGNORE_INDEX).float()
     count = valid.sum()
     row_weight = valid / count.clamp_min(1)  # each token's share of the mean; all ignored -> zero gradients
+    grad_hidden = torch.empty_like(hidden) if with_grads else None
+    grad_weight = torch.zeros_like(weight) if with_grads else None  # summed over chunks, in place
     ce_sum = z_sum = hidden.new_zeros((), dtype=torch.float32)
-    grad_hidden = grad_weight = None
-    if with_grads:
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # summed over chunks
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
-        h, t, w = hidden[rows], targets[rows], row_weight[rows]
-        logits = softcap((h @ weight.T).float(), cap)  # (c, V), fp32
-        lse = torch.logsumexp(logits, dim=-1)  # (c,)
-        target_logit = logits.gather(1, t.clamp_min(0)[:, None]).squeeze(1)  # ignored rows read column 0
-        ce_sum = ce_sum + ((lse - target_logit) * valid[rows]).sum()
-        z_sum = z_sum + (lse.square() * valid[rows]).sum()
-        if not with_grads:
-            continue
-        # d(loss)/d(logits) = w · (softmax · (1 + 2·z_loss·lse) − onehot(target)), times 1 − tanh² under softcap
-        grad = (logits - lse[:, None]).exp_().mul_((w * (1 + 2 * z_loss * lse))[:, None])
-        grad.scatter_add_(1, t.clamp_min(0)[:, None], -w[:, None])
-        if cap:
-            grad.mul_(1 - (logits / cap).square())
-        grad_hidden[rows] = grad.to(weight.dtype) @ weight
-        grad_weight += grad.T.to(h.dtype) @ h
+        ce, z = _chunk(hidden[rows], weight, targets[rows], valid[rows], row_weight[rows], cap, z_loss,
+                       grad_hidden[rows] if with_grads else None, grad_weight)
+        ce_sum, z_sum = ce_sum + ce, z_sum + z
     loss = ce_sum / count + z_loss * z_sum / count.clamp_min(1)  # 0/0 = NaN when all ignored, as F.cross_entropy
     return loss, grad_hidden, grad_weight
 
@@ -59,13 +72,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, cap: float, z_loss: float, chunk_size: int):
         loss, grad_hidden, grad_weight = _fused(hidden, weight, targets, cap, z_loss, chunk_size, with_grads=True)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+        # scaled in place: backward starts with every activation alive, no room for a second (vocab, dim) copy.
+        # A second backward through this graph (retain_graph) fails autograd's version check, never double-scales.
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

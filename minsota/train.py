@@ -4,7 +4,7 @@
 `train.steps` optimizer steps of `train.batch_size` sequences each (gradient accumulation over
 micro-batches). Every step appends one JSON line to RUN_DIR/metrics.jsonl; every `eval_every` steps and at
 the end the validation loss is measured; every `checkpoint_every` steps and at the end a checkpoint is
-written (minsota.checkpoint); at the end the model samples a little text.
+written (minsota.checkpoint); at the end the model samples a little text (minsota.inference).
 
 Optimization, every number a recipe key: AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101) with
 β = (0.9, 0.95) and weight decay on matrices only, never norms, gains or biases (GPT-3, Llama); gradient
@@ -31,7 +31,6 @@ import random
 import signal
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +47,17 @@ from tqdm import tqdm
 from minsota import checkpoint
 from minsota.data import build_batches, build_tokenizer
 from minsota.errors import DivergedError, UserError
+from minsota.inference import generate
 from minsota.model import build_model
 from minsota.recipe import Recipe, TrainConfig, read_recipe_json
 
 # Keys a resumed run may not change unnoticed: they change what the weights mean or what the saved data
 # position points at. `--allow-change KEY` (or a whole table, `--allow-change model`) accepts a change.
 GUARDED = ("model", "data.source", "data.tokenizer", "train.batch_size", "train.seq_len")
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors by parameter path, on CPU
+# State dicts by parameter path with whole tensors (FSDP2 shards gathered): to save, on rank 0's CPU only;
+# to load, every rank holds them all
+TO_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+TO_LOAD = StateDictOptions(full_state_dict=True)
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -116,7 +119,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def init_distributed(recipe: Recipe) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on CUDA,
-    gloo on CPU; the join waits for every rank, so it is also a barrier."""
+    gloo on CPU. One process runs alone whatever train.parallelism says."""
     t, world = recipe.train, int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(t.device)
     if world == 1:
@@ -131,6 +134,7 @@ def init_distributed(recipe: Recipe) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
     return dist.get_rank(), world, device
 
 
@@ -161,7 +165,7 @@ def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None):
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     for layer in model.layers:
         for component in layer.children():
-            if any(True for _ in component.parameters()):
+            if list(component.parameters()):
                 fully_shard(component, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     register_fsdp_forward_method(model, "loss")  # gather the embeddings and head around loss() as around forward
@@ -230,23 +234,6 @@ def evaluate(model, batches, autocast, device, document) -> float:
     return mean_over_ranks(loss).item()
 
 
-@torch.no_grad()
-def sample(model, tokenizer, n_tokens: int, autocast, device, seed: int) -> str:
-    """Sample from the end-of-document token (a fresh document), at temperature 1, without a KV cache."""
-    model.eval()
-    generator = torch.Generator(device).manual_seed(seed)  # its own RNG: sampling never shifts training's
-    ids = torch.tensor([[tokenizer.eos_id]], device=device)
-    for _ in range(n_tokens):
-        with autocast:
-            logits = model(ids[:, -model.cfg.max_seq_len:])[:, -1]  # (1, vocab)
-        next_id = torch.multinomial(logits.float().softmax(-1), 1, generator=generator)
-        if next_id.item() == tokenizer.eos_id:
-            break
-        ids = torch.cat([ids, next_id], dim=1)
-    model.train()
-    return tokenizer.decode(ids[0, 1:].tolist())
-
-
 def rng_state(device: torch.device) -> tuple[dict, dict]:
     """Every RNG a step may draw from: torch's as tensors, Python's and NumPy's as JSON."""
     tensors = {"cpu": torch.get_rng_state()}
@@ -259,7 +246,7 @@ def rng_state(device: torch.device) -> tuple[dict, dict]:
 def set_rng_state(tensors: dict, states: dict) -> None:
     torch.set_rng_state(tensors["cpu"])
     for name, state in tensors.items():
-        if name.startswith("cuda:"):
+        if name.startswith("cuda:") and int(name[5:]) < torch.cuda.device_count():  # resumed elsewhere: skip
             torch.cuda.set_rng_state(state, name)
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -270,7 +257,7 @@ def set_rng_state(tensors: dict, states: dict) -> None:
 def save_checkpoint(run_dir, recipe, step, model, optimizer, scaler, batches, skipped, tokens, device) -> None:
     """Every rank takes part in gathering full tensors (FSDP2 shards them); rank 0 writes; every rank raises
     what the write raised, so none is left waiting in the next step's collectives."""
-    weights, optim = get_state_dict(model, optimizer, options=FULL)  # full tensors, on rank 0 only
+    weights, optim = get_state_dict(model, optimizer, options=TO_SAVE)
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         flat_optim = {f"{name}/{key}": value for name, state in optim["state"].items() for key, value in state.items()}
@@ -294,14 +281,14 @@ def restore(ckpt: dict, model, optimizer, scaler, batches) -> dict:
     """Load a checkpoint into the live objects; returns its trainer state ({} for a weights-only one)."""
     try:
         if ckpt["trainer"] is None:  # weights only (e.g. an imported model): a fresh run from these weights
-            set_model_state_dict(model, ckpt["model"], options=FULL)
+            set_model_state_dict(model, ckpt["model"], options=TO_LOAD)
             return {}
-        optim = get_optimizer_state_dict(model, optimizer, options=FULL)  # this recipe's groups, by path
+        optim = get_optimizer_state_dict(model, optimizer, options=TO_LOAD)  # this recipe's groups, by path
         optim["state"] = {}
         for key, value in ckpt["optimizer"].items():
             name, _, field = key.rpartition("/")
             optim["state"].setdefault(name, {})[field] = value
-        set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim, options=FULL)
+        set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim, options=TO_LOAD)
     except (RuntimeError, KeyError, ValueError) as e:
         reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])  # the cause, not every key
         raise UserError(f"{ckpt['path']}: does not fit this model: {reason}") from None
@@ -424,7 +411,7 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
     dtype = autocast_dtype(t.precision, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (all of them with precision fp32)
     torch.autograd.set_detect_anomaly(False)  # debugging APIs off (PyTorch performance tuning guide)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -456,15 +443,16 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
     flops_per_step = model.flops_per_token(t.seq_len) * tokens_per_step
     peak = peak_flops(device, dtype or torch.float32) * world
     if main:
-        print(f"minsota: {recipe.name} -> {run_dir} | {model.num_parameters():,} parameters | {world}x {device} "
-              f"{dtype or torch.float32} {t.parallelism if world > 1 else ''} | {t.batch_size}x{t.seq_len} tokens "
+        where = f"{device} {str(dtype or torch.float32).removeprefix('torch.')}"
+        print(f"minsota: {recipe.name} -> {run_dir} | {model.num_parameters():,} parameters | "
+              f"{f'{world}x {where} {t.parallelism}' if world > 1 else where} | {t.batch_size}x{t.seq_len} tokens "
               f"per step, {accum} micro-step(s) | {'resuming at' if ckpt else 'from'} step {step} of {t.steps}",
               file=sys.stderr)
 
     saved_step, stop = (step if ckpt else None), False
+    # The process group is left to process exit: destroyed here, it can deadlock (gloo joins its threads
+    # holding the GIL when DDP's reducer or FSDP2's mesh drops the last reference later).
     with contextlib.ExitStack() as stack:
-        if dist.is_initialized():
-            stack.callback(dist.destroy_process_group)
         signals = stack.enter_context(graceful_signals())
         metrics = stack.enter_context(open_metrics(run_dir / "metrics.jsonl")) if main else None
         trackers = open_trackers(recipe, run_dir, stack) if main else []
@@ -512,7 +500,8 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
             if finite:
                 elapsed = time.perf_counter() - start
                 log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens": tokens,
-                     "tokens_per_s": tokens_per_step / elapsed, "mfu": flops_per_step / elapsed / peak})
+                     "epoch": batches.epoch, "tokens_per_s": tokens_per_step / elapsed,
+                     "mfu": flops_per_step / elapsed / peak})
                 if step % t.log_every == 0 or step == t.steps:
                     bar.set_postfix_str(f"loss {loss_value:.4f}, lr {lr:.2e}, {tokens_per_step / elapsed:,.0f} "
                                         f"tok/s, MFU {flops_per_step / elapsed / peak:.1%}", refresh=False)
@@ -548,8 +537,8 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
             save_checkpoint(run_dir, recipe, step, model, optimizer, scaler, batches, skipped, tokens, device)
         if main:
             print(f"minsota: done: step {step}, val_loss {val_loss:.4f}; run in {run_dir}", file=sys.stderr)
-        if t.sample_tokens:  # on every rank: FSDP2 gathers weights collectively
-            text = sample(model, tokenizer, t.sample_tokens, autocast, device, t.seed)
+        if t.sample_tokens:  # a fresh document (after EOS), on every rank: FSDP2 gathers weights collectively
+            new = generate(model.eval(), [tokenizer.eos_id], t.sample_tokens, seed=t.seed, stop_id=tokenizer.eos_id)
             if main:
-                print(f"--- sample ---\n{text}\n---")
+                print(f"--- sample ---\n{tokenizer.decode(new)}\n---")
     return 0
