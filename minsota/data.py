@@ -48,7 +48,6 @@ Resuming re-reads and re-tokenizes one block.
 import copy
 import logging
 import os
-import signal
 import threading
 import urllib.error
 import urllib.request
@@ -283,14 +282,6 @@ class TokenizedBlocks(IterableDataset):
         return {"tokens": torch.tensor(ids, dtype=torch.int64), "starts": first, "empty": empty}
 
 
-def leave_signals_to_the_trainer(worker_id: int) -> None:
-    """Workers ignore SIGINT/SIGTERM: a signal sent to the whole process group (Ctrl-C, torchrun, Slurm's
-    scancel) must not kill them before the trainer has finished its step and checkpointed. A worker still
-    exits with its parent (the DataLoader's watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class Batches:
     """This rank's micro-batches of the global window order (see the module docstring), resumable exactly."""
 
@@ -339,8 +330,7 @@ class Batches:
     def _start(self):
         p = self._position
         blocks = TokenizedBlocks(self.source, self.tokenizer, self.block_docs, p["epoch"], p["source"])
-        self._loader = iter(DataLoader(blocks, batch_size=None, num_workers=self.num_workers,
-                                       worker_init_fn=leave_signals_to_the_trainer))
+        self._loader = iter(DataLoader(blocks, batch_size=None, num_workers=self.num_workers))
         self._blocks = deque()  # blocks not yet fully consumed: epoch, source state at their start, length, empty
         self._tokens = torch.empty(0, dtype=torch.int64)  # their tokens, concatenated
         self._starts = torch.empty(0, dtype=torch.bool)

@@ -19,6 +19,19 @@ import torch
 IGNORE_INDEX = -100
 
 
+@torch.library.custom_op("minsota::accumulate_matmul", mutates_args=("out",))
+def accumulate_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, in place. An op of its own because torch.compile turns a plain ``addmm_`` on a tensor
+    made inside the graph into a fresh (vocab, dim) buffer plus a copy per chunk (~10% of a compiled CPU step
+    at vocab 32000); a custom op that declares its mutation is put back in place by inductor."""
+    out.addmm_(a, b)
+
+
+@accumulate_matmul.register_fake
+def _(out, a, b):
+    return None
+
+
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     """Gemma 2's final-logit soft-capping cap·tanh(logits/cap); cap 0 leaves logits unchanged."""
     return cap * torch.tanh(logits / cap) if cap else logits
@@ -47,7 +60,7 @@ def _chunk(h, weight, targets, valid, row_weight, cap: float, z_loss: float, gra
         if cap:
             grad.mul_(tanh_grad)
         grad_hidden.copy_(grad.to(weight.dtype) @ weight)
-        grad_weight.addmm_(grad.T.to(weight.dtype), h.to(weight.dtype))
+        accumulate_matmul(grad_weight, grad.T.to(weight.dtype), h.to(weight.dtype))
     return ce, z
 
 

