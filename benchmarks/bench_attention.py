@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harness import TOLERANCE, interleaved, parity, size_key, worst
+from harness import TOLERANCE, interleaved, parity, size_key, speed, worst
 from minsota import load_plugins, reference
 from minsota.builtins.attention import flex_attend
 from minsota.errors import UserError
@@ -97,12 +97,9 @@ def test_attention(request, benchmark, record, setting, name, mask, seq_len, pas
     if reference.of(module) is not None:
         figures |= attention_parity(module, name, x, positions, document_ids, backward, setting)
     baseline = attention_layer(request, setting, BASELINE, mask, seq_len) if name != BASELINE else None
-    timing = interleaved(benchmark, setting, run(module, name), {} if baseline is None else {BASELINE: run(baseline, BASELINE)})
-    if BASELINE in timing:
-        figures |= {"ms": timing["ms"], "speedup": timing[BASELINE], "vs": BASELINE}
-    elif timing:
-        figures["ms"] = timing["ms"]
-    record(**figures)
+    peers = {} if baseline is None else {BASELINE: run(baseline, BASELINE)}
+    timing = interleaved(benchmark, setting, run(module, name), peers)
+    record(**figures, **speed(timing, BASELINE if peers else None))
 
 
 def attention_parity(module, name, x, positions, document_ids, backward, setting) -> dict:
@@ -148,7 +145,7 @@ def test_kernel(request, benchmark, record, setting, kernel, seq_len, pass_):
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=setting.device, dtype=setting.dtype,
                            requires_grad=backward)  # CPU flex refuses inputs that require grad
                for heads in (size["heads"], size["kv_heads"], size["kv_heads"]))
-    fast, math = KERNELS[kernel](), sdpa(SDPBackend.MATH)
+    fast, baseline = KERNELS[kernel](), sdpa(SDPBackend.MATH)
 
     def run(fn):
         def step():
@@ -159,7 +156,7 @@ def test_kernel(request, benchmark, record, setting, kernel, seq_len, pass_):
         return step
 
     with torch.set_grad_enabled(backward):
-        actual, expected = fast(q, k, v), sdpa(SDPBackend.MATH)(q.float(), k.float(), v.float())
+        actual, expected = fast(q, k, v), baseline(q.float(), k.float(), v.float())
     figures = [parity(actual, expected.to(actual.dtype), TOLERANCE[setting.dtype], f"{kernel} output")]
     if backward:
         cotangent = torch.randn_like(expected)
@@ -167,5 +164,5 @@ def test_kernel(request, benchmark, record, setting, kernel, seq_len, pass_):
         expected_grads = torch.autograd.grad(expected, [q, k, v], cotangent)
         figures += [parity(a, e, TOLERANCE[setting.dtype], f"{kernel} gradient of {name}")
                     for name, a, e in zip("qkv", grads, expected_grads)]
-    timing = interleaved(benchmark, setting, run(fast), {"math": run(math)})
-    record(**worst(*figures), **({"ms": timing["ms"], "speedup": timing["math"], "vs": "sdpa math"} if timing else {}))
+    timing = interleaved(benchmark, setting, run(fast), {"math": run(baseline)})
+    record(**worst(*figures), **speed(timing, "math", "sdpa math"))

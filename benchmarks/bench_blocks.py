@@ -12,7 +12,7 @@ batch 16 x 1024; --smoke: dim 64, 4 / 2 heads, batch 2 x 32.
 import pytest
 import torch
 
-from harness import TOLERANCE, interleaved, parity, worst
+from harness import TOLERANCE, interleaved, parity, speed, worst
 from minsota import load_plugins, reference
 from minsota.model import build_model
 from minsota.recipe import load_recipe
@@ -27,10 +27,11 @@ SIZES = {  # recipe overrides and the batch
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 @pytest.mark.parametrize("name", load_plugins().registry("block").list())
-def test_block(request, benchmark, record, setting, name, mode):
+def test_block(benchmark, record, setting, name, mode):
     size = SIZES[setting.size_key]
     T = size["seq_len"]
-    recipe = load_recipe("sota-2024", {**size["shape"], "model.n_layers": 1, "model.max_seq_len": T, "model.block": name})
+    recipe = load_recipe("sota-2024", {**size["shape"], "model.n_layers": 1, "model.max_seq_len": T,
+                                       "model.block": name})
     torch.manual_seed(0)
     block = build_model(recipe, setting.device).layers[0]
     if reference.of(block) is None:
@@ -42,8 +43,12 @@ def test_block(request, benchmark, record, setting, name, mode):
     def forward(h, p):
         return block(make_state(h, p))[HIDDEN]
 
+    def reference_forward(h, p):
+        return reference.call(block, h, p)
+
     if mode == "compile":
         forward = torch.compile(forward, fullgraph=True)
+    cotangent = torch.randn_like(hidden)
 
     def fwd_bwd(fn, autocast=True):
         def step():
@@ -52,13 +57,11 @@ def test_block(request, benchmark, record, setting, name, mode):
             return y, torch.autograd.grad(y, list(leaves.values()), cotangent.to(y.dtype))
         return step
 
-    cotangent = torch.randn_like(hidden)
-    (actual, grads), (expected, expected_grads) = fwd_bwd(forward)(), fwd_bwd(
-        lambda h, p: reference.call(block, h, p), autocast=False)()
+    actual, grads = fwd_bwd(forward)()
+    expected, expected_grads = fwd_bwd(reference_forward, autocast=False)()  # the fp32 truth
     tolerance = TOLERANCE[setting.dtype]
     figures = worst(parity(actual, expected.to(actual.dtype), tolerance, f"block {name} ({mode}) output"),
                     *(parity(a, e, tolerance, f"block {name} ({mode}) gradient of {leaf}")
                       for leaf, a, e in zip(leaves, grads, expected_grads)))
-    timing = interleaved(benchmark, setting, fwd_bwd(forward),
-                         {"reference": fwd_bwd(lambda h, p: reference.call(block, h, p))})
-    record(**figures, **({"ms": timing["ms"], "speedup": timing["reference"], "vs": "reference"} if timing else {}))
+    timing = interleaved(benchmark, setting, fwd_bwd(forward), {"reference": fwd_bwd(reference_forward)})
+    record(**figures, **speed(timing, "reference"))

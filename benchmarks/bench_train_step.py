@@ -18,6 +18,8 @@ vocab 512, dim 64, 2 layers, batch 2 x 32.
 """
 
 import statistics
+from dataclasses import dataclass, replace
+from typing import Callable
 from unittest import mock
 
 import pytest
@@ -27,7 +29,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import minsota.model
-from harness import TOLERANCE, interleaved, parity
+from harness import TOLERANCE, Setting, interleaved, parity
 from minsota.hf import save_hf
 from minsota.model import build_model
 from minsota.recipe import load_recipe
@@ -51,14 +53,22 @@ def plain_state(hidden, positions, document_ids=None):
     return state
 
 
+@dataclass(frozen=True)
 class Trainee:
-    """A model, its loss function and fused AdamW, stepped as `minsota.train` steps (one micro-batch)."""
+    """A model, the function computing its loss and its optimizer, stepped as `minsota.train` steps (one
+    micro-batch). `dataclasses.replace(trainee, loss_fn=...)` steps the same model and optimizer another way."""
 
-    def __init__(self, model: nn.Module, loss_fn, recipe, setting):
-        t = recipe.train
-        self.model, self.loss_fn, self.setting, self.grad_clip = model, loss_fn, setting, t.grad_clip
-        self.optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                                           fused=True)
+    model: nn.Module
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    grad_clip: float
+    setting: Setting
+
+    @classmethod
+    def build(cls, model: nn.Module, loss_fn, recipe, setting: Setting) -> "Trainee":
+        t = recipe.train  # the trainer's groups and hyperparameters; fused AdamW, as the trainer on CPU and CUDA
+        optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
+        return cls(model, loss_fn, optimizer, t.grad_clip, setting)
 
     def step(self, batch):
         with self.setting.autocast():
@@ -67,12 +77,6 @@ class Trainee:
         nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def with_loss(self, loss_fn) -> "Trainee":
-        """The same model and optimizer stepped through another loss function (compiled, or on plain state)."""
-        other = object.__new__(Trainee)
-        other.__dict__.update(self.__dict__, loss_fn=loss_fn)
-        return other
 
     def live_bytes(self) -> int:
         """Bytes held between steps: parameters, buffers and optimizer state (gradients are freed)."""
@@ -111,7 +115,8 @@ def models(setting, tmp_path):
     model, hf = model.to(setting.device), hf.to(setting.device)
     B, T = recipe.train.micro_batch_size, recipe.train.seq_len
     tokens = torch.randint(0, recipe.model.vocab_size, (B, T + 1), device=setting.device)
-    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.arange(T, device=setting.device).expand(B, T))
+    positions = torch.arange(T, device=setting.device).expand(B, T)
+    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), positions)
     return recipe, model, hf, batch
 
 
@@ -122,6 +127,8 @@ def hf_loss(hf):
 
 
 def on_plain_state(loss_fn):
+    """``loss_fn`` with the decoder building a plain dict where it builds the TensorDict. Compiled, dynamo guards
+    on the global it reads, so this runs a graph of its own, traced with the dict."""
     def loss(*batch):
         with mock.patch.object(minsota.model, "make_state", plain_state):
             return loss_fn(*batch)
@@ -131,18 +138,18 @@ def on_plain_state(loss_fn):
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_train_step(benchmark, record, setting, models, mode):
     recipe, model, hf, batch = models
-    ours, theirs = Trainee(model, model.loss, recipe, setting), Trainee(hf, hf_loss(hf), recipe, setting)
+    ours, theirs = Trainee.build(model, model.loss, recipe, setting), Trainee.build(hf, hf_loss(hf), recipe, setting)
     peers = {"hf_eager": theirs}
     if mode == "compile":
-        ours = ours.with_loss(torch.compile(model.loss, fullgraph=True))  # fullgraph: a graph break fails here
-        peers["hf_compile"] = theirs.with_loss(hf_loss(torch.compile(hf)))
-    peers["plain_state"] = ours.with_loss(on_plain_state(ours.loss_fn))
+        ours = replace(ours, loss_fn=torch.compile(model.loss, fullgraph=True))  # a graph break fails here
+        peers["hf_compile"] = replace(theirs, loss_fn=hf_loss(torch.compile(hf)))
+    peers["plain_state"] = replace(ours, loss_fn=on_plain_state(ours.loss_fn))
     with setting.autocast():  # with autograd on, as in a step: the graph compiled here is the one timed
         figures = parity(ours.loss_fn(*batch), peers["hf_eager"].loss_fn(*batch), TOLERANCE[setting.dtype],
                          f"first loss ({mode}) vs HF")
     rates = []
 
-    def measure_matmul():
+    def measure_matmul():  # the trainer's MFU denominator, uncached: re-measured in every round
         rates.append(peak_flops.__wrapped__(setting.device, setting.dtype))
 
     timing = interleaved(benchmark, setting, lambda: ours.step(batch),
@@ -153,7 +160,7 @@ def test_train_step(benchmark, record, setting, models, mode):
         seconds, tokens = timing["ms"] / 1e3, batch[0].numel()
         flops = model.flops_per_token(recipe.train.seq_len) * tokens
         figures |= {"ms": timing["ms"], "tokens_per_s": tokens / seconds,
-                    "mfu": flops / seconds / statistics.median(rates),
+                    "mfu": flops / seconds / statistics.median(rates), "matmul_gflops": statistics.median(rates) / 1e9,
                     "td_overhead": 1 / timing["plain_state"] - 1,
                     **{f"vs_{name}": timing[name] for name in peers if name.startswith("hf_")}}
     record(**figures)

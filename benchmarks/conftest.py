@@ -13,8 +13,9 @@ from harness import Setting
 
 COLUMNS = {  # summary-table column -> heading, in print order
     "ms": "ms", "speedup": "speed-up", "vs": "over", "max_abs_diff": "max|diff|", "mean_abs_diff": "mean|diff|",
-    "tokens_per_s": "tok/s", "mfu": "MFU", "vs_hf_eager": "x HF eager", "vs_hf_compile": "x HF compiled",
-    "td_overhead": "TD overhead", "peak_mb": "peak MB", "vs_hf_peak": "x HF peak", "backend": "backend",
+    "tokens_per_s": "tok/s", "mfu": "MFU", "matmul_gflops": "matmul GF/s", "vs_hf_eager": "x HF eager",
+    "vs_hf_compile": "x HF compiled", "td_overhead": "TD overhead", "peak_mb": "peak MB", "vs_hf_peak": "x HF peak",
+    "backend": "backend",
 }
 ROWS = pytest.StashKey[list]()
 
@@ -32,6 +33,7 @@ def pytest_configure(config):
 def setting(request) -> Setting:
     smoke = request.config.getoption("--smoke")
     if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast, as minsota.train sets
         return Setting(torch.device("cuda"), torch.bfloat16, smoke, rounds=1 if smoke else 20)
     return Setting(torch.device("cpu"), torch.float32, smoke, rounds=1 if smoke else 10)
 
@@ -63,7 +65,7 @@ def _cell(key: str, value) -> str:
         return f"{value:.1%}"
     if key.endswith("abs_diff"):
         return f"{value:.1e}"
-    if key in ("speedup",) or key.startswith("vs_"):
+    if key == "speedup" or key.startswith("vs_"):
         return f"{value:.2f}x"
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 

@@ -77,6 +77,15 @@ def interleaved(benchmark, setting: Setting, subject, peers: dict, warmup: int =
     return {"ms": statistics.median(own) * 1e3, **ratios}
 
 
+def speed(timing: dict, over: str | None = None, label: str | None = None) -> dict:
+    """Summary figures from `interleaved`'s result: the subject's ms and its speed-up over the peer ``over``."""
+    if not timing:
+        return {}
+    if over is None:
+        return {"ms": timing["ms"]}
+    return {"ms": timing["ms"], "speedup": timing[over], "vs": label or over}
+
+
 def parity(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> dict[str, float]:
     """Max and mean |actual - expected|; fails (naming both) unless max <= tolerance · max |expected|."""
     diff = (actual.detach().double() - expected.detach().double()).abs()

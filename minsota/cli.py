@@ -116,7 +116,8 @@ def cmd_bench(args):
 
     suites = Path(__file__).resolve().parents[1] / "benchmarks"  # a source checkout's; wheels do not ship them
     if not suites.is_dir():
-        raise UserError(f"no benchmark suites at {suites}: `minsota bench` runs from a source checkout (pip install -e .)")
+        raise UserError(f"no benchmark suites at {suites}: `minsota bench` runs from a source checkout "
+                        "(pip install -e .)")
     options = ["--smoke"] if args.smoke else []
     if args.save:
         options.append(f"--benchmark-save={args.save}")

@@ -54,7 +54,7 @@ def _chunk(h, weight, targets, valid, row_weight, cap: float, z_loss: float, gra
     lse = top + total.log()
     ce, z = ((lse - target_logit) * valid).sum(), (lse.square() * valid).sum()
     if grad_weight is not None:
-        # d(loss)/d(logits) = w · (softmax · (1 + 2·z_loss·lse) − onehot(target)), times 1 − tanh² under softcap
+        # d(loss)/d(logits) = w · (softmax · (1 + 2·z_loss·lse) − onehot(target)), × (1 − tanh²) under softcap
         grad = exp.mul_((row_weight * (1 + 2 * z_loss * lse) / total)[:, None])
         grad.scatter_add_(1, targets.clamp_min(0)[:, None], -row_weight[:, None])
         if cap:
@@ -100,8 +100,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          logit_softcap: float = 0.0, z_loss: float = 0.0, chunk_size: int = 256) -> torch.Tensor:
     """Mean cross-entropy (+ z-loss) of ``softcap(hidden @ weight.T)`` against ``targets``; -100 is ignored.
 
-    hidden (N, D), weight (V, D), targets (N,) int64. Without autograd (eval, no_grad) only the loss is
-    computed, still chunk by chunk.
+    hidden (N, D), weight (V, D), targets (N,) int64. The gradient of ``weight`` is summed over chunks in
+    ``weight``'s dtype. Without autograd (eval, no_grad) only the loss is computed, still chunk by chunk.
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, logit_softcap, z_loss, chunk_size)

@@ -1,5 +1,6 @@
 """Shared test helpers: run the CLI in-process (fast) or as a real subprocess (exit codes, no traceback)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,24 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "tests" / "plugins"
 # ../shared/data beside the checkout (developer machines and CI); tests needing it skip without it
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+# Training subprocesses: one thread everywhere, so the golden curve does not depend on the core count and
+# two test processes never fight over the cores (OpenMP's spinning turns 0.13 s steps into 1 s under contention).
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def sets(overrides: dict) -> list[str]:
+    """{"train.steps": 3} -> ["--set", "train.steps=3"]"""
+    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
 def run(*args, env=None, cwd=None, timeout=600):

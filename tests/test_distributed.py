@@ -1,8 +1,6 @@
 """Data-parallel training under torchrun, 2 CPU processes over gloo: DDP and FSDP2 match one process on the
 same global batch, write the single-process checkpoint format, resume exactly, and a dying rank ends the job."""
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,23 +10,11 @@ from pathlib import Path
 import pytest
 
 from minsota import checkpoint
+from conftest import ENV, losses, records, sets
 
 # 8 sequences per step: 2 micro-batches of 4 in one process, one per rank in two
 RUN = {"train.steps": 6, "train.micro_batch_size": 4, "train.checkpoint_every": 3, "train.eval_batches": 2,
        "train.sample_tokens": 0}
-ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def sets(overrides: dict) -> list[str]:
-    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
 def torchrun(*args, script: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

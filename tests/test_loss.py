@@ -56,7 +56,8 @@ def test_fused_matches_plain(chunk_size, logit_softcap, z_loss):
 def test_without_autograd_only_the_loss():
     hidden, weight, targets = inputs()
     with torch.no_grad():
-        assert_close("loss", linear_cross_entropy(hidden, weight, targets, chunk_size=8), plain_loss(hidden, weight, targets))
+        got = linear_cross_entropy(hidden, weight, targets, chunk_size=8)
+        assert_close("loss", got, plain_loss(hidden, weight, targets))
 
 
 def test_all_ignored_is_nan_with_zero_gradients_as_cross_entropy():
@@ -65,6 +66,25 @@ def test_all_ignored_is_nan_with_zero_gradients_as_cross_entropy():
     got = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_size=4)
     assert want[0].isnan() and got[0].isnan()
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_a_second_backward_through_the_graph_raises():
+    """backward scales the stored gradients in place; autograd's version check must refuse to reuse them."""
+    hidden, weight, targets = inputs()
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_size=8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        loss.backward()
+
+
+def test_bf16_autocast_stays_close_and_keeps_gradient_dtypes():
+    hidden, weight, targets = inputs()
+    want = loss_and_grads(plain_loss, hidden, weight, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_size=8)
+    assert [g.dtype for g in got] == [torch.float32] * 3
+    for name, g, w in zip(["loss", "d hidden", "d weight"], got, want):
+        assert (g - w).abs().max() <= 3e-2 * w.abs().max(), f"{name}: max abs diff {(g - w).abs().max():.3g}"
 
 
 def test_compiles_fullgraph():
@@ -79,7 +99,8 @@ def test_compiles_fullgraph():
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_decoder_loss_is_cross_entropy_of_its_logits(tie_embeddings):
-    recipe = load_recipe("tiny", {"model.tie_embeddings": tie_embeddings, "model.z_loss": 1e-3, "model.logit_softcap": 5.0})
+    recipe = load_recipe("tiny", {"model.tie_embeddings": tie_embeddings, "model.z_loss": 1e-3,
+                                  "model.logit_softcap": 5.0})
     torch.manual_seed(0)
     model = build_model(recipe)
     tokens = torch.randint(0, recipe.model.vocab_size, (2, 16))

@@ -27,27 +27,13 @@ from minsota.model import build_model
 from minsota.plugins import load_plugins
 from minsota.recipe import TrainConfig, load_recipe
 from minsota.train import lr_at, param_groups
+from conftest import ENV, losses, records, sets
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "assets" / "losses" / "tiny.json"
 GOLDEN_RUN = {"train.steps": 20, "train.eval_batches": 1, "train.sample_tokens": 0}
 NAN_PLUGIN = REPO / "tests" / "assets" / "nan_plugin.py"
 SHORT = {"train.steps": 8, "train.checkpoint_every": 3, "train.eval_batches": 1, "train.sample_tokens": 0}
-# One thread everywhere: the golden curve then does not depend on the core count, and two test processes
-# never fight over the cores (OpenMP's spinning turns 0.13 s steps into 1 s under contention).
-ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def sets(overrides: dict) -> list[str]:
-    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
 def popen(*args, prelude: str = "") -> subprocess.Popen:
