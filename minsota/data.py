@@ -48,6 +48,7 @@ Resuming re-reads and re-tokenizes one block.
 import copy
 import logging
 import os
+import signal
 import threading
 import urllib.error
 import urllib.request
@@ -282,6 +283,24 @@ class TokenizedBlocks(IterableDataset):
         return {"tokens": torch.tensor(ids, dtype=torch.int64), "starts": first, "empty": empty}
 
 
+STOP_GRACE_S = 60  # a signalled worker outlives the trainer's last step and checkpoint, then ends
+
+
+def _outlive_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's answer to SIGINT/SIGTERM: carry on serving, and end STOP_GRACE_S later.
+
+    Ctrl-C, Slurm's scancel and container stops signal every process, workers included. Dying at once (torch's
+    default) would fail the trainer's current step, and torch's SIGCHLD handler would raise anywhere in it,
+    checkpointing included. The trainer instead finishes its step and closes the loader (`Batches.close`),
+    which ends the workers normally; the alarm only bounds a worker whose loader is never closed (its parent
+    joins it at exit)."""
+    def handle(signum, frame):
+        signal.alarm(signal.alarm(0) or STOP_GRACE_S)  # the first signal sets the deadline; later ones keep it
+
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, handle)
+
+
 class Batches:
     """This rank's micro-batches of the global window order (see the module docstring), resumable exactly."""
 
@@ -303,7 +322,11 @@ class Batches:
 
     def load_state_dict(self, state: dict) -> None:
         self._position = copy.deepcopy(state)
-        self._loader = None  # the next micro-batch restarts the workers from this position
+        self.close()  # the next micro-batch restarts the workers from this position
+
+    def close(self) -> None:
+        """End the workers now (dropping the DataLoader iterator shuts them down); the position is kept."""
+        self._loader = None
 
     @property
     def epoch(self) -> int:
@@ -330,7 +353,8 @@ class Batches:
     def _start(self):
         p = self._position
         blocks = TokenizedBlocks(self.source, self.tokenizer, self.block_docs, p["epoch"], p["source"])
-        self._loader = iter(DataLoader(blocks, batch_size=None, num_workers=self.num_workers))
+        self._loader = iter(DataLoader(blocks, batch_size=None, num_workers=self.num_workers,
+                                       worker_init_fn=_outlive_stop_signals))
         self._blocks = deque()  # blocks not yet fully consumed: epoch, source state at their start, length, empty
         self._tokens = torch.empty(0, dtype=torch.int64)  # their tokens, concatenated
         self._starts = torch.empty(0, dtype=torch.bool)

@@ -454,6 +454,7 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
     # holding the GIL when DDP's reducer or FSDP2's mesh drops the last reference later).
     with contextlib.ExitStack() as stack:
         signals = stack.enter_context(graceful_signals())
+        stack.callback(batches.close)  # on every way out, errors included: a worker left to exit would be joined late
         metrics = stack.enter_context(open_metrics(run_dir / "metrics.jsonl")) if main else None
         trackers = open_trackers(recipe, run_dir, stack) if main else []
         bar = stack.enter_context(tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True,
@@ -522,6 +523,8 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
                 log({"step": step, "val_loss": val_loss})
                 if main:
                     tqdm.write(f"step {step}: val_loss {val_loss:.4f}", file=sys.stderr)
+            if stop:
+                batches.close()  # the data workers end with the step they served, before the checkpoint
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or stop:
                 save_checkpoint(run_dir, recipe, step, model, optimizer, scaler, batches, skipped, tokens, device)
                 saved_step = step

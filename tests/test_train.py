@@ -36,11 +36,11 @@ NAN_PLUGIN = REPO / "tests" / "assets" / "nan_plugin.py"
 SHORT = {"train.steps": 8, "train.checkpoint_every": 3, "train.eval_batches": 1, "train.sample_tokens": 0}
 
 
-def popen(*args, prelude: str = "") -> subprocess.Popen:
+def popen(*args, prelude: str = "", **options) -> subprocess.Popen:
     """`minsota ARGS` in a child process, after running ``prelude`` there (to arm a fault)."""
     code = f"import sys\n{prelude}\nfrom minsota.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **options)
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
@@ -197,13 +197,23 @@ def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference):
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-3", "step-6", "step-8"]
 
 
-def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference):
+@pytest.mark.parametrize("to", ["trainer", "group"])
+def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference, to):
+    """SIGTERM to the trainer alone (kill, torchrun) or to its whole process group, data workers included
+    (Slurm's scancel, container stops): either way the step is checkpointed and no worker is left behind."""
     run_dir = tmp_path / "run"
-    process = popen("train", "tiny", "--out", run_dir, *sets(SHORT))
+    process = popen("train", "tiny", "--out", run_dir, *sets({**SHORT, "data.num_workers": 2}),
+                    start_new_session=True)
     wait_for_step(process, run_dir, 1)
-    process.send_signal(signal.SIGTERM)
+    if to == "group":
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     code, err = finish(process)
     assert code == 143, err
+    assert "Traceback" not in err
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # the group is empty: the workers ended with the trainer
     stopped = max(losses(run_dir))
     assert stopped < 8 and checkpoint.checkpoints(run_dir / "checkpoints")[-1].name == f"step-{stopped}"
     code, err = finish(popen("train", "--resume", run_dir))
