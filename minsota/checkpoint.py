@@ -208,9 +208,12 @@ def verify(path: Path) -> dict:
     return manifest
 
 
-def load(path: Path) -> dict:
-    """A verified checkpoint's parts: step, model, recipe; optimizer, rng, trainer (None when absent)."""
+def load(path: Path, weights_only: bool = False) -> dict:
+    """A verified checkpoint's parts: step, model, recipe; optimizer, rng, trainer (None when absent, and with
+    ``weights_only``: inference and export need no AdamW state, which is twice the model's size)."""
     files = verify(path)["files"]
+    if weights_only:
+        files = [name for name in files if name not in (OPTIMIZER, RNG, TRAINER)]
 
     def tensors(name):
         return load_weights(path / name) if name in files else None

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from minsota import checkpoint
 from minsota.errors import UserError
+from minsota.inference import load_run
 from minsota.model import Decoder, build_model
 from minsota.recipe import ModelConfig, Recipe, component, recipe_from_dict
 
@@ -346,13 +347,6 @@ def save_hf(decoder: Decoder, out_dir) -> Path:
 
 def export_run(run_dir, out_dir, plugins=()) -> Path:
     """Export a run's newest valid checkpoint (or ``RUN_DIR/checkpoints/step-N`` itself) as an HF directory."""
-    out_dir, run_dir = _empty_target(Path(out_dir)), Path(run_dir)
-    if not (checkpoint.STEP_DIR.fullmatch(run_dir.name) or (run_dir / checkpoint.RECIPE).is_file()):
-        raise UserError(f"{run_dir}: neither a run directory (no {checkpoint.RECIPE}) nor a checkpoint step-N")
-    run_dir, found = checkpoint.find_resumable(run_dir)
-    if found is None:
-        raise UserError(f"{run_dir}: no checkpoint to export")
-    parts = checkpoint.load(found)
-    model = build_model(recipe_from_dict(parts["recipe"], str(found / checkpoint.RECIPE), plugins=plugins))
-    model.load_state_dict(parts["model"], strict=True)
+    out_dir = _empty_target(Path(out_dir))
+    _, model, _ = load_run(run_dir, plugins=plugins, device="cpu")
     return save_hf(model, out_dir)

@@ -22,9 +22,10 @@ from minsota.model import Decoder, build_model
 from minsota.recipe import Recipe, recipe_from_dict
 
 
-def load_run(path: Path, overrides: dict | None = None, plugins=()) -> tuple[Recipe, Decoder, int]:
+def load_run(path: Path, overrides: dict | None = None, plugins=(), device=None) -> tuple[Recipe, Decoder, int]:
     """(recipe, model in eval mode, step) from a run directory's newest valid checkpoint, or from one named
-    checkpoint ``RUN_DIR/checkpoints/step-N``; the recipe is the one that checkpoint was trained with."""
+    checkpoint ``RUN_DIR/checkpoints/step-N``; the recipe is the one that checkpoint was trained with. The
+    model is built on ``device``, by default the recipe's ``train.device``."""
     from minsota.train import resolve_device
 
     path = Path(path)
@@ -34,9 +35,9 @@ def load_run(path: Path, overrides: dict | None = None, plugins=()) -> tuple[Rec
     if newest is None:
         raise UserError(f"{run_dir}: no checkpoint yet (the trainer writes one every train.checkpoint_every "
                         f"steps and at the end)")
-    saved = checkpoint.load(newest)
+    saved = checkpoint.load(newest, weights_only=True)
     recipe = recipe_from_dict(saved["recipe"], str(newest / checkpoint.RECIPE), overrides, plugins)
-    model = build_model(recipe, resolve_device(recipe.train.device))
+    model = build_model(recipe, device or resolve_device(recipe.train.device))
     try:
         model.load_state_dict(saved["model"])
     except RuntimeError as e:

@@ -37,6 +37,11 @@ def test_round_trip_with_tied_weights(tmp_path):
             assert torch.equal(loaded[part][name], tensor), (part, name)
     # the tied embedding is stored once and comes back as one tensor under both names
     assert loaded["model"]["output.weight"] is loaded["model"]["tok_embeddings.weight"]
+    # inference and export read the weights alone: no optimizer state (twice the model) in memory
+    weights = checkpoint.load(path, weights_only=True)
+    assert weights["optimizer"] is weights["rng"] is weights["trainer"] is None
+    assert weights["step"] == 3 and weights["recipe"] == saved["recipe"]
+    assert weights["model"].keys() == saved["model"].keys()
     manifest = json.loads((path / checkpoint.MANIFEST).read_text())
     assert manifest["step"] == 3 and set(manifest["files"]) == set(os.listdir(path)) - {checkpoint.MANIFEST}
 
