@@ -22,8 +22,9 @@ ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def sets(overrides: dict) -> list[str]:
-    """{"train.steps": 3} -> ["--set", "train.steps=3"]"""
-    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    """{"train.steps": 3, "train.compile": True} -> ["--set", "train.steps=3", "--set", "train.compile=true"]"""
+    return [arg for key, value in overrides.items()
+            for arg in ("--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}")]
 
 
 def records(run_dir: Path) -> list[dict]:

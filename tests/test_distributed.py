@@ -66,6 +66,16 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
         assert [r["loss"] for r in tail] == pytest.approx([one[step] for step in (4, 5, 6)], rel=1e-4)
 
 
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_compiled_ranks_match_one(single, tmp_path, parallelism):
+    """train.compile under DDP (dynamo splits the graph at its gradient buckets) and FSDP2 (per component)."""
+    run_dir = tmp_path / "run"
+    overrides = {**RUN, "train.parallelism": parallelism, "train.compile": True, "train.checkpoint_every": 0}
+    process = torchrun("train", "tiny", "--out", run_dir, *sets(overrides))
+    assert process.returncode == 0, process.stderr
+    assert losses(run_dir) == pytest.approx(losses(single), rel=1e-4)
+
+
 def test_a_rank_that_dies_ends_the_job(tmp_path):
     """Rank 1 is killed (SIGKILL, no goodbye) as it starts step 4: torchrun stops the job and names it."""
     script = tmp_path / "dies.py"

@@ -153,7 +153,7 @@ def test_golden_loss_curve_and_learning(tmp_path, cli):
 
 def test_compiled_training_matches_eager(tmp_path, cli, reference):
     code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets({**SHORT, "train.steps": 2,
-                                                                         "train.compile": "true"}))
+                                                                         "train.compile": True}))
     assert code == 0, err
     compiled = losses(tmp_path / "run")
     eager = losses(reference)  # a different schedule length changes lr only after warmup: steps 1-2 agree
