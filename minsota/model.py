@@ -92,12 +92,15 @@ class Decoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
-        """Matmul FLOPs per token: 2 per weight of every Linear (the LM head included), plus causal attention
-        scores and values, 2·T·hd per query head and layer (half of the 4·T·hd a full T×T product costs).
-        GQA is counted right because K/V projections are counted at their real size. Training = 3× forward.
+        """Matmul FLOPs per token: 2 per weight of every Linear (the LM head included), plus attention scores
+        and values, 4·hd per visible key, query head and layer: T/2 keys on average when causal (2·T·hd), and
+        W − W²/2T under a sliding window of W (the attention's ``window`` option). GQA is counted right because
+        K/V projections are counted at their real size. Training = 3× forward.
         """
         linear = {id(m.weight): m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)}
-        attention = 2 * self.cfg.n_layers * self.cfg.n_heads * self.cfg.head_dim * seq_len
+        window = min(component(self.cfg.attention)[1].get("window") or seq_len, seq_len)
+        keys = window - window * window / (2 * seq_len)  # mean over queries of min(i, W) keys, i = 1..T
+        attention = 4 * self.cfg.n_layers * self.cfg.n_heads * self.cfg.head_dim * keys
         forward = 2 * sum(linear.values()) + attention
         return 3 * forward if training else forward
 

@@ -52,6 +52,12 @@ def test_flops_per_token_counts_gqa_projections_and_causal_attention():
     attention = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
     assert model.flops_per_token(T, training=False) == 2 * linear + attention
     assert model.flops_per_token(T) == 3 * (2 * linear + attention)
+    # a sliding window of T/4: each query sees min(i, 16) keys, 14 on average (vs 32 causal)
+    windowed = tiny(**{"model.attention": {"name": "sdpa", "window": T // 4}})
+    visible = sum(min(i, T // 4) for i in range(1, T + 1)) / T
+    assert visible == pytest.approx(14, abs=0.3)
+    assert windowed.flops_per_token(T, training=False) == pytest.approx(
+        2 * linear + attention * 14 / 32, rel=1e-9)
 
 
 def test_decoder_maps_tokens_to_logits_and_blocks_keep_the_key_set():
