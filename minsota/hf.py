@@ -14,6 +14,7 @@ Both are described once, as `Rule`s, and applied in either direction.
 """
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minsota import checkpoint
+from minsota.data import build_tokenizer
 from minsota.errors import UserError
 from minsota.inference import load_run
 from minsota.model import Decoder, build_model
@@ -348,5 +350,22 @@ def save_hf(decoder: Decoder, out_dir) -> Path:
 def export_run(run_dir, out_dir, plugins=()) -> Path:
     """Export a run's newest valid checkpoint (or ``RUN_DIR/checkpoints/step-N`` itself) as an HF directory."""
     out_dir = _empty_target(Path(out_dir))
-    _, model, _ = load_run(run_dir, plugins=plugins, device="cpu")
-    return save_hf(model, out_dir)
+    recipe, model, _ = load_run(run_dir, plugins=plugins, device="cpu")
+    save_hf(model, out_dir)
+    _export_tokenizer(recipe, out_dir)
+    return out_dir
+
+
+def _export_tokenizer(recipe: Recipe, out_dir: Path) -> None:
+    """The run's tokenizer beside the weights, so AutoTokenizer loads the export too. The model is exported
+    either way: a tokenizer with no Hugging Face form, or one unavailable here, is a warning."""
+    try:
+        tokenizer = build_tokenizer(recipe)
+    except UserError as e:
+        print(f"minsota: warning: tokenizer not exported: {e}", file=sys.stderr)
+        return
+    if not hasattr(tokenizer, "save_pretrained"):
+        print(f"minsota: warning: tokenizer '{tokenizer.name}' has no Hugging Face form; {out_dir} holds the "
+              f"model alone", file=sys.stderr)
+        return
+    tokenizer.save_pretrained(out_dir)

@@ -104,5 +104,6 @@ def minsota_register_tokenizers():
     ``data.tokenizer`` names one as for sources (``NAME``, ``NAME:ARGUMENT``); a path or a hub name with a slash
     goes to the tokenizer ``hf``. A Tokenizer has ``name``, ``vocab_size`` (every id is below it), ``eos_id``
     (appended after each document) and ``encode(str) -> list[int]`` (no special tokens added),
-    ``decode(ids) -> str``. It must be picklable: DataLoader workers use it.
+    ``decode(ids) -> str``. It must be picklable: DataLoader workers use it. Optional:
+    ``save_pretrained(directory)`` writing files `transformers.AutoTokenizer` loads, which `export-hf` calls.
     """

@@ -85,6 +85,13 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids])
 
+    def save_pretrained(self, directory) -> None:
+        """tokenizer.json and tokenizer_config.json, naming the end-of-text token even when it was found by
+        spelling (a bare tokenizer.json names none)."""
+        if self._tokenizer.eos_token is None:
+            self._tokenizer.eos_token = self._tokenizer.convert_ids_to_tokens(self.eos_id)
+        self._tokenizer.save_pretrained(str(directory))
+
 
 def gpt_neox_20b(arg: str = "", data_cfg=None) -> HFTokenizer:
     """EleutherAI's GPT-NeoX-20B BPE (50,277 tokens; Pythia's) from the hub; offline, name its directory instead"""

@@ -75,8 +75,19 @@ def test_import_and_export_match_hugging_face(case, tokens, tmp_path):
     assert_close(logits_of(reloaded, tokens), expected, 1e-5, f"{case}: exported logits in HF vs HF")
 
 
+def save_word_tokenizer(directory):
+    """A tokenizer of VOCAB words (no download) whose end of text, as in a bare tokenizer.json, is unnamed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<|endoftext|>", "[UNK]", *(f"w{i}" for i in range(VOCAB - 2))]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
+
+
 def test_cli_round_trip_through_a_run_directory(cli, tokens, tmp_path):
     theirs = hf_model("mistral-window", tmp_path / "hf")
+    save_word_tokenizer(tmp_path / "hf")
     code, out, _ = cli("import-hf", tmp_path / "hf", tmp_path / "run")
     step = tmp_path / "run" / "checkpoints" / "step-0"
     assert code == 0 and str(step) in out and (step / "model.safetensors").is_file()
@@ -84,9 +95,24 @@ def test_cli_round_trip_through_a_run_directory(cli, tokens, tmp_path):
     assert recipe["model"]["attention"] == {"name": "sdpa", "window": 5} and recipe["model"]["vocab_size"] == VOCAB
     code, _, err = cli("import-hf", tmp_path / "hf", tmp_path / "run")
     assert code == 2 and "not an empty directory" in err and err.count("\n") == 1
-    assert cli("export-hf", tmp_path / "run", tmp_path / "out")[0] == 0
+    code, _, err = cli("export-hf", tmp_path / "run", tmp_path / "out")
+    assert code == 0 and "warning" not in err
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert_close(logits_of(reloaded, tokens), logits_of(theirs, tokens), 1e-5, "run round trip")
+    # the run's tokenizer went along, its end-of-text token now named
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.encode("w7 w98 w3", add_special_tokens=False) == [9, 100, 5] and tokenizer.eos_token_id == 0
+
+
+def test_export_without_a_hugging_face_tokenizer_warns(cli, tmp_path):
+    """A run with the byte tokenizer (no Hugging Face form) exports its model and says the tokenizer stayed."""
+    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", "--set", "train.steps=1", "--set",
+                       "train.eval_batches=1", "--set", "train.sample_tokens=0")
+    assert code == 0, err
+    code, _, err = cli("export-hf", tmp_path / "run", tmp_path / "out")
+    assert code == 0 and err.strip() == (f"minsota: warning: tokenizer 'bytes' has no Hugging Face form; "
+                                         f"{tmp_path / 'out'} holds the model alone")
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "tokenizer.json").exists()
 
 
 @pytest.mark.parametrize("override, message", [
