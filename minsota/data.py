@@ -47,6 +47,7 @@ Resuming re-reads and re-tokenizes one block.
 
 import copy
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -283,22 +284,28 @@ class TokenizedBlocks(IterableDataset):
         return {"tokens": torch.tensor(ids, dtype=torch.int64), "starts": first, "empty": empty}
 
 
-STOP_GRACE_S = 60  # a signalled worker outlives the trainer's last step and checkpoint, then ends
-
-
 def _outlive_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's answer to SIGINT/SIGTERM: carry on serving, and end STOP_GRACE_S later.
+    """A DataLoader worker ignores SIGINT/SIGTERM from anyone but the process that started it.
 
     Ctrl-C, Slurm's scancel and container stops signal every process, workers included. Dying at once (torch's
     default) would fail the trainer's current step, and torch's SIGCHLD handler would raise anywhere in it,
-    checkpointing included. The trainer instead finishes its step and closes the loader (`Batches.close`),
-    which ends the workers normally; the alarm only bounds a worker whose loader is never closed (its parent
-    joins it at exit)."""
-    def handle(signum, frame):
-        signal.alarm(signal.alarm(0) or STOP_GRACE_S)  # the first signal sets the deadline; later ones keep it
+    checkpointing included. So a worker serves on; the trainer finishes its step and closes the loader
+    (`Batches.close`), which ends the workers normally, and a worker whose trainer dies ends by torch's
+    watchdog. The DataLoader's own SIGTERM (`terminate()` at shutdown or interpreter exit) still ends it: the
+    sender's pid, which a handler cannot see, is read with sigwaitinfo on a thread of its own.
+    """
+    starter = multiprocessing.parent_process()
+    starter_pid = starter.pid if starter else os.getppid()
+    stops = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # before any other thread exists: all inherit the mask
 
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, handle)
+    def wait():
+        while True:
+            received = signal.sigwaitinfo(stops)
+            if received.si_pid == starter_pid:
+                os._exit(0)  # a requested end: 0, or torch's SIGCHLD handler in the starter reports a failure
+
+    threading.Thread(target=wait, name="minsota-stop-signals", daemon=True).start()
 
 
 class Batches:

@@ -31,6 +31,7 @@ from minsota.recipe import ModelConfig, Recipe, component, recipe_from_dict
 ROTARY_FAMILIES = ("llama", "mistral", "olmo2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "olmo2": "Olmo2ForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}
+BASE_PREFIXES = {"llama": "model.", "mistral": "model.", "olmo2": "model.", "gpt2": "transformer."}  # base_model_prefix
 ROPE_SCALINGS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                  "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                           "attention_factor", "truncate")}
@@ -190,6 +191,16 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return {name: tensor for shard in shards for name, tensor in load_file(str(directory / shard)).items()}
 
 
+def _with_base_prefix(hf: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """Weights saved from the base model (the Hub's gpt2 and distilgpt2: ``wte.weight``, ``h.0.attn.c_attn.weight``,
+    no ``lm_head``) under the names the LM-head model gives them, as `from_pretrained` accepts them. Tensors no rule
+    reads (``h.0.attn.bias`` masks) are left for the rules to ignore."""
+    prefix = BASE_PREFIXES[family]
+    if any(name.startswith(prefix) for name in hf):
+        return hf
+    return {name if name.startswith("lm_head.") else prefix + name: tensor for name, tensor in hf.items()}
+
+
 def read_hf(path) -> tuple[Recipe, dict[str, torch.Tensor]]:
     """(recipe, minsota state dict) of an HF directory (or a file inside it)."""
     directory = _hf_directory(path)
@@ -205,7 +216,7 @@ def read_hf(path) -> tuple[Recipe, dict[str, torch.Tensor]]:
         "model": model,
         "data": {"tokenizer": str(directory.resolve())} if has_tokenizer else {},  # the checkpoint's own tokenizer
     }, str(directory / "config.json"))
-    hf = _read_weights(directory)
+    hf = _with_base_prefix(_read_weights(directory), config["model_type"])
     ffn_dim = recipe.model.ffn_dim
     try:
         state = {rule.ours: rule.load(hf) for rule in _rules(recipe.model, config["model_type"], ffn_dim)}

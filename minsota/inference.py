@@ -55,6 +55,8 @@ def evaluate_run(path: Path, overrides: dict | None = None, plugins=(), batches:
 
     recipe, model, step = load_run(path, overrides, plugins)
     tokenizer = build_tokenizer(recipe)
+    if batches is not None and batches < 1:
+        raise UserError(f"--batches must be at least 1, got {batches}")
     n = batches or recipe.train.eval_batches
     val = list(itertools.islice(build_batches(recipe, tokenizer, "validation"), n))
     if not val:

@@ -116,7 +116,7 @@ def rope_rotate(m, q, k, positions):
     angles = (t[..., None] * m.inv_freq.double())[:, None]  # (B, 1, T, hd/2), float64 for a tight truth
     q_scale = k_scale = m.attention_factor
     if m.xpos_scale_base is not None:  # xPos: q scaled by ζ^(n/base), k by its inverse
-        power = (t - positions.shape[-1] // 2) / m.xpos_scale_base
+        power = (t - m.xpos_center) / m.xpos_scale_base  # a fixed centre: see Rope.__init__
         q_scale = (m.xpos_scale.double() ** power[..., None]).repeat_interleave(2, dim=-1)[:, None]
         k_scale = 1 / q_scale
     rotate = lambda x, s: _rotate_pairs(x.double(), angles, s).to(x.dtype)  # noqa: E731

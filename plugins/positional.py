@@ -89,6 +89,10 @@ class Rope(PositionalEncoding):
             raise ValueError(f"scaling must be 'llama3' or 'yarn', got {scaling!r}")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.xpos_scale_base = xpos_scale_base if use_xpos else None
+        # xPos scales q by ζ^((t - c)/base) and k by its inverse, so q·k depends on t_q - t_k alone whatever the
+        # centre c; but c must not change between calls: a KV cache keeps keys scaled at the centre of the call
+        # that made them. Mid-context keeps the scales symmetric (the library centres on each call's length).
+        self.xpos_center = cfg.max_seq_len // 2 / interpolate_factor  # in the units of t (rotate)
         if use_xpos:
             self.register_buffer("xpos_scale", rotary.scale.detach().float().clone(), persistent=False)
 
@@ -98,7 +102,7 @@ class Rope(PositionalEncoding):
             freqs = (t[..., None] * self.inv_freq).repeat_interleave(2, dim=-1)[:, None]  # (B, 1, T, hd)
             q_scale = k_scale = self.attention_factor
             if self.xpos_scale_base is not None:
-                power = (t - positions.shape[-1] // 2) / self.xpos_scale_base
+                power = (t - self.xpos_center) / self.xpos_scale_base
                 q_scale = (self.xpos_scale ** power[..., None]).repeat_interleave(2, dim=-1)[:, None]
                 k_scale = q_scale.reciprocal()
             return apply_rotary_emb(freqs, q, scale=q_scale), apply_rotary_emb(freqs, k, scale=k_scale)

@@ -75,6 +75,28 @@ def test_import_and_export_match_hugging_face(case, tokens, tmp_path):
     assert_close(logits_of(reloaded, tokens), expected, 1e-5, f"{case}: exported logits in HF vs HF")
 
 
+@pytest.mark.parametrize("case", ["gpt2", "gpt2-exact-gelu-untied", "llama-gqa1-bias-tied"])
+def test_import_of_weights_saved_without_the_base_model_prefix(case, tokens, tmp_path):
+    """The Hub's gpt2 and distilgpt2 hold GPT2Model's weights (``wte.weight``, ``h.0.attn.c_attn.weight``, no
+    ``lm_head`` when tied) beside old causal-mask buffers; `from_pretrained` adds ``transformer.``, as must we."""
+    from safetensors.torch import save_file
+
+    theirs = hf_model(case, tmp_path / "hf")
+    expected = logits_of(theirs, tokens)
+    state = {name: p.contiguous() for name, p in theirs.base_model.state_dict().items()}
+    if not theirs.config.tie_word_embeddings:
+        state["lm_head.weight"] = theirs.lm_head.weight.detach().contiguous()
+    if case.startswith("gpt2"):
+        positions = theirs.config.n_positions
+        state["h.0.attn.bias"] = torch.ones(positions, positions, dtype=torch.bool).tril()[None, None]
+        state["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    assert not any(name.startswith(("transformer.", "model.")) for name in state)
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    reloaded = type(theirs).from_pretrained(tmp_path / "hf").eval()  # HF itself loads this layout
+    assert_close(logits_of(reloaded, tokens), expected, 1e-5, f"{case}: HF from the bare layout")
+    assert_close(logits_of(hf.load_hf(tmp_path / "hf"), tokens), expected, 1e-5, f"{case}: imported bare layout")
+
+
 def save_word_tokenizer(directory):
     """A tokenizer of VOCAB words (no download) whose end of text, as in a bare tokenizer.json, is unnamed."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -10,8 +10,10 @@ from minsota.compare import read_metrics
 from minsota.inference import KVCaches, generate, sample_next
 from minsota.train import train
 
-# every positional encoding through sdpa's masked path, and each kernel option (the bias with both kernels)
+# every positional encoding through sdpa's masked path (xPos: its scales must not depend on how many tokens a
+# call brings), and each kernel option (the bias with both kernels)
 CASES = [("rope", "sdpa"), ("learned", "sdpa"), ("none", "sdpa"), ("alibi", "sdpa"), ("rope", "math"),
+         ({"name": "rope", "use_xpos": True}, "sdpa"),
          ("rope", {"name": "sdpa", "window": 8}), ("alibi", {"name": "math", "window": 8, "softcap": 5.0})]
 
 
@@ -101,6 +103,12 @@ def test_eval_on_another_source(cli, run_dir, tmp_path):
     result = parse(out)
     assert result["source"].startswith(str(tmp_path)) and "256 tokens" in result["source"]  # 2 × (2, 64)
     assert float(result["loss"]) != pytest.approx(float(parse(cli("eval", run_dir)[1])["loss"]), abs=1e-3)
+
+
+def test_eval_refuses_a_batch_count_below_one(cli, run_dir):
+    for count in ("0", "-1"):
+        code, _, err = cli("eval", run_dir, "--batches", count)
+        assert code == 2 and err.strip() == f"minsota: error: --batches must be at least 1, got {count}"
 
 
 def test_generate_continues_the_prompt(cli, run_dir):
