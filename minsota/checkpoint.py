@@ -19,7 +19,8 @@ model, say) resumes as a fresh run from those weights. A checkpoint is written i
 directory, every file fsynced, the manifest last, then renamed into place (rename is atomic on POSIX), so a
 kill at any instant leaves the new checkpoint whole or absent. A checkpoint whose manifest is missing, or
 whose files differ from it in size or sha256, is never loaded. Nothing here unpickles: tensors are
-safetensors, everything else JSON.
+safetensors, everything else JSON. Resuming from a named older checkpoint moves the later ones into
+``checkpoints/abandoned-after-step-N/`` (`set_aside_after`): no longer resumable, never deleted.
 
 `save_weights` / `load_weights` read and write one weights file in that format for other tools
 (`minsota.hf` import/export).
@@ -43,6 +44,7 @@ FORMAT = 1
 MODEL, OPTIMIZER, RNG, TRAINER, RECIPE, MANIFEST = (
     "model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json", "recipe.json", "manifest.json")
 STEP_DIR = re.compile(r"step-(\d+)")
+OLD_DIR = re.compile(r"\.old-step-(\d+)-\d+")  # a checkpoint being replaced by a redone step's save
 
 
 class CorruptCheckpoint(UserError):
@@ -125,7 +127,8 @@ def save(directory: Path, step: int, *, model: dict, recipe: dict, optimizer: di
 
     ``model``, ``optimizer`` and ``rng`` map names to tensors, ``trainer`` and ``recipe`` are JSON objects.
     Raises `DivergedError` (nothing written) if a tensor is non-finite, `SaveError` on an I/O error (disk
-    full, ...) after removing the temporary directory; earlier checkpoints are untouched either way.
+    full, ...) after removing the temporary directory and putting back the step-{step} a redone step was
+    replacing; earlier checkpoints are untouched either way.
     """
     tensors = {MODEL: model, OPTIMIZER: optimizer, RNG: rng}
     for file, contents in tensors.items():
@@ -135,6 +138,7 @@ def save(directory: Path, step: int, *, model: dict, recipe: dict, optimizer: di
     final = directory / f"step-{step}"
     tmp = directory / f".tmp-step-{step}-{os.getpid()}"
     old = directory / f".old-step-{step}-{os.getpid()}"
+    moved = placed = False  # how far the swap of a redone step got, for the error path to undo
     try:
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,13 +153,24 @@ def save(directory: Path, step: int, *, model: dict, recipe: dict, optimizer: di
         _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
         _fsync(tmp)
         if final.exists():  # a step re-done after resuming from an earlier checkpoint replaces its old self
+            shutil.rmtree(old, ignore_errors=True)  # a stale one of a dead process with this pid: step-N exists
             final.rename(old)
+            moved = True
         tmp.rename(final)
+        placed = True
         _fsync(directory)
     except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
-        shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-        raise SaveError(f"could not write checkpoint {final}: {reason} (earlier checkpoints are intact)") from None
+        kept = "earlier checkpoints are intact"
+        if moved:  # the checkpoint this save was replacing goes back in place
+            try:
+                if placed:  # the new one got there, but the rename may not be durable
+                    final.rename(tmp)
+                old.rename(final)
+            except OSError:  # the next start restores it (remove_temporary)
+                kept = f"the previous {final.name} is kept as {old}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(f"could not write checkpoint {final}: {reason} ({kept})") from None
     shutil.rmtree(old, ignore_errors=True)
     if keep:
         for path in [p for p in checkpoints(directory) if _step(p) <= step][:-keep]:
@@ -164,9 +179,41 @@ def save(directory: Path, step: int, *, model: dict, recipe: dict, optimizer: di
 
 
 def remove_temporary(directory: Path) -> None:
-    """Remove what interrupted saves left behind (hidden .tmp-*/.old-* directories)."""
+    """Remove what interrupted saves left behind (hidden .tmp-*/.old-* directories); a replaced checkpoint
+    (.old-step-N-PID) whose step-N is missing, because the save replacing it never finished, is put back."""
+    for path in sorted(directory.glob(".old-step-*")):
+        match = OLD_DIR.fullmatch(path.name)
+        final = directory / f"step-{match.group(1)}" if match else None
+        if final and path.is_dir() and not final.exists():
+            path.rename(final)
+            print(f"minsota: warning: restored {final} from {path.name}, left by a save that did not finish",
+                  file=sys.stderr)
     for path in directory.glob(".*-step-*"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def set_aside_after(directory: Path, step: int) -> Path | None:
+    """Move the checkpoints after ``step`` (the branch a resume from ``step-{step}`` abandons) into
+    ``directory/abandoned-after-step-{step}[-K]/``, which no listing, resume or pruning looks into, so that a
+    later plain resume cannot continue that branch; nothing is deleted. Returns the folder, None if none."""
+    later = [path for path in checkpoints(directory) if _step(path) > step]
+    if not later:
+        return None
+    target, k = directory / f"abandoned-after-step-{step}", 1
+    while target.exists():
+        k += 1
+        target = directory / f"abandoned-after-step-{step}-{k}"
+    try:
+        target.mkdir()
+        for path in reversed(later):  # newest first
+            path.rename(target / path.name)
+        _fsync(directory)
+    except OSError as e:
+        raise SaveError(f"could not move the checkpoints after step {step} aside to {target}: "
+                        f"{e.strerror or e}") from None
+    print(f"minsota: resuming from step-{step}: moved the later checkpoints {', '.join(p.name for p in later)} "
+          f"of the abandoned branch to {target} (nothing deleted)", file=sys.stderr)
+    return target
 
 
 # ----------------------------------------------------------------------------------------------- load

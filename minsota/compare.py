@@ -2,10 +2,12 @@
 
 compare trains every recipe for K seeds as ordinary run directories ``DIR/<recipe>/seed-<seed>/`` (so an
 interrupted comparison resumes where it stopped), then prints a table, and writes ``DIR/compare.png`` (loss vs
-tokens) and ``DIR/compare.json``. Run k of every recipe gets the same seed (the base's ``train.seed`` + k) and
-hence the same data order, which makes the runs pairs (see `minsota.stats`). Runs go seed-major, each recipe's
-seed 0 before any seed 1, so every recipe's tokens/s is measured interleaved in one process: eager speed drifts
-~30% between processes (FIELD-NOTES), far more than within one.
+tokens) and ``DIR/compare.json``. Run k of every recipe gets the same seed (the base's ``train.seed`` + k), which
+sets initialisation and sampling, so the runs are paired by seed (see `minsota.stats`); the data order does not
+depend on the seed, so every run sees the same batches in the same order and the spread over seeds is
+initialisation variance, not data-order variance. Runs go seed-major, each recipe's seed 0 before any seed 1,
+so every recipe's tokens/s is measured interleaved in one process: eager speed drifts ~30% between processes
+(FIELD-NOTES), far more than within one.
 
 diff flattens two resolved recipes (`Recipe.to_dict`) to dotted keys and lists the keys whose values differ,
 components (and their options) apart from the other hyperparameters.
@@ -56,7 +58,7 @@ def _run(recipe: Recipe, run_dir: Path) -> int:
     _, newest = checkpoint.find_resumable(run_dir)
     if newest is not None and newest.name == f"step-{recipe.train.steps}":
         return 0  # complete: skip the trainer's set-up (model, data) just to hear that
-    return train(None, run_dir, resume=True, plugins=recipe.plugins)
+    return train(None, run_dir, resume=True)  # recipe.json lists the recipe's plugins (absolute paths) already
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -70,6 +72,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def _tokens(record: dict, recipe: Recipe) -> int:
+    """Tokens seen by a record's step: train records carry them; evaluation records ({step, val_loss}) do not."""
     return record.get("tokens", record["step"] * recipe.train.batch_size * recipe.train.seq_len)
 
 

@@ -4,7 +4,8 @@ Built-in plugins (the modules in `plugins/`, installed as `minsota.builtins.*`) 
 own ``[project.entry-points.minsota]`` and load exactly like a third-party package's (datasette's
 DEFAULT_PLUGINS idea, done through the public door). ``MINSOTA_DISABLE_PLUGIN_AUTOLOAD=1`` keeps only the
 entry points of minsota's own distribution. Local plugins come from ``--plugin PATH_OR_MODULE`` or a
-recipe's ``plugins = [...]``. Every failure is one line naming the plugin and its distribution.
+recipe's ``plugins = [...]``; each is loaded once however often it is named (files compared by resolved path,
+modules by name). Every failure is one line naming the plugin and its distribution.
 """
 
 import functools
@@ -74,9 +75,29 @@ def _entry_point_plugins():
     return sorted(found, key=lambda item: item[1].distribution != "minsota")
 
 
+def _is_file_spec(spec: str) -> bool:
+    """Whether a local plugin spec names a file (``*.py``, or any path that exists) rather than a module."""
+    return spec.endswith(".py") or Path(spec).exists()
+
+
+def resolve_plugin_spec(spec) -> str:
+    """A local plugin spec as stored and compared: an existing file as its absolute resolved path (so a run's
+    ``recipe.json`` still finds it from another working directory), anything else (a module name, a missing
+    file, reported when loaded) unchanged."""
+    spec = str(spec)
+    return str(Path(spec).resolve()) if Path(spec).is_file() else spec
+
+
+def unique_plugin_specs(specs) -> list[str]:
+    """``specs`` resolved (`resolve_plugin_spec`), each plugin once, in first-seen order: one file or module
+    named twice (``--plugin`` and a recipe's ``plugins``, a recipe chain, a resumed run's ``recipe.json``) is
+    one plugin, loaded once."""
+    return list(dict.fromkeys(map(resolve_plugin_spec, specs)))
+
+
 def _local_plugin(spec: str):
     path = Path(spec)
-    if spec.endswith(".py") or path.exists():
+    if _is_file_spec(spec):
         if not path.is_file():
             raise UserError(f"--plugin {spec}: no such file")
 
@@ -149,5 +170,8 @@ def _recipe_summary(kind, factory) -> dict:
 
 
 def load_plugins(extra=()) -> Plugins:
-    """The plugin set for these local plugin specs (cached: hooks run once per process and set)."""
-    return _load(tuple(str(p) for p in extra), _autoload_disabled())
+    """The plugin set for these local plugin specs (cached: hooks run once per process and set).
+
+    Loading is idempotent: a spec repeated, or one file spelt two ways (relative and absolute), is loaded once.
+    """
+    return _load(tuple(unique_plugin_specs(extra)), _autoload_disabled())

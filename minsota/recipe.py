@@ -352,6 +352,9 @@ def _validate(recipe: Recipe, plugins) -> None:
     if m.n_heads % m.n_kv_heads:
         raise UserError(f"{recipe.where('model.n_kv_heads')}: model.n_kv_heads = {m.n_kv_heads} does not divide "
                         f"model.n_heads = {m.n_heads}")
+    if component(m.positional)[0] == "learned" and t.seq_len > m.max_seq_len:
+        raise UserError(f"{recipe.where('train.seq_len')}: train.seq_len = {t.seq_len} is longer than the learned "
+                        f"position table (model.max_seq_len = {m.max_seq_len})")
     if isinstance(t.warmup_steps, float) and t.warmup_steps >= 1:
         raise UserError(f"{recipe.where('train.warmup_steps')}: train.warmup_steps as a fraction must be < 1, "
                         f"got {t.warmup_steps} (use an integer for a step count)")
@@ -407,7 +410,7 @@ def load_recipe(name_or_path: str, overrides: dict | None = None, plugins=()) ->
     ``overrides`` maps dotted keys to values, e.g. ``{"model.n_layers": 4}``; ``plugins`` are extra local
     plugin specs (as ``--plugin``). Raises `UserError` (one line, naming file and key) on any problem.
     """
-    from minsota.plugins import load_plugins
+    from minsota.plugins import load_plugins, unique_plugin_specs
 
     loaded = load_plugins(plugins)
     path = find_recipe(str(name_or_path), loaded)
@@ -418,15 +421,15 @@ def load_recipe(name_or_path: str, overrides: dict | None = None, plugins=()) ->
     override_keys = _apply_overrides(merged, origins, overrides)
     name = path.stem
     recipe = _resolve(merged, origins, name, str(path), override_keys, loaded)
-    recipe.plugins = [*map(str, plugins), *recipe_plugins]
+    recipe.plugins = unique_plugin_specs([*plugins, *recipe_plugins])  # absolute: a resume works from any cwd
     return recipe
 
 
 def recipe_from_dict(data: dict, source: str, overrides: dict | None = None, plugins=()) -> Recipe:
     """Rebuild a resolved recipe (a run's ``recipe.json``), re-validated, with optional overrides."""
-    from minsota.plugins import load_plugins
+    from minsota.plugins import load_plugins, unique_plugin_specs
 
-    all_plugins = [*data.get("plugins", []), *map(str, plugins)]
+    all_plugins = unique_plugin_specs([*data.get("plugins", []), *plugins])  # --resume RUN --plugin same.py: once
     loaded = load_plugins(all_plugins)
     merged = {s: dict(data.get(s, {})) for s in SECTIONS}
     merged["description"] = data.get("description", "")

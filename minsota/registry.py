@@ -36,16 +36,19 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, factory=None, *, summary: str | None = None, provider: str = "<direct>"):
-        """Register ``factory`` under ``name``; usable as a decorator when ``factory`` is omitted."""
-        if factory is None:
-            return lambda f: self.register(name, f, summary=summary, provider=provider) or f
+    def register(self, name: str, factory, *, summary: str | None = None, provider: str = "<direct>"):
+        """Register ``factory`` under ``name``. A name registered twice is an error unless exactly one of the
+        two factories is marked with `override`, which then holds the name whichever plugin loaded first."""
         old = self._entries.get(name)
-        if old is not None and not getattr(factory, "minsota_override", False):
-            raise UserError(
-                f"{self.kind} '{name}' is registered by both plugin '{old.provider}' and plugin '{provider}' "
-                f"(wrap one factory in minsota.override() to replace the other deliberately)"
-            )
+        if old is not None:
+            replacing, replaced = (getattr(f, "minsota_override", False) for f in (factory, old.factory))
+            if replacing == replaced:
+                raise UserError(
+                    f"{self.kind} '{name}' is registered by both plugin '{old.provider}' and plugin '{provider}' "
+                    f"(wrap one factory in minsota.override() to replace the other deliberately)"
+                )
+            if replaced:
+                return factory
         self._entries[name] = Entry(name, factory, summary if summary is not None else summary_of(factory), provider)
         return factory
 

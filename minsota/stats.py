@@ -1,9 +1,13 @@
 """The statistics `minsota compare` reports: mean ± std over seeds, and a paired t-test of a variant against the base.
 
-Why paired: seed k of every recipe is run with the same seed and so the same data order (same batches in the
-same order), so run k of the base and run k of a variant form a pair; the per-seed differences cancel the
-variance the two share (which batches happened to be easy), which Welch's unpaired test would count as noise.
-The test needs no assumption about that correlation: it is valid whether or not pairing helps.
+Why paired: run k of every recipe is trained with the same seed (``train.seed``), which sets the
+initialisation (and the end-of-run sample), so run k of the base and run k of a variant form a pair; where
+the two share what the seed decides (the same initial weights when the parameter shapes agree, as for a
+changed learning rate), the per-seed differences cancel it, which Welch's unpaired test would count as noise.
+The data order does not depend on the seed: every run of every recipe sees the same batches in the same order.
+So the spread over seeds measures initialisation variance, not data-order variance, and a difference is
+established for this one data order. The test needs no assumption about the correlation within a pair: it is
+valid whether or not pairing helps.
 
 scipy is not a dependency for one distribution: Student's t CDF comes from the regularized incomplete beta
 function, evaluated by its continued fraction (Numerical Recipes 3rd ed. §6.4, modified Lentz), and the

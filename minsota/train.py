@@ -53,7 +53,8 @@ from minsota.recipe import Recipe, TrainConfig, read_recipe_json
 
 # Keys a resumed run may not change unnoticed: they change what the weights mean or what the saved data
 # position points at. `--allow-change KEY` (or a whole table, `--allow-change model`) accepts a change.
-GUARDED = ("model", "data.source", "data.tokenizer", "train.batch_size", "train.seq_len")
+GUARDED = ("model", "data.source", "data.tokenizer", "data.text_field", "data.holdout_every", "train.batch_size",
+           "train.seq_len")
 # State dicts by parameter path with whole tensors (FSDP2 shards gathered): to save, on rank 0's CPU only;
 # to load, every rank holds them all
 TO_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -393,6 +394,7 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
           plugins=(), allow_changes=()) -> int:
     """Train ``recipe`` into ``run_dir``, or with ``resume`` continue the run there; returns the exit code."""
     run_dir, ckpt = Path(run_dir), None
+    named = resume and checkpoint.STEP_DIR.fullmatch(run_dir.name)  # --resume RUN_DIR/checkpoints/step-N
     if resume:
         run_dir, ckpt_path = checkpoint.find_resumable(run_dir)
         recipe = read_recipe_json(run_dir / "recipe.json", overrides, plugins)
@@ -436,6 +438,8 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
         return 0
     if main:
         checkpoint.remove_temporary(run_dir / "checkpoints")
+        if named:  # the later checkpoints are the branch this resume abandons: a plain resume must not find them
+            checkpoint.set_aside_after(run_dir / "checkpoints", ckpt["step"])
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(run_dir / "recipe.json", recipe.to_dict())
 

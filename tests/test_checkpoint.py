@@ -1,5 +1,7 @@
-"""minsota.checkpoint on small tensors: round trip, atomic layout, manifest checks, pruning, refusals."""
+"""minsota.checkpoint on small tensors: round trip, atomic layout, manifest checks, pruning, refusals; and
+the trainer's resume rules that guard checkpoints (abandoned branches, keys a resume may not change)."""
 
+import functools
 import json
 import os
 
@@ -7,7 +9,9 @@ import pytest
 import torch
 
 from minsota import checkpoint
-from minsota.errors import DivergedError, SaveError
+from minsota.errors import DivergedError, SaveError, UserError
+from minsota.recipe import load_recipe
+from minsota.train import check_changes
 
 
 def parts(step=1):
@@ -118,6 +122,102 @@ def test_io_error_removes_the_temporary_directory(tmp_path, monkeypatch):
     assert info.value.exit_code == 1
     assert os.listdir(tmp_path) == ["step-1"]
     checkpoint.verify(tmp_path / "step-1")
+
+
+def test_failed_redo_of_a_step_puts_the_previous_one_back(tmp_path, monkeypatch):
+    """A step redone after a resume replaces its old self; when that save fails, the old one is kept."""
+    checkpoint.save(tmp_path, 1, **parts(1))
+    checkpoint.save(tmp_path, 2, **parts(2))
+    real_rename = os.rename
+
+    def fail_into_place(src, dst):  # Path.rename: the move of the new checkpoint into step-2 fails
+        if os.path.basename(src).startswith(".tmp-step-2-"):
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", fail_into_place)
+    with pytest.raises(SaveError, match="Input/output error.*earlier checkpoints are intact"):
+        checkpoint.save(tmp_path, 2, **parts(7))
+    assert sorted(os.listdir(tmp_path)) == ["step-1", "step-2"]
+    assert checkpoint.load(tmp_path / "step-2")["trainer"]["step"] == 2
+
+
+def test_next_start_restores_a_replaced_checkpoint_left_hidden(tmp_path, capsys):
+    """A kill between moving step-N aside and moving the new one in: the next start puts step-N back."""
+    checkpoint.save(tmp_path, 1, **parts(1))
+    checkpoint.save(tmp_path, 2, **parts(2))
+    (tmp_path / "step-2").rename(tmp_path / ".old-step-2-999")
+    (tmp_path / ".tmp-step-2-999").mkdir()
+    assert checkpoint.checkpoints(tmp_path) == [tmp_path / "step-1"]
+    checkpoint.remove_temporary(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["step-1", "step-2"]
+    assert checkpoint.load(tmp_path / "step-2")["trainer"]["step"] == 2
+    assert "restored" in capsys.readouterr().err
+    # a leftover whose step-N is in place is a stale copy: removed
+    (tmp_path / ".old-step-1-999").mkdir()
+    checkpoint.remove_temporary(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["step-1", "step-2"]
+
+
+def test_set_aside_after_moves_a_later_branch_out_of_reach(tmp_path, capsys):
+    for step in (8, 9, 10):
+        checkpoint.save(tmp_path, step, **parts(step))
+    target = checkpoint.set_aside_after(tmp_path, 8)
+    assert target == tmp_path / "abandoned-after-step-8"
+    assert checkpoint.checkpoints(tmp_path) == [tmp_path / "step-8"]
+    assert sorted(os.listdir(target)) == ["step-10", "step-9"]
+    checkpoint.verify(target / "step-10")  # kept whole, still loadable by name
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step-9, step-10" in err and str(target) in err
+    # pruning and cleanup never reach into it; a second abandoned branch gets a folder of its own
+    checkpoint.save(tmp_path, 9, keep=1, **parts(9))
+    checkpoint.remove_temporary(tmp_path)
+    assert sorted(os.listdir(target)) == ["step-10", "step-9"]
+    assert checkpoint.set_aside_after(tmp_path, 3) == tmp_path / "abandoned-after-step-3"
+    assert checkpoint.set_aside_after(tmp_path, 3) is None
+    assert checkpoint.set_aside_after(tmp_path / "missing", 3) is None
+
+
+def test_resume_from_a_named_older_checkpoint_abandons_the_later_ones(tmp_path, cli, monkeypatch, request):
+    """step-2 .. step-4 exist; a run resumed from step-2 with another lr saves step-3 and stops: a plain resume
+    then continues that run, not the abandoned step-4."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+    torch.set_num_threads(1)  # as tests/test_train.py: OpenMP spinning is slow under contention
+    run = tmp_path / "run"
+    short = ["--set", "train.eval_batches=1", "--set", "train.sample_tokens=0", "--set", "train.checkpoint_every=1",
+             "--set", "train.keep_checkpoints=9"]
+    code, _, err = cli("train", "tiny", "--out", run, "--set", "train.steps=4", *short)
+    assert code == 0, err
+    code, _, err = cli("train", "--resume", run / "checkpoints" / "step-2", "--set", "train.steps=3",
+                       "--set", "train.lr=0.0001")
+    assert code == 0, err
+    abandoned = run / "checkpoints" / "abandoned-after-step-2"
+    assert f"moved the later checkpoints step-3, step-4 of the abandoned branch to {abandoned}" in err
+    assert [p.name for p in checkpoint.checkpoints(run / "checkpoints")] == ["step-1", "step-2", "step-3"]
+    assert sorted(os.listdir(abandoned)) == ["step-3", "step-4"]
+    assert checkpoint.find_resumable(run) == (run, run / "checkpoints" / "step-3")
+    assert checkpoint.load(run / "checkpoints" / "step-3")["recipe"]["train"]["lr"] == 0.0001
+    # a plain resume moves nothing
+    code, _, err = cli("train", "--resume", run, "--set", "train.steps=4")
+    assert code == 0 and "resuming at step 3" in err and "moved" not in err, err
+    assert sorted(os.listdir(abandoned)) == ["step-3", "step-4"]
+
+
+@pytest.mark.parametrize("key, value", [("data.holdout_every", 50), ("data.text_field", "content"),
+                                        ("data.source", "other"), ("train.seq_len", 32)])
+def test_resume_refuses_a_change_to_the_train_stream_unless_allowed(key, value, capsys):
+    """These keys change the token stream the saved data position points into."""
+    saved = json.loads(json.dumps(load_recipe("tiny").to_dict()))
+    changed = load_recipe("tiny", {key: value})
+    old = saved[key.split(".")[0]][key.split(".")[1]]
+    with pytest.raises(UserError, match=rf"^{key} changed from {old!r} to {value!r} since step-5; resuming would "
+                                        rf"continue a different run \(pass --allow-change {key} to accept\)$"):
+        check_changes(saved, changed, "step-5", ())
+    check_changes(saved, changed, "step-5", (key,))
+    assert f"resuming with {key} {old!r} -> {value!r}" in capsys.readouterr().err
+    # not guarded: the worker count changes speed, never data
+    check_changes(saved, load_recipe("tiny", {"data.num_workers": 3}), "step-5", ())
 
 
 def test_interrupted_save_leaves_only_hidden_leftovers(tmp_path):

@@ -12,8 +12,8 @@ import matplotlib.image
 import pytest
 
 from minsota.cli import main
-from minsota.compare import format_table, read_metrics, recipe_diff
-from minsota.recipe import load_recipe
+from minsota.compare import _tokens, format_table, read_metrics, recipe_diff
+from minsota.recipe import load_recipe, read_recipe_json
 
 QUICK = ["--steps", "3", "--seeds", "2", *(f"--set=train.{key}" for key in
          ("sample_tokens=0", "eval_batches=1", "batch_size=2", "micro_batch_size=2", "seq_len=32"))]
@@ -142,3 +142,28 @@ def test_diff_command_prints_sizes_and_groups(tmp_path):
     assert lines[3:] == ["components", "  model.feedforward  swiglu     mlp"]
     code, out, _ = invoke("diff", "tiny", "tiny")
     assert code == 0 and out.splitlines()[-1] == "the resolved recipes are identical"
+
+
+def test_evaluation_points_are_placed_by_the_tokens_of_their_step(compared):
+    """Evaluation records carry no token count: `_tokens` derives it, equal to the train record's at that step."""
+    _, out_dir, _ = compared
+    train, evals = read_metrics(out_dir / "tiny" / "seed-0")
+    recipe = read_recipe_json(out_dir / "tiny" / "seed-0" / "recipe.json")
+    assert evals and all("tokens" not in r for r in evals)
+    by_step = {r["step"]: r["tokens"] for r in train}
+    assert [_tokens(r, recipe) for r in evals] == [by_step[r["step"]] for r in evals]
+
+
+def test_an_interrupted_comparison_with_a_plugin_resumes(tmp_path):
+    (tmp_path / "myplug.py").write_text('from minsota import hookimpl\nfrom minsota.builtins.norms import RMSNorm\n\n'
+                                        'class Norm2(RMSNorm):\n    """RMSNorm under another name."""\n\n'
+                                        '@hookimpl\ndef minsota_register_norms():\n    return {"norm2": Norm2}\n')
+    (tmp_path / "variant.toml").write_text('extends = "tiny"\nplugins = ["myplug.py"]\n[model]\nnorm = "norm2"\n')
+    args = ["compare", "tiny", tmp_path / "variant.toml", *QUICK, "--seeds", "1", "--steps", "2",
+            "--set=data.num_workers=0", "--out", tmp_path / "out"]
+    code, _, err = invoke(*args)
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "out" / "variant" / "seed-0" / "checkpoints")  # as if stopped before its checkpoint
+    code, _, err = invoke(*args)
+    assert code == 0, err
+    assert (tmp_path / "out" / "variant" / "seed-0" / "checkpoints" / "step-2").is_dir()

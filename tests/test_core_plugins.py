@@ -1,10 +1,13 @@
 """Plugins and registries: entry-point discovery, local plugins, failures reported in one line naming
 the plugin, duplicate names naming both providers, and the deliberate override switch."""
 
+import json
+
 import pytest
 
 import minsota
 from minsota.errors import UserError
+from minsota.recipe import recipe_from_dict
 from minsota.registry import Registry
 from conftest import PLUGINS, run
 
@@ -14,10 +17,10 @@ BROKEN = PLUGINS / "broken"
 def test_registry_get_list_describe_and_did_you_mean():
     registry = Registry("norm")
 
-    @registry.register("rmsnorm", provider="p1")
     def rms(dim, cfg):
         """Root-mean-square norm."""
 
+    registry.register("rmsnorm", rms, provider="p1")
     registry.register("layernorm", lambda dim, cfg: None, summary="LayerNorm", provider="p2")
     assert registry.get("rmsnorm") is rms
     assert registry.list() == ["layernorm", "rmsnorm"] and registry.list("rms*") == ["rmsnorm"]
@@ -28,6 +31,17 @@ def test_registry_get_list_describe_and_did_you_mean():
         registry.get("batchnorm")  # nothing close: no suggestion, and never a silent fuzzy pick
     with pytest.raises(UserError, match="'layernorm' is registered by both plugin 'p2' and plugin 'p3'"):
         registry.register("layernorm", lambda dim, cfg: None, provider="p3")
+
+
+@pytest.mark.parametrize("override_first", [False, True])
+def test_an_override_holds_its_name_in_either_load_order(override_first):
+    registry = Registry("norm")
+    plain, replacement = (lambda dim, cfg: None), minsota.override(lambda dim, cfg: None)
+    for factory, provider in [(plain, "builtin"), (replacement, "mine")][::-1 if override_first else 1]:
+        registry.register("rmsnorm", factory, provider=provider)
+    assert registry.describe("rmsnorm").provider == "mine" and registry.get("rmsnorm") is replacement
+    with pytest.raises(UserError, match="registered by both plugin 'mine' and plugin 'theirs'"):
+        registry.register("rmsnorm", minsota.override(lambda dim, cfg: None), provider="theirs")
 
 
 def test_builtins_load_through_entry_points_and_are_attributed():
@@ -92,3 +106,64 @@ def test_list_and_plugins_commands(cli):
     assert code == 0 and any(line.split()[:3] == ["norms", "minsota", minsota.__version__] for line in out.splitlines())
     code, _, err = cli("list", "normz")
     assert code == 2 and "unknown component kind 'normz'" in err
+
+
+SCALENORM = '''"""ScaleNorm as a local plugin file."""
+import torch
+from torch import nn
+from minsota import hookimpl
+
+class ScaleNorm(nn.Module):
+    """ScaleNorm: g · x / ||x||."""
+    def __init__(self, dim, cfg, eps=1e-5):
+        super().__init__()
+        self.eps, self.g = eps, nn.Parameter(torch.tensor(dim ** 0.5))
+    def forward(self, x):
+        return self.g * x / x.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+
+@hookimpl
+def minsota_register_norms():
+    return {"scalenorm": ScaleNorm}
+'''
+
+
+@pytest.fixture
+def plugin_file(tmp_path):
+    (tmp_path / "myplug.py").write_text(SCALENORM)
+    return tmp_path / "myplug.py"
+
+
+def test_a_plugin_named_twice_is_loaded_once(plugin_file, monkeypatch):
+    monkeypatch.chdir(plugin_file.parent)
+    plugins = minsota.load_plugins([plugin_file, "myplug.py", "./myplug.py"])  # one file, three spellings
+    assert [n for n, i in plugins.infos.items() if i.distribution == "local"] == ["myplug"]
+    assert plugins.registry("norm").describe("scalenorm").provider == "myplug"
+    # --plugin and the recipe's plugins list, and a chain naming it in the parent and the child
+    (plugin_file.parent / "parent.toml").write_text('extends = "tiny"\nplugins = ["myplug.py"]\n')
+    (plugin_file.parent / "child.toml").write_text(
+        'extends = "parent.toml"\nplugins = ["myplug.py"]\n[model]\nnorm = "scalenorm"\n')
+    recipe = minsota.load_recipe(plugin_file.parent / "child.toml", plugins=["myplug.py"])
+    assert recipe.plugins == [str(plugin_file.resolve())]
+    assert type(minsota.build_model(recipe).norm).__name__ == "ScaleNorm"
+    # a run's recipe.json lists it, and `--resume RUN --plugin myplug.py` (compare's resume) names it again
+    again = recipe_from_dict(recipe.to_dict(), "recipe.json", None, ["myplug.py", *recipe.plugins])
+    assert again.plugins == [str(plugin_file.resolve())] and again.model.norm == "scalenorm"
+
+
+def test_a_relative_plugin_path_is_stored_absolute_and_resumes_elsewhere(plugin_file, monkeypatch, cli):
+    here, elsewhere, run_dir = plugin_file.parent, plugin_file.parent / "elsewhere", plugin_file.parent / "run"
+    elsewhere.mkdir()
+    quick = [f"--set=train.{key}" for key in ("steps=2", "sample_tokens=0", "eval_batches=1", "batch_size=2",
+                                                "micro_batch_size=2", "seq_len=32")]
+    monkeypatch.chdir(here)
+    code, _, err = cli("train", "tiny", "--plugin", "myplug.py", "--set", "model.norm=scalenorm",
+                       "--set", "data.num_workers=0", *quick, "--out", run_dir)
+    assert code == 0, err
+    assert json.loads((run_dir / "recipe.json").read_text())["plugins"] == [str(plugin_file.resolve())]
+    monkeypatch.chdir(elsewhere)  # where "myplug.py" names nothing
+    code, _, err = cli("train", "--resume", run_dir, "--set", "train.steps=3")
+    assert code == 0, err
+    code, _, err = cli("train", "--resume", run_dir, "--set", "train.steps=4", "--plugin", "../myplug.py")
+    assert code == 0, err
+    assert json.loads((run_dir / "recipe.json").read_text())["plugins"] == [str(plugin_file.resolve())]
+    assert (run_dir / "checkpoints" / "step-4").is_dir()

@@ -32,10 +32,13 @@ TINY_MODEL = "[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 256\n"
         ("train.schedule=linear", "train.schedule must be one of cosine, wsd, constant"),
         ("train.micro_batch_size=3", "train.micro_batch_size = 3 does not divide train.batch_size = 8"),
         ("model.tie_embeddings=1", "model.tie_embeddings must be bool"),
+        ("model.positional=learned", "train.seq_len = 64 is longer than the learned position table "
+                                     "(model.max_seq_len = 32)"),
     ],
 )
 def test_bad_override_is_one_line_exit_2_and_writes_nothing(cli, tmp_path, override, message):
-    code, out, err = cli("train", "tiny", "--set", override, "--out", tmp_path / "run")
+    code, out, err = cli("train", "tiny", "--set", override, "--set", "model.max_seq_len=32", "--out",
+                         tmp_path / "run")
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
     assert "Traceback" not in err
