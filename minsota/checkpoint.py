@@ -26,6 +26,7 @@ safetensors, everything else JSON. Resuming from a named older checkpoint moves 
 (`minsota.hf` import/export).
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -109,6 +110,13 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_as_of(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file as it was at this size and mtime: finding a checkpoint to resume and then loading it
+    verify it twice, and a 7B run's checkpoint is ~90 GB to hash."""
+    return _sha256(Path(path))
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -245,12 +253,12 @@ def verify(path: Path) -> dict:
     for name, expected in files.items():
         file = path / name
         try:
-            size = file.stat().st_size
+            stat = file.stat()
         except OSError:
             raise CorruptCheckpoint(f"{file}: missing") from None
-        if size != expected["bytes"]:
-            raise CorruptCheckpoint(f"{file}: {size} bytes, manifest says {expected['bytes']} (truncated?)")
-        if _sha256(file) != expected["sha256"]:
+        if stat.st_size != expected["bytes"]:
+            raise CorruptCheckpoint(f"{file}: {stat.st_size} bytes, manifest says {expected['bytes']} (truncated?)")
+        if _sha256_as_of(str(file), stat.st_size, stat.st_mtime_ns) != expected["sha256"]:
             raise CorruptCheckpoint(f"{file}: sha256 differs from the manifest (corrupted)")
     return manifest
 

@@ -69,9 +69,21 @@ def test_keeps_the_newest_and_replaces_a_redone_step(tmp_path):
     assert checkpoint.load(tmp_path / "step-4")["trainer"]["step"] == 5
 
 
+def test_finding_then_loading_hashes_each_file_once(tmp_path, monkeypatch):
+    (tmp_path / checkpoint.RECIPE).write_text("{}")
+    path = checkpoint.save(tmp_path / "checkpoints", 2, **parts(2))
+    hashed = []
+    sha256 = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda file: hashed.append(file.name) or sha256(file))
+    _, found = checkpoint.find_resumable(tmp_path)
+    checkpoint.load(found)
+    assert found == path and sorted(hashed) == sorted(json.loads((path / checkpoint.MANIFEST).read_text())["files"])
+
+
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete a file", "delete the manifest"])
 def test_damage_is_detected_and_never_loaded(tmp_path, damage):
     path = checkpoint.save(tmp_path, 7, **parts(7))
+    checkpoint.verify(path)  # verified once before the damage: a remembered hash must not hide it
     target = path / (checkpoint.MANIFEST if damage == "delete the manifest" else checkpoint.OPTIMIZER)
     data = target.read_bytes()
     if damage == "flip a byte":
