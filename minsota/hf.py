@@ -26,7 +26,7 @@ from minsota.data import build_tokenizer
 from minsota.errors import UserError
 from minsota.inference import load_run
 from minsota.model import Decoder, build_model
-from minsota.recipe import ModelConfig, Recipe, component, recipe_from_dict
+from minsota.recipe import ModelConfig, Recipe, TrainConfig, component, recipe_from_dict
 
 ROTARY_FAMILIES = ("llama", "mistral", "olmo2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "olmo2": "Olmo2ForCausalLM",
@@ -214,6 +214,7 @@ def read_hf(path) -> tuple[Recipe, dict[str, torch.Tensor]]:
         "name": directory.name,
         "description": f"imported from Hugging Face {config.get('model_type')} checkpoint {directory.resolve()}",
         "model": model,
+        "train": {"seq_len": min(TrainConfig.seq_len, model["max_seq_len"])},  # a short context caps the default
         "data": {"tokenizer": str(directory.resolve())} if has_tokenizer else {},  # the checkpoint's own tokenizer
     }, str(directory / "config.json"))
     hf = _with_base_prefix(_read_weights(directory), config["model_type"])

@@ -4,9 +4,10 @@ With a 32k vocabulary the logits, their softmax and its gradient are the largest
 (~1 GB at 2048 tokens, ~10% of a CPU step in memory traffic). Following Liger Kernel's fused linear
 cross-entropy (Hsu et al. 2024, https://arxiv.org/abs/2410.10989), the forward pass walks the rows in chunks
 and, for each, computes logits -> loss and at once the gradient with respect to the logits, which it turns
-into d(hidden) and accumulates into d(weight); backward only scales those by the incoming gradient. No
-matmul is repeated (a recompute-in-backward variant would redo the lm_head GEMM, the largest in the model),
-and only one (chunk, vocab) block is alive at a time.
+into d(hidden) and accumulates into d(weight); backward only scales those by the incoming gradient (and the
+mean's 1/count, kept out of forward so that fp16 does not underflow). No matmul is repeated (a
+recompute-in-backward variant would redo the lm_head GEMM, the largest in the model), and only one
+(chunk, vocab) block is alive at a time.
 
 Semantics match ``F.cross_entropy(softcap(hidden @ weight.T), targets, ignore_index=-100)`` (mean over the
 targets that are not -100) plus PaLM's z-loss ``z_loss · mean(logsumexp²)`` over the same targets, with
@@ -23,8 +24,16 @@ IGNORE_INDEX = -100
 def accumulate_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out += a @ b, in place. An op of its own because torch.compile turns a plain ``addmm_`` on a tensor
     made inside the graph into a fresh (vocab, dim) buffer plus a copy per chunk (~10% of a compiled CPU step
-    at vocab 32000); a custom op that declares its mutation is put back in place by inductor."""
-    out.addmm_(a, b)
+    at vocab 32000); a custom op that declares its mutation is put back in place by inductor.
+
+    ``out`` may be fp32 while ``a`` and ``b`` are bf16/fp16 (a low-precision weight, e.g. FSDP2's param_dtype):
+    the product is then taken in their dtype (no fp32 GEMM) and added to the fp32 running sum, so only each
+    chunk's contribution is rounded, never the sum. (CUDA's ``addmm(out_dtype=)`` could skip the temporary,
+    but CPU has no such kernel.)"""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(a @ b)
 
 
 @accumulate_matmul.register_fake
@@ -37,9 +46,10 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
-def _chunk(h, weight, targets, valid, row_weight, cap: float, z_loss: float, grad_hidden=None, grad_weight=None):
+def _chunk(h, weight, targets, valid, cap: float, z_loss: float, grad_hidden=None, grad_weight=None):
     """Cross-entropy and z-loss sums of one chunk of rows (weighted by ``valid``). Given gradient buffers, it
-    writes d loss/d h into ``grad_hidden`` (these rows) and adds d loss/d weight into ``grad_weight``.
+    writes d sum/d h into ``grad_hidden`` (these rows) and adds d sum/d weight into ``grad_weight``: gradients
+    of the *sums*, count times the mean's (see `_fused` for why).
 
     One (c, V) block is alive (two under softcap): logsumexp is done by hand so that exp(logits - max)
     overwrites the logits (torch.logsumexp would allocate two more blocks), and that block then becomes the
@@ -54,9 +64,9 @@ def _chunk(h, weight, targets, valid, row_weight, cap: float, z_loss: float, gra
     lse = top + total.log()
     ce, z = ((lse - target_logit) * valid).sum(), (lse.square() * valid).sum()
     if grad_weight is not None:
-        # d(loss)/d(logits) = w · (softmax · (1 + 2·z_loss·lse) − onehot(target)), × (1 − tanh²) under softcap
-        grad = exp.mul_((row_weight * (1 + 2 * z_loss * lse) / total)[:, None])
-        grad.scatter_add_(1, targets.clamp_min(0)[:, None], -row_weight[:, None])
+        # d(sum)/d(logits) = valid·(softmax·(1 + 2·z_loss·lse) − onehot(target)), × (1 − tanh²) under softcap
+        grad = exp.mul_((valid * (1 + 2 * z_loss * lse) / total)[:, None])
+        grad.scatter_add_(1, targets.clamp_min(0)[:, None], -valid[:, None])
         if cap:
             grad.mul_(tanh_grad)
         grad_hidden.copy_(grad.to(weight.dtype) @ weight)
@@ -65,43 +75,57 @@ def _chunk(h, weight, targets, valid, row_weight, cap: float, z_loss: float, gra
 
 
 def _fused(hidden, weight, targets, cap: float, z_loss: float, chunk_size: int, with_grads: bool):
-    """(loss, d loss/d hidden, d loss/d weight) walking row chunks; the gradients are None without ``with_grads``."""
+    """(loss, d sum/d hidden, d sum/d weight, count) walking row chunks; the gradients are None without
+    ``with_grads``. They are the gradients of the summed (not averaged) token losses: the mean's 1/count is
+    left to backward, which multiplies by grad_loss / count in fp32.
+
+    Why: these gradients are made in forward, before a GradScaler's scale (fp16) arrives with grad_loss. With
+    the 1/count folded in, the (chunk, vocab) block holds softmax/count ~ 1/(count·vocab) ~ 1e-8, and under
+    fp16 (autocast, or fp16 parameters) the d hidden GEMM flushes it to zero. Without it the block's entries
+    are at most ~1 and d hidden's at most ~2·max|weight|, safely inside fp16's range, as autograd's would be
+    with the scaler's scale; the GEMMs stay in fp16/bf16 (disabling autocast would put them in fp32, several
+    times slower on the fp16-only GPUs that use fp16 at all), and bf16/fp32 results are unchanged.
+    d weight is summed over chunks in fp32 (whatever the weight's dtype: a bf16 running sum would be rounded
+    once per chunk) and cast to the weight's dtype once, at the end.
+    """
     valid = (targets != IGNORE_INDEX).float()
     count = valid.sum()
-    row_weight = valid / count.clamp_min(1)  # each token's share of the mean; all ignored -> zero gradients
     grad_hidden = torch.empty_like(hidden) if with_grads else None
-    grad_weight = torch.zeros_like(weight) if with_grads else None  # summed over chunks, in place
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None  # summed in place
     ce_sum = z_sum = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
-        ce, z = _chunk(hidden[rows], weight, targets[rows], valid[rows], row_weight[rows], cap, z_loss,
+        ce, z = _chunk(hidden[rows], weight, targets[rows], valid[rows], cap, z_loss,
                        grad_hidden[rows] if with_grads else None, grad_weight)
         ce_sum, z_sum = ce_sum + ce, z_sum + z
     loss = ce_sum / count + z_loss * z_sum / count.clamp_min(1)  # 0/0 = NaN when all ignored, as F.cross_entropy
-    return loss, grad_hidden, grad_weight
+    return loss, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), count
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, cap: float, z_loss: float, chunk_size: int):
-        loss, grad_hidden, grad_weight = _fused(hidden, weight, targets, cap, z_loss, chunk_size, with_grads=True)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        loss, grad_hidden, grad_weight, count = _fused(hidden, weight, targets, cap, z_loss, chunk_size,
+                                                       with_grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss.float() / count.clamp_min(1)  # the mean's 1/count, in fp32; all ignored -> zero gradients
         # scaled in place: backward starts with every activation alive, no room for a second (vocab, dim) copy.
         # A second backward through this graph (retain_graph) fails autograd's version check, never double-scales.
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None
+        return grad_hidden.mul_(scale), grad_weight.mul_(scale), None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          logit_softcap: float = 0.0, z_loss: float = 0.0, chunk_size: int = 256) -> torch.Tensor:
     """Mean cross-entropy (+ z-loss) of ``softcap(hidden @ weight.T)`` against ``targets``; -100 is ignored.
 
-    hidden (N, D), weight (V, D), targets (N,) int64. The gradient of ``weight`` is summed over chunks in
-    ``weight``'s dtype. Without autograd (eval, no_grad) only the loss is computed, still chunk by chunk.
+    hidden (N, D), weight (V, D), targets (N,) int64. The gradient of ``weight`` is summed over chunks in fp32
+    and returned in ``weight``'s dtype. Without autograd (eval, no_grad) only the loss is computed, still chunk
+    by chunk.
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, logit_softcap, z_loss, chunk_size)

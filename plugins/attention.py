@@ -15,8 +15,11 @@ Grouped-query attention (Ainslie et al. 2023) by ``cfg.n_kv_heads`` (1 = MQA): S
 
 Masks: causal; with ``document_ids`` (packed batches) also within one document; with ``window`` also within
 it. Plain causal attention takes SDPA's flash path. Otherwise CPU builds a dense boolean mask (flex_attention
-has no CPU backward in this torch) and CUDA uses flex_attention, which skips fully masked blocks.
+has no CPU backward in this torch) and CUDA uses flex_attention, which skips fully masked blocks; compiled
+even when the model is not (eager flex materialises the whole (T, T) score matrix).
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +43,34 @@ def visible_keys(T: int, document_ids, window: int, device) -> torch.Tensor:
     return mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
 
 
-def flex_attend(q, k, v, document_ids, window: int):
-    """Causal attention within documents and the window through flex_attention (CUDA; forward also on CPU)."""
+@functools.cache
+def compiled(fn):
+    """torch.compile(fn), made once. Eager flex_attention is an unfused fallback that materialises the whole
+    (B, H, T, T) score matrix, and eager create_block_mask the whole (B, 1, T, T) mask; compiled, neither
+    does. Inside an outer torch.compile the plain functions are traced instead (see `_call`)."""
+    return torch.compile(fn)
+
+
+def _call(fn, *args, **kwargs):
+    return (fn if torch.compiler.is_compiling() else compiled(fn))(*args, **kwargs)
+
+
+def block_mask(document_ids, window: int, T: int, device):
+    """flex_attention's BlockMask: causal, within documents and the window (built by each layer: compiled, it
+    costs a (B, T/128, T/128) block table, small beside the attention it steers)."""
     def mask_mod(b, h, i, j):
         keep = (i >= j) & ((i - j < window) if window else True)
         return keep if document_ids is None else keep & (document_ids[b, i] == document_ids[b, j])
 
-    B, T = (document_ids.shape[0] if document_ids is not None else None), q.shape[-2]
-    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    B = document_ids.shape[0] if document_ids is not None else None
+    return _call(create_block_mask, mask_mod, B, None, T, T, device=device)
+
+
+def flex_attend(q, k, v, document_ids, window: int):
+    """Causal attention within documents and the window through flex_attention, compiled (CUDA; forward also on
+    CPU)."""
+    mask = block_mask(document_ids, window, q.shape[-2], q.device)
+    return _call(flex_attention, q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):

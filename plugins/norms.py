@@ -1,7 +1,7 @@
 """Built-in norms: RMSNorm (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467; Llama, Mistral), its
 parameter-free variant (OLMo's non-parametric norm, https://arxiv.org/abs/2402.00838) and LayerNorm
-(Ba et al. 2016; with bias as GPT-2, without as PaLM). Statistics are computed in fp32 whatever the input
-dtype, and the result is cast back, as HF Llama does.
+(Ba et al. 2016; with bias as GPT-2, without as PaLM). Statistics and the affine parameters are applied in
+fp32 whatever the input dtype, and the result is cast back to the input dtype (bf16 in, bf16 out).
 """
 
 import torch
@@ -12,7 +12,8 @@ from minsota import hookimpl, reference
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learned gain; statistics in fp32 (as HF Llama), result cast back to the input dtype."""
+    """RMSNorm with a learned gain; statistics and the gain in fp32, the result cast back to the input dtype
+    (so a bf16 input under autocast gives bf16: q/k through QK-norm keep v's dtype)."""
 
     reference = staticmethod(reference.rms_norm)
 
@@ -22,8 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if gain else None
 
     def forward(self, x):
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
-        return y if self.weight is None else self.weight * y
+        weight = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).type_as(x)
 
 
 def rmsnorm_noparam(dim: int, cfg=None, eps: float = 1e-5) -> RMSNorm:

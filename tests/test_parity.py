@@ -22,7 +22,7 @@ from minsota.state import make_state
 
 FP32, BF16 = 1e-5, 3e-2
 SHRINK = {"model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.head_dim": 8, "model.vocab_size": 64,
-          "model.ffn_dim": 48, "model.max_seq_len": 32}
+          "model.ffn_dim": 48, "model.max_seq_len": 32, "train.seq_len": 32}
 PLUGINS = minsota.load_plugins()
 CFG = load_recipe("tiny", {**SHRINK, "model.n_kv_heads": 2}).model
 B, T = 2, 12
@@ -236,17 +236,27 @@ def test_alibi_slopes():
 
 
 @pytest.mark.skipif(not hasattr(torch.nn.attention, "flex_attention"), reason="no flex_attention in this torch")
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.filterwarnings("error:flex_attention called without torch.compile")  # eager flex: (T, T) scores
 def test_flex_path_matches_the_dense_mask():
-    """The CUDA document/window path, run forward on CPU (flex has no CPU backward in this torch)."""
+    """The CUDA document/window path (compiled flex_attention), run forward on CPU (flex has no CPU backward in
+    this torch)."""
     from minsota.builtins.attention import flex_attend, visible_keys
 
     q, k, v = (hidden(B, heads, 16, 8).detach() for heads in (4, 2, 2))
     document_ids = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
-    for documents, window in [(document_ids, 0), (document_ids, 5), (None, 5)]:
+    for documents, window in [(document_ids, 0), (document_ids, 5), (None, 5), (document_ids.clone(), 0)]:
         expected = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=visible_keys(16, documents, window, "cpu"), enable_gqa=True)
         assert_close(flex_attend(q, k, v, documents, window), expected, FP32, f"flex_attention window {window}")
+
+
+@pytest.mark.parametrize("name", PLUGINS.registry("norm").list())
+def test_norm_keeps_the_input_dtype_under_autocast(name):
+    """An fp32 gain must not promote a bf16 input to fp32: with QK-norm, SDPA/flex would get fp32 q, k, bf16 v."""
+    norm = build("norm", name, {})
+    x = hidden(B, T, CFG.dim).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.bfloat16()).dtype == torch.bfloat16 and norm(x).dtype == torch.float32
 
 
 def test_a_kernel_refuses_what_it_cannot_do():
