@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minsota import checkpoint
@@ -180,15 +181,31 @@ def _hf_directory(path) -> Path:
     return directory
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+
+
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(_read_json(index)["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError):
+            raise UserError(f"{index}: no weight_map of weight names to shard files") from None
     elif (directory / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
         raise UserError(f"{directory}: no model.safetensors (or sharded index); only safetensors weights are read")
-    return {name: tensor for shard in shards for name, tensor in load_file(str(directory / shard)).items()}
+    weights = {}
+    for shard in shards:
+        try:
+            weights.update(load_file(str(directory / shard)))
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{directory / shard}: not a readable safetensors file ({e})") from None
+    return weights
 
 
 def _with_base_prefix(hf: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
@@ -204,7 +221,7 @@ def _with_base_prefix(hf: dict[str, torch.Tensor], family: str) -> dict[str, tor
 def read_hf(path) -> tuple[Recipe, dict[str, torch.Tensor]]:
     """(recipe, minsota state dict) of an HF directory (or a file inside it)."""
     directory = _hf_directory(path)
-    config = json.loads((directory / "config.json").read_text())
+    config = _read_json(directory / "config.json")
     try:
         model = _model_from_hf(config)
     except KeyError as e:

@@ -126,6 +126,17 @@ def test_cli_round_trip_through_a_run_directory(cli, tokens, tmp_path):
     assert tokenizer.encode("w7 w98 w3", add_special_tokens=False) == [9, 100, 5] and tokenizer.eos_token_id == 0
 
 
+@pytest.mark.parametrize("damage", ["config.json", "model.safetensors"])
+def test_import_of_a_damaged_directory_is_one_line(cli, tmp_path, damage):
+    hf_model("llama", tmp_path / "hf")
+    target = tmp_path / "hf" / damage
+    target.write_bytes(target.read_bytes()[:1000] if damage == "model.safetensors" else b"{")
+    code, _, err = cli("import-hf", tmp_path / "hf", tmp_path / "run")
+    assert code == 2 and "Traceback" not in err, err  # (above: the HF model's own save progress bar)
+    assert err.strip().splitlines()[-1].startswith(f"minsota: error: {target}:"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_without_a_hugging_face_tokenizer_warns(cli, tmp_path):
     """A run with the byte tokenizer (no Hugging Face form) exports its model and says the tokenizer stayed."""
     code, _, err = cli("train", "tiny", "--out", tmp_path / "run", "--set", "train.steps=1", "--set",
