@@ -3,6 +3,7 @@
 Layout of a run directory (what `minsota train` writes and `--resume` reads):
 
     RUN_DIR/recipe.json                 the resolved recipe (`Recipe.to_dict()`); --resume rebuilds from it
+    RUN_DIR/.lock                       held (flock) by the one trainer writing the run; says its pid and host
     RUN_DIR/metrics.jsonl               one JSON object per optimizer step and per evaluation, appended
     RUN_DIR/checkpoints/step-N/         N = optimizer steps completed
         model.safetensors               weights by module path (`layers.0.attention.wqkv.weight`), as trained
@@ -21,17 +22,22 @@ kill at any instant leaves the new checkpoint whole or absent. A checkpoint whos
 whose files differ from it in size or sha256, is never loaded. Nothing here unpickles: tensors are
 safetensors, everything else JSON. Resuming from a named older checkpoint moves the later ones into
 ``checkpoints/abandoned-after-step-N/`` (`set_aside_after`): no longer resumable, never deleted.
+One trainer at a time writes a run directory: `lock_run` holds RUN_DIR/.lock exclusively for the whole run,
+so a double launch or a requeued job whose predecessor still runs is refused instead of interleaving.
 
 `save_weights` / `load_weights` read and write one weights file in that format for other tools
 (`minsota.hf` import/export).
 """
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -44,6 +50,7 @@ from minsota.errors import DivergedError, SaveError, UserError
 FORMAT = 1
 MODEL, OPTIMIZER, RNG, TRAINER, RECIPE, MANIFEST = (
     "model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json", "recipe.json", "manifest.json")
+LOCK = ".lock"
 STEP_DIR = re.compile(r"step-(\d+)")
 OLD_DIR = re.compile(r"\.old-step-(\d+)-\d+")  # a checkpoint being replaced by a redone step's save
 
@@ -224,6 +231,87 @@ def set_aside_after(directory: Path, step: int) -> Path | None:
     return target
 
 
+# ----------------------------------------------------------------------------------------------- lock
+
+_held_locks: set[int] = set()  # lock file descriptors of this process
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data worker): close the inherited lock descriptors, so that the lock ends with the
+    trainer (a kill -9 included) rather than with the last worker to notice its parent is gone."""
+    for fd in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+@contextlib.contextmanager
+def lock_run(run_dir: Path, create: bool = False):
+    """Hold ``run_dir/.lock`` exclusively (flock, never waiting) for the body: one trainer per run directory.
+
+    Another holder is refused with a `UserError` naming the directory and the holder's pid and host. With
+    ``create`` (a new run), a missing ``run_dir`` is made first (a path that cannot be one is a `UserError`), and
+    removed again if the body leaves nothing in it but the lock file (a run refused before it wrote anything).
+    The lock file stays; the kernel releases the lock when the holder exits, however it exits.
+    """
+    run_dir = Path(run_dir)
+    made = []  # directories this call created, deepest first
+    if create and not run_dir.is_dir():
+        made = [run_dir, *(p for p in run_dir.parents if not p.exists())]
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            if not run_dir.is_dir():
+                raise UserError(f"{run_dir}: exists and is not a directory; choose another --out") from None
+            made = []  # another process made it meanwhile
+        except OSError as e:
+            raise UserError(f"{run_dir}: cannot create the run directory ({e.strerror or e}); choose another "
+                            f"--out") from None
+    path, fd = run_dir / LOCK, None
+    try:
+        while fd is None:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"{path}: cannot open the run directory's lock file ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                fd = None
+                then = "choose another --out" if create else f"let it finish or stop it, then --resume {run_dir}"
+                raise UserError(f"{run_dir} is being written by another trainer ({holder}, holding {path}): "
+                                f"{then}") from None
+            except OSError as e:  # a file system without locks
+                print(f"minsota: warning: {path}: cannot lock ({e.strerror or e}); make sure no other trainer "
+                      f"writes {run_dir}", file=sys.stderr)
+                break
+            try:  # the file locked must still be the one at the path (a refused new run removes it)
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                fd = None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _held_locks.add(fd)
+        yield path
+    finally:
+        if fd is not None:
+            _held_locks.discard(fd)
+            with contextlib.suppress(OSError):  # unlinked while still held: no one locks a stale file
+                if made and os.listdir(run_dir) == [LOCK]:
+                    path.unlink()
+                    for directory in made:
+                        directory.rmdir()
+            os.close(fd)
+
+
 # ----------------------------------------------------------------------------------------------- load
 
 
@@ -284,8 +372,9 @@ def find_resumable(path: Path) -> tuple[Path, Path | None]:
     """(run directory, checkpoint to resume from) for ``--resume PATH``.
 
     PATH is a run directory (its newest valid checkpoint; a corrupt one is skipped with a one-line warning;
-    None if the run never checkpointed) or one named checkpoint ``RUN_DIR/checkpoints/step-N`` (refused with
-    `CorruptCheckpoint`, exit 2, if it does not verify).
+    None if the run never checkpointed; `CorruptCheckpoint` if it has checkpoints but none verifies, rather than
+    starting it over) or one named checkpoint ``RUN_DIR/checkpoints/step-N`` (refused with `CorruptCheckpoint`,
+    exit 2, if it does not verify).
     """
     path = Path(path)
     if STEP_DIR.fullmatch(path.name):
@@ -293,10 +382,15 @@ def find_resumable(path: Path) -> tuple[Path, Path | None]:
         return path.parent.parent, path
     if not (path / RECIPE).is_file():
         raise UserError(f"--resume {path}: not a run directory (no {RECIPE})")
-    for candidate in reversed(checkpoints(path / "checkpoints")):
+    found = checkpoints(path / "checkpoints")
+    for candidate in reversed(found):
         try:
             verify(candidate)
             return path, candidate
         except CorruptCheckpoint as e:
             print(f"minsota: warning: skipping corrupt checkpoint: {e}", file=sys.stderr)
+    if found:
+        raise CorruptCheckpoint(f"{path}: every checkpoint is corrupt ({', '.join(p.name for p in found)}; see "
+                                f"above): restore one, or move them out of {path / 'checkpoints'} to start the run "
+                                f"again from step 0")
     return path, None

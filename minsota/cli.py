@@ -1,19 +1,20 @@
 """The `minsota` command line: train, recipes, list, show, plugins, compare, diff, generate, eval.
 
 Exit codes (every command): 0 ok · 1 internal error · 2 user error (bad recipe, argument, plugin, data
-source, checkpoint) · 3 training diverged · 130 after SIGINT · 143 after SIGTERM. A user error is one
-line on stderr; MINSOTA_DEBUG=1 adds the traceback.
+source, checkpoint) · 3 training diverged · 130 after SIGINT · 141 when stdout's reader has gone (`| head`),
+quietly · 143 after SIGTERM. A user error is one line on stderr; MINSOTA_DEBUG=1 adds the traceback.
 """
 
 import argparse
 import json
 import os
+import select
 import sys
 import traceback
 from datetime import datetime
 from pathlib import Path
 
-from minsota.errors import EXIT_INTERNAL, EXIT_SIGINT, UserError
+from minsota.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGPIPE, UserError
 from minsota.plugins import KINDS, load_plugins
 from minsota.recipe import load_recipe, parse_override
 
@@ -67,8 +68,15 @@ def cmd_train(args):
     from minsota.train import train
 
     if args.resume:
+        if args.recipe is not None:
+            raise UserError(f"a recipe ('{args.recipe}') and --resume are exclusive: --resume {args.resume} "
+                            f"continues with the run's own recipe.json; change keys with --set")
+        if args.out is not None:
+            raise UserError(f"--out and --resume are exclusive: the run continues in its own directory "
+                            f"({args.resume})")
         return train(None, Path(args.resume), resume=True, overrides=_overrides(args), plugins=args.plugin,
                      allow_changes=args.allow_change)
+    args.recipe = args.recipe or "quickstart"
     recipe = _recipe(args)
     run_dir = Path(args.out) if args.out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
     return train(recipe, run_dir)
@@ -89,6 +97,8 @@ def cmd_diff(args):
 def cmd_generate(args):
     from minsota.inference import sample_text
 
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     print(sample_text(Path(args.run_dir), args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                       args.top_p, args.seed, _overrides(args), args.plugin))
 
@@ -137,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="override a recipe key (TOML value; a bare word is a string)")
 
     p = sub.add_parser("train", parents=[common, overridable], help="train a recipe (default: quickstart)")
-    p.add_argument("recipe", nargs="?", default="quickstart", help="recipe name or TOML path")
-    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/RECIPE-TIMESTAMP)")
+    p.add_argument("recipe", nargs="?", help="recipe name or TOML path (default: quickstart; not with --resume)")
+    p.add_argument("--out", metavar="RUN_DIR", help="a new run directory (default: runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint "
                    "(or from RUN_DIR/checkpoints/step-N)")
     p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
@@ -205,10 +215,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has closed it (`minsota list | head -1`)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), 0)  # POLLERR and POLLHUP are reported whatever is asked for
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no stdout, or one without a descriptor
+        return False
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a pipe's reader gone: found here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_gone():  # some other pipe: a bug
+            return _internal_error()
+        # Python's "Note on SIGPIPE": nothing more to write, and no error left for the flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_SIGPIPE
     except UserError as e:
         if os.environ.get("MINSOTA_DEBUG"):
             traceback.print_exc()
@@ -217,6 +245,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return EXIT_SIGINT
     except Exception:
-        traceback.print_exc()
-        print("minsota: internal error (a bug: please report it with the traceback above)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal_error()
+
+
+def _internal_error() -> int:
+    traceback.print_exc()
+    print("minsota: internal error (a bug: please report it with the traceback above)", file=sys.stderr)
+    return EXIT_INTERNAL

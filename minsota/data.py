@@ -3,7 +3,9 @@
 Sources (``data.source``) and tokenizers (``data.tokenizer``) come from the registries plugins fill; the
 built-ins live in `plugins/data.py` and `plugins/tokenizers.py`. A spec is a registered name (``stdlib``,
 ``c4``, ``bytes``, ``gpt-neox-20b``), ``NAME:ARGUMENT`` (``hf:allenai/c4:en``), or a path, glob or hub name
-with a slash, which goes to the source ``files`` or the tokenizer ``hf``.
+with a slash, which goes to the source ``files`` or the tokenizer ``hf``. As a recipe is resolved, a local
+path among them is made absolute (`absolute_spec`), so a run's recipe.json names the same files from any
+working directory.
 
 The contract the trainer relies on:
   build_tokenizer(recipe) -> Tokenizer  (.name, .vocab_size, .eos_id, .encode(str) -> list[int], .decode(ids) -> str)
@@ -15,6 +17,7 @@ The contract the trainer relies on:
     .epoch -> int  (added) how many times the source had run out before the next window
   build_source(recipe, split) -> Source  (added) the documents alone, in order
   hub_reachable, HFSource, hf_source, no_argument  (added) for source and tokenizer plugins
+  absolute_spec, absolute_local_paths  (added) for `minsota.recipe`
 
 Packing. Each document's tokens and then EOS are appended to one stream; empty (or whitespace-only)
 documents are skipped and counted. Window g is stream[g·T : g·T + T + 1] with T = train.seq_len: consecutive
@@ -45,10 +48,12 @@ built-in source that state is a ``datasets.IterableDataset.state_dict()``, with 
 Resuming re-reads and re-tokenizes one block.
 """
 
+import contextlib
 import copy
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import urllib.error
@@ -185,27 +190,63 @@ def hf_source(split: str, data_cfg, *args, text_field: str | None = None, **kwar
 # -------------------------------------------------------------------------------------------- building
 
 
-def _resolve(kind: str, spec: str, fallback: str, plugins):
-    """(factory, argument): a registered name, NAME:ARGUMENT, or a path / glob / hub name for ``fallback``."""
+# data.KEY -> (registry kind, the factory a path, glob or hub name goes to)
+SPECS = {"source": ("source", "files"), "tokenizer": ("tokenizer", "hf")}
+
+
+def _route(key: str, spec: str, plugins) -> tuple[str, str, bool]:
+    """(registered name, argument, prefixed) of a data.source / data.tokenizer spec: a registered name,
+    NAME:ARGUMENT (prefixed), or a path / glob / hub name for the fallback. An unknown name comes back as is,
+    for the registry to refuse."""
+    kind, fallback = SPECS[key]
     registry = plugins.registry(kind)
     if spec in registry:
-        return registry.get(spec), ""
+        return spec, "", False
     prefix, colon, rest = spec.partition(":")
     if colon and prefix in registry:
-        return registry.get(prefix), rest
+        return prefix, rest, True
     if any(c in spec for c in "/\\*?") or Path(spec).expanduser().exists():
-        return registry.get(fallback), spec
+        return fallback, spec, False
+    return spec, "", False
+
+
+def _resolve(key: str, spec: str, plugins):
+    """(factory, argument) of a data.source / data.tokenizer spec (see `_route`)."""
+    name, argument, _ = _route(key, spec, plugins)
     try:
-        return registry.get(spec), ""
+        return plugins.registry(SPECS[key][0]).get(name), argument
     except UserError as e:
         raise UserError(f"{e}; a local path, or hf:NAME for the Hugging Face hub, also works") from None
 
 
-def _build(recipe, key: str, kind: str, fallback: str, *args):
+def absolute_spec(key: str, spec: str, plugins) -> str:
+    """``spec`` (of data.source or data.tokenizer) with its local path made absolute (``~`` expanded, glob
+    characters kept), so a run's recipe.json names the same files from any working directory. A path or glob
+    for the ``files`` source always is one; for ``hf`` (the tokenizer's bare path or hub name, or
+    ``hf:NAME[:CONFIG]``) only one that exists, so hub names stay. Registered names and other plugins' arguments
+    are left as they are."""
+    name, argument, prefixed = _route(key, spec, plugins)
+    if not argument or name not in {"source": ("files", "hf"), "tokenizer": ("hf",)}[key]:
+        return spec
+    path, colon, rest = argument.partition(":") if prefixed else (argument, "", "")  # hf:NAME:CONFIG
+    if name == "hf" and not Path(path).expanduser().exists():
+        return spec  # a hub name
+    path = os.path.abspath(os.path.expanduser(path))
+    return f"{name}:{path}{colon}{rest}" if prefixed else path
+
+
+def absolute_local_paths(data_cfg, plugins, keys=("source", "tokenizer")) -> None:
+    """Make the local paths in ``data_cfg``'s ``keys`` (of data.source, data.tokenizer) absolute, in place
+    (`absolute_spec`): `minsota.recipe` calls it as a recipe is resolved."""
+    for key in keys:
+        setattr(data_cfg, key, absolute_spec(key, getattr(data_cfg, key), plugins))
+
+
+def _build(recipe, key: str, *args):
     spec = getattr(recipe.data, key)
     where = f"{recipe.where(f'data.{key}')}: data.{key} = '{spec}'"
     try:
-        factory, argument = _resolve(kind, spec, fallback, load_plugins(recipe.plugins))
+        factory, argument = _resolve(key, spec, load_plugins(recipe.plugins))
         return factory(argument, recipe.data, *args)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
@@ -213,24 +254,90 @@ def _build(recipe, key: str, kind: str, fallback: str, *args):
 
 def build_tokenizer(recipe) -> Tokenizer:
     """The recipe's tokenizer; refused when it has more tokens than the model's embedding rows."""
-    tokenizer = _build(recipe, "tokenizer", "tokenizer", "hf")
+    tokenizer = _build(recipe, "tokenizer")
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise UserError(f"{recipe.where('model.vocab_size')}: tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} "
                         f"tokens but model.vocab_size = {recipe.model.vocab_size}")
     return tokenizer
 
 
+@contextlib.contextmanager
+def _datasets_log_held(held: list):
+    """Hold back what `datasets` logs (its own stderr handler), passing it on only if the block succeeds. Its
+    loaders log the failing file before they raise: a failure is then reported in one line that names it."""
+    import datasets  # noqa: F401  (configures its logger first, so restoring the handlers keeps its own)
+
+    class Hold(logging.Handler):
+        def emit(self, record):
+            held.append(record)
+
+    logger = logging.getLogger("datasets")
+    handlers, propagate = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [Hold()], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+    for record in held:
+        logger.handle(record)
+
+
+def _failing_file(held: list) -> str | None:
+    """The first existing file an error `datasets` logged names, if any."""
+    for record in held:
+        if record.levelno >= logging.ERROR:
+            for name in re.findall(r"'([^']+)'", record.getMessage()):
+                if os.path.isfile(name):
+                    return name
+    return None
+
+
 def build_source(recipe, split: str = "train") -> Source:
     """The recipe's documents for ``split`` ("train" or "validation"), checked to hold at least one non-empty
-    document, so a wrong path, column or split fails here, in one line, and not in a worker process."""
-    source = _build(recipe, "source", "source", "files", split)
+    document, so a wrong path, column or split, an empty or unparsable file, or a text column that is not text
+    fails here, in one line, and not in a worker process. Only the documents up to the first non-empty one are
+    read: a bad row further on still fails in the DataLoader worker that reaches it."""
+    from datasets.exceptions import DatasetGenerationError
+    from pyarrow import ArrowException
+
     where = f"{recipe.where('data.source')}: data.source = '{recipe.data.source}'"
+    held, kept, state = [], 0, None
+
+    def failed(reason: str) -> UserError:
+        file = _failing_file(held)
+        return UserError(f"{reason} (in {file})" if file and file not in reason else reason)
+
     try:
-        for texts, _ in source.blocks(recipe.data.block_docs):
-            if not all(map(is_empty, texts)):
-                return source
+        with _datasets_log_held(held):
+            source = _build(recipe, "source", split)
+            for texts, state in source.blocks(recipe.data.block_docs):
+                odd = next((t for t in texts if t is not None and not isinstance(t, str)), None)
+                if odd is not None:
+                    raise UserError(f"{where}: data.text_field = '{recipe.data.text_field}' holds "
+                                    f"{type(odd).__name__} values, not text: {odd!r:.60}")
+                kept += len(texts)
+                if not all(map(is_empty, texts)):
+                    return source
+    except UserError as e:
+        raise failed(str(e)) from None
     except KeyError as e:
         raise UserError(f"{where}: documents have no field {e} (data.text_field = '{recipe.data.text_field}')") from None
+    except StopIteration:  # datasets' json loader, inferring the columns from a first row it cannot find
+        raise failed(f"{where}: no documents: every file is empty") from None
+    # What reading bad files raises: pyarrow's parse errors, datasets' pandas/ujson fallback and undecodable text
+    # (ValueError), a corrupt or truncated archive (OSError, EOFError). The cause stays for MINSOTA_DEBUG=1.
+    except (ArrowException, DatasetGenerationError, ValueError, OSError, EOFError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise failed(f"{where}: cannot read the documents: {reason}") from e
+    documents = state.get("documents", 0) if isinstance(source, HFSource) and state else 0
+    if split == "train" and not kept and documents and source.holdout:
+        every = source.holdout[0]
+        held_out = "its only document is" if documents == 1 else f"all {documents} of its documents are"
+        fix = ("set data.holdout_every to 2 or more" if every == 1 else
+               "give it several documents: a .jsonl with one per line, or a directory of files")
+        raise UserError(f"{where}: {held_out} held out for validation, none is left to train on "
+                        f"(data.holdout_every = {every} holds out documents 0, {every}, {2 * every}, …, the first "
+                        f"included; a .txt file is one document): {fix}")
     raise UserError(f"{where}: no non-empty {split} documents")
 
 

@@ -2,11 +2,11 @@
 
 Every command exits 0 when it succeeds, 1 on an internal error or a failed checkpoint write (disk full),
 2 on a user error (bad recipe, argument, plugin, data source or checkpoint), 3 when training diverges,
-130 after SIGINT and 143 after SIGTERM.
+130 after SIGINT, 141 when stdout's reader has gone (`| head`) and 143 after SIGTERM.
 A `UserError` is printed as one line (no traceback unless MINSOTA_DEBUG=1).
 """
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 0, 1, 2, 3, 130, 141, 143
 
 
 class UserError(Exception):

@@ -410,6 +410,7 @@ def load_recipe(name_or_path: str, overrides: dict | None = None, plugins=()) ->
     ``overrides`` maps dotted keys to values, e.g. ``{"model.n_layers": 4}``; ``plugins`` are extra local
     plugin specs (as ``--plugin``). Raises `UserError` (one line, naming file and key) on any problem.
     """
+    from minsota.data import absolute_local_paths
     from minsota.plugins import load_plugins, unique_plugin_specs
 
     loaded = load_plugins(plugins)
@@ -422,11 +423,13 @@ def load_recipe(name_or_path: str, overrides: dict | None = None, plugins=()) ->
     name = path.stem
     recipe = _resolve(merged, origins, name, str(path), override_keys, loaded)
     recipe.plugins = unique_plugin_specs([*plugins, *recipe_plugins])  # absolute: a resume works from any cwd
+    absolute_local_paths(recipe.data, loaded)  # local data paths too: the same files from any cwd
     return recipe
 
 
 def recipe_from_dict(data: dict, source: str, overrides: dict | None = None, plugins=()) -> Recipe:
     """Rebuild a resolved recipe (a run's ``recipe.json``), re-validated, with optional overrides."""
+    from minsota.data import absolute_local_paths
     from minsota.plugins import load_plugins, unique_plugin_specs
 
     all_plugins = unique_plugin_specs([*data.get("plugins", []), *plugins])  # --resume RUN --plugin same.py: once
@@ -436,7 +439,10 @@ def recipe_from_dict(data: dict, source: str, overrides: dict | None = None, plu
     merged["plugins"] = all_plugins
     origins: dict[str, str] = {}
     override_keys = _apply_overrides(merged, origins, overrides)
-    return _resolve(merged, origins, data.get("name", "recipe"), source, override_keys, loaded)
+    recipe = _resolve(merged, origins, data.get("name", "recipe"), source, override_keys, loaded)
+    # an override's local data path made absolute, as load_recipe does; the saved ones are kept as written
+    absolute_local_paths(recipe.data, loaded, [k for k in ("source", "tokenizer") if f"data.{k}" in override_keys])
+    return recipe
 
 
 def read_recipe_json(path: Path, overrides: dict | None = None, plugins=()) -> Recipe:

@@ -15,7 +15,8 @@ fp32 on CPU, where bf16 is emulated and 2.4-3.9x slower; fp16 brings a dynamic l
 
 Faults: the first SIGINT/SIGTERM lets the step finish, checkpoints it and exits 130/143; a second exits at
 once. A non-finite loss or gradient norm is caught before `optimizer.step()`, so parameters stay untouched:
-the step is skipped (up to `max_bad_steps` times), then training stops with exit 3. `--resume` restores
+the step is skipped (up to `max_bad_steps` times), then training stops with exit 3. One trainer at a time writes
+a run directory (its lock, RUN_DIR/.lock); a second one exits 2 naming the holder. `--resume` restores
 weights, AdamW state, RNG states and the data position, so on CPU fp32 the resumed losses equal an
 uninterrupted run's bit for bit.
 """
@@ -23,6 +24,7 @@ uninterrupted run's bit for bit.
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -392,8 +394,34 @@ def open_metrics(path: Path):
 
 def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides: dict | None = None,
           plugins=(), allow_changes=()) -> int:
-    """Train ``recipe`` into ``run_dir``, or with ``resume`` continue the run there; returns the exit code."""
-    run_dir, ckpt = Path(run_dir), None
+    """Train ``recipe`` into ``run_dir``, or with ``resume`` continue the run there; returns the exit code.
+
+    The process that writes the run directory (rank 0) holds its lock (`checkpoint.lock_run`) from before it
+    reads the checkpoint to resume until it returns: a second trainer of the same directory is refused."""
+    run_dir = Path(run_dir)
+    named = resume and checkpoint.STEP_DIR.fullmatch(run_dir.name)  # --resume RUN_DIR/checkpoints/step-N
+    where = run_dir.parent.parent if named else run_dir
+    with contextlib.ExitStack() as stack:
+        # RANK: set by torchrun; the process group is joined later. Not a run directory: find_resumable says so.
+        if int(os.environ.get("RANK", "0")) == 0 and (not resume or (where / "recipe.json").is_file()):
+            stack.enter_context(checkpoint.lock_run(where, create=not resume))
+        return _train(recipe, run_dir, resume, overrides, plugins, allow_changes)
+
+
+def check_trackers(recipe: Recipe) -> None:
+    """Refuse a tracker whose package is not installed, before the run directory is written."""
+    for name in recipe.train.trackers:
+        try:
+            missing = importlib.util.find_spec(name) is None  # each tracker is named after its package
+        except (ImportError, ValueError):  # ValueError: imported already, without a spec
+            missing = False
+        if missing:
+            raise UserError(f"train.trackers asks for {name}, which is not installed (pip install {name})")
+
+
+def _train(recipe: Recipe | None, run_dir: Path, resume: bool, overrides: dict | None, plugins,
+           allow_changes) -> int:
+    ckpt = None
     named = resume and checkpoint.STEP_DIR.fullmatch(run_dir.name)  # --resume RUN_DIR/checkpoints/step-N
     if resume:
         run_dir, ckpt_path = checkpoint.find_resumable(run_dir)
@@ -405,6 +433,7 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
             check_changes(ckpt["recipe"], recipe, ckpt_path, allow_changes)
     elif (run_dir / "recipe.json").exists():
         raise UserError(f"{run_dir} holds a run already: continue it with --resume {run_dir}, or choose another --out")
+    check_trackers(recipe)
     t = recipe.train
     document = recipe.data.packing == "document"
 

@@ -3,7 +3,9 @@ the trainer's resume rules that guard checkpoints (abandoned branches, keys a re
 
 import functools
 import json
+import multiprocessing
 import os
+import time
 
 import pytest
 import torch
@@ -112,6 +114,59 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, capsys):
     with pytest.raises(checkpoint.CorruptCheckpoint, match="step-4/model.safetensors"):
         checkpoint.find_resumable(run / "checkpoints" / "step-4")
     assert checkpoint.find_resumable(run / "checkpoints" / "step-2") == (run, run / "checkpoints" / "step-2")
+
+
+def test_resume_refuses_a_run_whose_every_checkpoint_is_corrupt(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.json").write_text("{}")
+    assert checkpoint.find_resumable(run) == (run, None)  # never checkpointed: it starts from step 0
+    for step in (2, 4):
+        checkpoint.save(run / "checkpoints", step, **parts(step))
+        (run / "checkpoints" / f"step-{step}" / checkpoint.MANIFEST).unlink()
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=r"every checkpoint is corrupt \(step-2, step-4; ") as info:
+        checkpoint.find_resumable(run)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value) and str(run / "checkpoints") in str(info.value)
+    assert capsys.readouterr().err.count("skipping corrupt checkpoint") == 2
+
+
+def test_one_lock_holder_per_run_directory(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with checkpoint.lock_run(run) as lock:
+        assert lock == run / ".lock" and lock.read_text() == f"pid {os.getpid()} on {os.uname().nodename}\n"
+        refused = rf"^{run} is being written by another trainer \(pid {os.getpid()} on .*holding {lock}\): let it " \
+                  rf"finish or stop it, then --resume {run}$"
+        with pytest.raises(UserError, match=refused), checkpoint.lock_run(run):
+            pass
+        # a forked child (a data worker) does not keep the lock once the trainer lets go
+        fork = multiprocessing.get_context("fork")
+        started = fork.Event()
+        child = fork.Process(target=lambda: (started.set(), time.sleep(60)))
+        child.start()
+        assert started.wait(60)
+    try:
+        with checkpoint.lock_run(run):
+            pass
+    finally:
+        child.kill()
+        child.join()
+    assert lock.exists()  # the lock file stays; only the lock ends
+
+
+def test_a_new_run_directory_refused_before_writing_is_removed(tmp_path):
+    run = tmp_path / "new" / "run"
+    with pytest.raises(UserError, match="refused"), checkpoint.lock_run(run, create=True):
+        assert (run / ".lock").exists()
+        raise UserError("refused")
+    assert list(tmp_path.iterdir()) == []  # its parents too
+    with checkpoint.lock_run(run, create=True):
+        (run / "recipe.json").write_text("{}")
+    assert sorted(os.listdir(run)) == [".lock", "recipe.json"]
+    (tmp_path / "file").write_text("")
+    not_a_directory = f"^{tmp_path / 'file'}: exists and is not a directory; choose another --out$"
+    with pytest.raises(UserError, match=not_a_directory), checkpoint.lock_run(tmp_path / "file", create=True):
+        pass
 
 
 def test_refuses_non_finite_tensors(tmp_path):

@@ -2,6 +2,8 @@
 (exit 2, one line on stderr naming the file and key, no traceback, nothing written)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -137,3 +139,14 @@ def test_show_prints_the_resolved_recipe_and_exact_parameters(cli):
     model = minsota.build_model(minsota.load_recipe("tiny", {"model.n_layers": 2}), "meta")
     assert f"parameters: {model.num_parameters():,}\n" in out
     assert "FLOPs/token:" in out
+
+
+@pytest.mark.parametrize("command", ["recipes", "list"])
+def test_a_reader_that_stops_early_is_no_error(command):
+    """`minsota recipes | head -1`: the pipe's reader goes away; quietly out with 141 (128 + SIGPIPE), as `yes |
+    head -1`, not a BrokenPipeError traceback reported as an internal error."""
+    process = subprocess.Popen([sys.executable, "-m", "minsota", command], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before it writes a line: every write fails
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 141 and err == ""

@@ -8,7 +8,9 @@ import gzip
 import json
 import logging
 import math
+import re
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,8 +18,9 @@ import pytest
 import torch
 
 import minsota
-from minsota.data import build_batches, build_source, build_tokenizer
+from minsota.data import absolute_spec, build_batches, build_source, build_tokenizer
 from minsota.errors import UserError
+from minsota.recipe import recipe_from_dict
 from conftest import SHARED_DATA, run
 
 NEOX = SHARED_DATA / "gpt-neox-20b"
@@ -154,6 +157,134 @@ def test_bad_sources_fail_in_one_line(tmp_path):
     with pytest.raises(UserError, match="'body'"):
         build_source(tiny(source=str(path), text_field="body"))
 
+
+def write_jsonl(path, rows):
+    path.write_text("".join(row if isinstance(row, str) else json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+BAD_FILES = {  # name: (rows, or raw bytes; what the one line says)
+    "empty.jsonl": (b"", r"no documents: every file is empty"),
+    "empty.json.gz": (gzip.compress(b""), r"no documents: every file is empty"),
+    "malformed.jsonl": ([{"text": "one"}, {"text": "two"}, {"text": "three"}, '{"text": "fo\n', {"text": "five"}],
+                        r"cannot read the documents: JSON parse error: .* in row 3$"),
+    "not-json.jsonl": ([f"plain line {i}\n" for i in range(4)],
+                       r"cannot read the documents: JSON parse error: .* row 0$"),
+    "numbers.jsonl": ([{"text": i} for i in range(4)], r"data.text_field = 'text' holds int values, not text: 1$"),
+    "lists.jsonl": ([{"text": ["a", "b"]}] * 4, r"data.text_field = 'text' holds list values, not text: \['a', 'b'\]$"),
+    "truncated.jsonl.gz": (gzip.compress(b'{"text": "a document"}\n' * 500)[:30],
+                           r"cannot read the documents: Compressed file ended before the end-of-stream marker"),
+    "latin-1.txt": ("café ".encode("latin-1") * 10,
+                    r"cannot read the documents: 'utf-8' codec can't decode byte 0xe9"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_files_fail_in_one_line_naming_the_source(tmp_path, name):
+    content, message = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(content) if isinstance(content, bytes) else write_jsonl(path, content)
+    with pytest.raises(UserError, match=rf"^--set data.source: data.source = '{re.escape(str(path))}': {message}"):
+        build_source(tiny(source=str(path)))
+
+
+def test_a_bad_file_in_a_glob_is_named_in_one_line_and_exit_2(tmp_path):
+    """Through the CLI: datasets' own log line about the file is folded into minsota's one line."""
+    write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}"} for i in range(3)])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "fine"}, '{"text": "unterminated\n'])
+    result = run("train", "tiny", "--set", f"data.source={tmp_path}/*.jsonl", "--set", "data.num_workers=0",
+                 "--out", tmp_path / "run", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "data.source" in result.stderr and "JSON parse error" in result.stderr
+    assert f"(in {tmp_path / 'b.jsonl'})" in result.stderr
+
+
+def test_a_source_whose_documents_are_all_held_out_says_so(tmp_path):
+    single = tmp_path / "big.txt"
+    single.write_text("A long single document. " * 1000)
+    with pytest.raises(UserError, match=r"its only document is held out for validation, none is left to train on "
+                                        r"\(data.holdout_every = 100 holds out documents 0, 100, 200, …, the first "
+                                        r"included; a .txt file is one document\): give it several documents: a "
+                                        r".jsonl with one per line, or a directory of files$"):
+        build_source(tiny(source=str(single)))
+    assert documents(tiny(source=str(single)), "validation") == [single.read_text()]
+    spec, _ = corpus(tmp_path, "jsonl.gz")
+    with pytest.raises(UserError, match=rf"all {len(DOCS)} of its documents are held out .*: set data.holdout_every "
+                                        r"to 2 or more$"):
+        build_source(tiny(source=spec, holdout_every=1))
+
+
+# ------------------------------------------------------------------------------ local paths, stored absolute
+
+
+def test_local_paths_are_made_absolute_and_names_are_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs.jsonl").write_text('{"text": "a document"}\n')
+    plugins = minsota.load_plugins()
+    expected = {
+        ("source", "docs.jsonl"): str(tmp_path / "docs.jsonl"),
+        ("source", "sub/missing.jsonl"): str(tmp_path / "sub" / "missing.jsonl"),  # a path to `files`, existing or not
+        ("source", "../data/*.json.gz"): str(tmp_path.parent / "data" / "*.json.gz"),  # a glob stays a glob
+        ("source", "~/corpus/*.txt"): str(Path.home() / "corpus" / "*.txt"),
+        ("source", "files:docs.jsonl"): f"files:{tmp_path / 'docs.jsonl'}",
+        ("source", "hf:docs:en"): f"hf:{tmp_path / 'docs'}:en",  # a local dataset directory
+        ("tokenizer", "tok"): str(tmp_path / "tok"),
+        ("tokenizer", "./tok"): str(tmp_path / "tok"),
+        ("tokenizer", "hf:tok"): f"hf:{tmp_path / 'tok'}",
+    }
+    for (key, spec), absolute in expected.items():
+        assert absolute_spec(key, spec, plugins) == absolute, spec
+    for key, spec in [("source", "stdlib"), ("source", "c4"), ("source", "hf:allenai/c4:en"),
+                      ("source", "stdlb"), ("source", "missing.jsonl"),  # not (yet) paths: refused as unknown names
+                      ("tokenizer", "bytes"), ("tokenizer", "gpt-neox-20b"), ("tokenizer", "EleutherAI/pythia-160m"),
+                      ("tokenizer", "hf:EleutherAI/pythia-160m")]:
+        assert absolute_spec(key, spec, plugins) == spec
+    recipe = tiny(source="docs.jsonl", tokenizer="tok")
+    assert (recipe.data.source, recipe.data.tokenizer) == (str(tmp_path / "docs.jsonl"), str(tmp_path / "tok"))
+    # a resumed run's override is made absolute; its saved values are kept as written
+    saved = {**tiny().to_dict(), "data": {**tiny().to_dict()["data"], "source": "kept.jsonl"}}
+    assert recipe_from_dict(saved, "recipe.json").data.source == "kept.jsonl"
+    again = recipe_from_dict(saved, "recipe.json", {"data.source": "docs.jsonl", "data.tokenizer": "./tok"})
+    assert (again.data.source, again.data.tokenizer) == (str(tmp_path / "docs.jsonl"), str(tmp_path / "tok"))
+
+
+def test_a_relative_source_trains_resumes_and_evaluates_on_the_same_data_from_anywhere(tmp_path, monkeypatch, cli):
+    """Trained from one directory with data.source=docs.jsonl, a run resumes and evaluates on that file from any
+    other, even one holding a different docs.jsonl; a relative --set data.source on resume is made absolute."""
+    here, elsewhere, empty, run_dir = tmp_path / "here", tmp_path / "elsewhere", tmp_path / "empty", tmp_path / "run"
+    for directory in (here, elsewhere, empty):
+        directory.mkdir()
+    write_jsonl(here / "docs.jsonl", [{"text": text} for text in DOCS])
+    write_jsonl(elsewhere / "docs.jsonl", [{"text": text.upper() + " OTHER"} for text in DOCS])
+    quick = [f"--set=train.{key}" for key in ("steps=2", "sample_tokens=0", "eval_batches=1", "batch_size=2",
+                                                "micro_batch_size=2", "seq_len=32")]
+    monkeypatch.chdir(here)
+    code, _, err = cli("train", "tiny", "--set", "data.source=docs.jsonl", "--set", "data.num_workers=0", *quick,
+                       "--out", run_dir)
+    assert code == 0, err
+    assert json.loads((run_dir / "recipe.json").read_text())["data"]["source"] == str(here / "docs.jsonl")
+    code, evaluated_here, err = cli("eval", run_dir)
+    assert code == 0, err
+
+    monkeypatch.chdir(elsewhere)  # its own docs.jsonl is other data
+    code, evaluated_elsewhere, err = cli("eval", run_dir)
+    assert code == 0, err
+    assert evaluated_elsewhere == evaluated_here and str(here / "docs.jsonl") in evaluated_here
+    monkeypatch.chdir(empty)  # where docs.jsonl names nothing
+    code, _, err = cli("train", "--resume", run_dir, "--set", "train.steps=3")
+    assert code == 0, err
+    assert (run_dir / "checkpoints" / "step-3").is_dir()
+
+    monkeypatch.chdir(elsewhere)
+    code, _, err = cli("train", "--resume", run_dir, "--set", "train.steps=4", "--set", "data.source=docs.jsonl")
+    assert code == 2 and f"data.source changed from '{here / 'docs.jsonl'}' to '{elsewhere / 'docs.jsonl'}'" in err
+    code, _, err = cli("train", "--resume", run_dir, "--set", "train.steps=4", "--set", "data.source=docs.jsonl",
+                       "--allow-change", "data.source")
+    assert code == 0, err
+    assert json.loads((run_dir / "recipe.json").read_text())["data"]["source"] == str(elsewhere / "docs.jsonl")
 
 @needs_c4
 def test_c4_sample_streams_with_the_real_tokenizer():

@@ -350,6 +350,75 @@ def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, cli, monkeypatch)
     code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets({"train.trackers": '["wandb"]'}))
     assert code == 2 and err.strip().splitlines()[-1] == (
         "minsota: error: train.trackers asks for wandb, which is not installed (pip install wandb)")
+    assert not (tmp_path / "run").exists()  # refused before anything is written: the same --out works next
+
+
+# ------------------------------------------------------------------------ one trainer per run, CLI refusals
+
+
+def test_a_second_trainer_of_a_running_run_exits_2(tmp_path, cli):
+    """A double launch, or a requeued job whose predecessor still runs: refused, the run's files untouched."""
+    run_dir = tmp_path / "run"
+    first = popen("train", "tiny", "--out", run_dir, *sets({**SHORT, "train.steps": 100000,
+                                                              "train.checkpoint_every": 1}))
+    try:
+        wait_for_step(first, run_dir, 2)
+        for args, then in [(("--resume", run_dir), f"let it finish or stop it, then --resume {run_dir}"),
+                           (("--resume", run_dir / "checkpoints" / "step-1"), f"then --resume {run_dir}"),
+                           (("tiny", "--out", run_dir), "choose another --out")]:
+            code, err = finish(popen("train", *args, *sets({"train.steps": 3})))
+            assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+            assert err.startswith(f"minsota: error: {run_dir} is being written by another trainer (pid {first.pid} "
+                                  f"on ") and f"holding {run_dir / '.lock'}" in err and then in err, err
+        assert first.poll() is None
+    finally:
+        first.kill()  # kill -9: the kernel releases the lock, though its data worker may outlive it a moment
+        finish(first)
+    code, _, err = cli("train", "--resume", run_dir, "--set", "train.steps=1")  # at once: the lock is free
+    assert code == 0 and "is complete at step" in err, err
+
+
+def test_resume_refuses_when_every_checkpoint_is_corrupt(finished_run, cli):
+    """Not "no checkpoint yet, starting again from step 0": that would silently discard the run."""
+    steps = [p.name for p in checkpoint.checkpoints(finished_run / "checkpoints")]
+    for name in steps:
+        model = finished_run / "checkpoints" / name / checkpoint.MODEL
+        model.write_bytes(model.read_bytes()[:-1])
+    before = (finished_run / "metrics.jsonl").read_text()
+    code, _, err = cli("train", "--resume", finished_run, "--set", "train.steps=9")
+    assert code == 2, err
+    assert err.splitlines()[-1] == (
+        f"minsota: error: {finished_run}: every checkpoint is corrupt ({', '.join(steps)}; see above): "
+        f"restore one, or move them out of {finished_run / 'checkpoints'} to start the run again from step 0")
+    assert err.count("skipping corrupt checkpoint") == len(steps) and "starting it again" not in err
+    assert (finished_run / "metrics.jsonl").read_text() == before
+    assert [p.name for p in checkpoint.checkpoints(finished_run / "checkpoints")] == steps
+
+
+@pytest.mark.parametrize("recipe", ["palm", "nonexistent"])
+def test_a_recipe_with_resume_is_refused(finished_run, cli, recipe):
+    before = (finished_run / "metrics.jsonl").read_text()
+    code, _, err = cli("train", recipe, "--resume", finished_run, "--set", "train.steps=9")
+    assert code == 2 and err == (f"minsota: error: a recipe ('{recipe}') and --resume are exclusive: --resume "
+                                 f"{finished_run} continues with the run's own recipe.json; change keys with --set\n")
+    code, _, err = cli("train", "--resume", finished_run, "--out", finished_run.parent / "elsewhere")
+    assert code == 2 and err.count("\n") == 1 and "--out and --resume are exclusive" in err, err
+    assert (finished_run / "metrics.jsonl").read_text() == before
+
+
+def test_an_out_that_cannot_be_a_run_directory_is_one_line(tmp_path, cli):
+    (tmp_path / "afile").write_text("keep me")
+    code, _, err = cli("train", "tiny", "--out", tmp_path / "afile")
+    assert code == 2 and err == f"minsota: error: {tmp_path / 'afile'}: exists and is not a directory; choose another --out\n"
+    code, _, err = cli("train", "tiny", "--out", tmp_path / "afile" / "run")
+    assert code == 2 and err.count("\n") == 1 and "cannot create the run directory (Not a directory)" in err, err
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("n", ["-3", "0"])
+def test_generate_refuses_max_new_tokens_below_1(tmp_path, cli, n):
+    code, _, err = cli("generate", tmp_path / "no-run", "--max-new-tokens", n)
+    assert code == 2 and err == f"minsota: error: --max-new-tokens must be at least 1, got {n}\n"
 
 
 def update_golden() -> None:
