@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from minsota.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGPIPE, UserError
-from minsota.plugins import KINDS, load_plugins
+from minsota.plugins import KINDS, load_plugins, plugin_of
 from minsota.recipe import load_recipe, parse_override
 
 
@@ -249,6 +249,14 @@ def main(argv=None) -> int:
 
 
 def _internal_error() -> int:
+    """Exit 1 with the traceback, blaming the innermost plugin frame if a loaded plugin's code raised."""
     traceback.print_exc()
-    print("minsota: internal error (a bug: please report it with the traceback above)", file=sys.stderr)
+    frames = traceback.extract_tb(sys.exc_info()[2])
+    culprit = next(((frame, info) for frame in reversed(frames) if (info := plugin_of(frame.filename))), None)
+    if culprit:
+        frame, info = culprit
+        print(f"minsota: error in plugin {info.label()} at {frame.filename}:{frame.lineno}: "
+              f"{sys.exc_info()[0].__name__} (its traceback above)", file=sys.stderr)
+    else:
+        print("minsota: internal error (a bug: please report it with the traceback above)", file=sys.stderr)
     return EXIT_INTERNAL

@@ -111,11 +111,25 @@ def _local_plugin(spec: str):
     return (lambda: importlib.import_module(spec)), PluginInfo(spec, spec, "local", "")
 
 
+# where loaded third-party and local plugins live (a module's file, or a package's directory + "/"), so that
+# an error raised from their code is reported as theirs (`plugin_of`)
+_SOURCES: dict[str, PluginInfo] = {}
+
+
+def plugin_of(filename: str) -> PluginInfo | None:
+    """The loaded plugin (not minsota's own) whose code ``filename`` is, if any."""
+    return next((info for where, info in _SOURCES.items()
+                 if filename == where or (where.endswith(os.sep) and filename.startswith(where))), None)
+
+
 def _register(pm: pluggy.PluginManager, load, info: PluginInfo, infos: dict):
     try:
         module = load()
     except Exception as e:  # the plugin's own import failed: report it, not a traceback
         raise UserError(f"plugin {info.label()} failed to import: {type(e).__name__}: {e}") from e
+    file = getattr(module, "__file__", None)
+    if file and info.distribution != "minsota":
+        _SOURCES[os.path.dirname(file) + os.sep if os.path.basename(file) == "__init__.py" else file] = info
     if pm.is_registered(module):
         return
     try:

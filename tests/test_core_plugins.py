@@ -86,6 +86,16 @@ def test_broken_plugin_in_a_real_process_has_no_traceback():
     assert "failed to import: RuntimeError: this plugin is broken on purpose" in proc.stderr
 
 
+def test_a_bug_in_a_plugins_code_is_reported_as_the_plugins(tmp_path):
+    plugin = BROKEN / "fails_in_forward.py"
+    proc = run("train", "tiny", "--plugin", plugin, "--set", "model.norm=brokennorm", "--set", "train.steps=1",
+               "--out", tmp_path / "run", env={"TQDM_DISABLE": "1"})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr  # the plugin's author needs it
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"minsota: error in plugin 'fails_in_forward' (local {plugin.resolve()}) at "
+                           f"{plugin.resolve()}:15: RuntimeError"), line
+
+
 def test_override_switch_replaces_a_name_deliberately():
     plugins = minsota.load_plugins([BROKEN / "override_norm.py"])
     entry = plugins.registry("norm").describe("rmsnorm")
