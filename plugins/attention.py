@@ -33,14 +33,17 @@ except ImportError:  # torch < 2.5: the dense mask serves CUDA too
     flex_attention = None
 
 
-def visible_keys(T: int, document_ids, window: int, device) -> torch.Tensor:
-    """(B|1, 1, T, T) bool: key j is visible to query i (causal, same document, within the window)."""
-    i = torch.arange(T, device=device)
-    distance = i[:, None] - i[None, :]
+def visible_keys(T: int, document_ids, window: int, device, queries: int | None = None) -> torch.Tensor:
+    """(B|1, 1, queries, T) bool: key j is visible to query i (causal, same document, within the window). The
+    queries are the newest ``queries`` positions (all T by default; fewer in cached decoding, whose rows alone
+    are built: one row per generated token, not a T×T mask)."""
+    queries = queries or T
+    i, j = torch.arange(T - queries, T, device=device), torch.arange(T, device=device)
+    distance = i[:, None] - j[None, :]
     mask = (distance >= 0) & (distance < window) if window else distance >= 0
     if document_ids is None:
         return mask[None, None]
-    return mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    return mask & (document_ids[:, None, -queries:, None] == document_ids[:, None, None, :])
 
 
 @functools.cache
@@ -135,10 +138,9 @@ class SDPAttention(Attention):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if fused and bias is None and q.is_cuda and flex_attention is not None:
             return flex_attend(q, k, v, document_ids, window)
-        mask = visible_keys(T, document_ids, window, q.device)
-        if bias is not None:
-            mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
-        mask = mask[..., -q.shape[-2]:, :]  # the queries' rows: the newest (all of them but in cached decoding)
+        mask = visible_keys(T, document_ids, window, q.device, q.shape[-2])
+        if bias is not None:  # the queries' rows: the newest (all of them but in cached decoding)
+            mask = bias[..., -q.shape[-2]:, :].masked_fill(~mask, float("-inf")).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
@@ -155,7 +157,7 @@ class MathAttention(Attention):
             scores = scores + bias[..., -queries:, :]
         if self.softcap:
             scores = self.softcap * torch.tanh(scores / self.softcap)
-        visible = visible_keys(T, document_ids, self.window, q.device)[..., -queries:, :]
+        visible = visible_keys(T, document_ids, self.window, q.device, queries)
         scores = scores.masked_fill(~visible, float("-inf"))
         return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
 
