@@ -401,6 +401,8 @@ def _outlive_stop_signals(worker_id: int) -> None:
     watchdog. The DataLoader's own SIGTERM (`terminate()` at shutdown or interpreter exit) still ends it: the
     sender's pid, which a handler cannot see, is read with sigwaitinfo on a thread of its own.
     """
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sigwaitinfo; workers keep torch's default (die with it)
+        return
     starter = multiprocessing.parent_process()
     starter_pid = starter.pid if starter else os.getppid()
     stops = {signal.SIGINT, signal.SIGTERM}

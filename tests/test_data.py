@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import minsota
-from minsota.data import absolute_spec, build_batches, build_source, build_tokenizer
+from minsota.data import _outlive_stop_signals, absolute_spec, build_batches, build_source, build_tokenizer
 from minsota.errors import UserError
 from minsota.recipe import recipe_from_dict
 from conftest import SHARED_DATA, run
@@ -423,3 +424,11 @@ def test_hub_tokenizer_offline_fails_fast_in_one_line(tmp_path):
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "data.tokenizer" in result.stderr and "local copy" in result.stderr
     assert elapsed < 10, f"took {elapsed:.1f} s"
+
+
+def test_workers_keep_torchs_signal_handling_where_sigwaitinfo_is_missing(monkeypatch):
+    """macOS has no sigwaitinfo: the worker hook must then change nothing (and not fail the worker)."""
+    monkeypatch.delattr(signal, "sigwaitinfo")
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    _outlive_stop_signals(0)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == blocked and signal.SIGTERM not in blocked
