@@ -2,7 +2,7 @@
 
 compare trains every recipe for K seeds as ordinary run directories ``DIR/<recipe>/seed-<seed>/`` (so an
 interrupted comparison resumes where it stopped), then prints a table, and writes ``DIR/compare.png`` (loss vs
-tokens) and ``DIR/compare.json``. Run k of every recipe gets the same seed (the base's ``train.seed`` + k), which
+tokens) and ``DIR/compare.json``. A recipe with a diverged run is tabled as diverged, without statistics. Run k of every recipe gets the same seed (the base's ``train.seed`` + k), which
 sets initialisation and sampling, so the runs are paired by seed (see `minsota.stats`); the data order does not
 depend on the seed, so every run sees the same batches in the same order and the spread over seeds is
 initialisation variance, not data-order variance. Runs go seed-major, each recipe's seed 0 before any seed 1,
@@ -21,7 +21,7 @@ from pathlib import Path
 from statistics import median
 
 from minsota import checkpoint
-from minsota.errors import UserError
+from minsota.errors import DivergedError, UserError
 from minsota.model import model_size
 from minsota.recipe import COMPONENT_KEYS, SECTIONS, Recipe, component, load_recipe
 from minsota.stats import mean_std, paired_difference
@@ -103,10 +103,20 @@ def _summarize(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
     }
 
 
+def _diverged(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
+    """The row of a recipe one of whose seeds diverged: its size and which runs, no losses to compare."""
+    params, flops = model_size(recipes[0])
+    return {"recipe": label, "source": recipes[0].source, "parameters": params, "flops_per_token": flops,
+            "diverged": [str(d) for d in run_dirs]}
+
+
 def _add_differences(rows: list[dict]) -> None:
-    """Each variant's paired difference from the base (rows[0]) in final train and validation loss."""
+    """Each variant's paired difference from the base (rows[0]) in final train and validation loss (none for
+    a diverged recipe, nor for any when the base diverged)."""
+    if "runs" not in rows[0]:
+        return
     base = rows[0]["runs"]
-    for row in rows[1:]:
+    for row in (row for row in rows[1:] if "runs" in row):
         row["vs_base"] = {}
         for key in ("train_loss", "val_loss"):
             difference = paired_difference([r[key] for r in base], [r[key] for r in row["runs"]], LEVEL)
@@ -122,7 +132,7 @@ def _si(value: float) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The comparison as aligned text; the difference columns say variant − base (negative: variant better)."""
-    seeds = len(rows[0]["runs"])
+    seeds = max(len(row.get("runs", [])) for row in rows)
 
     def loss(stat):
         return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if seeds > 1 else "")
@@ -132,12 +142,17 @@ def format_table(rows: list[dict]) -> str:
         header[-1] += f" [{LEVEL:.0%} CI]"
         header.append("p")
     table = [header]
-    for row in rows:
+    for i, row in enumerate(rows):
+        if "runs" not in row:
+            runs = len(row["diverged"])
+            table.append([row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), "", "diverged",
+                          f"{runs} run{'s' * (runs > 1)}", "(base)" if i == 0 else "", *([""] * (seeds > 1))])
+            continue
         cells = [row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), _si(row["tokens_per_s"]),
                  loss(row["train_loss"]), loss(row["val_loss"])]
         difference = row.get("vs_base", {}).get("val_loss")
         if difference is None:
-            cells += ["(base)"] + ([""] if seeds > 1 else [])
+            cells += ["(base)" if i == 0 else "(base diverged)"] + ([""] if seeds > 1 else [])
         elif seeds > 1:
             cells += [f"{difference['mean']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}]",
                       f"{difference['p_value']:.3g}"]
@@ -207,24 +222,34 @@ def compare(specs: list[str], steps: int | None = None, seeds: int = 1, override
     labels = _labels([r[0] for r in recipes])
     out = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     run_dirs = [[out / label / f"seed-{r.train.seed}" for r in per_seed] for label, per_seed in zip(labels, recipes)]
+    diverged = set()  # run directories whose training diverged: a result to table, not a reason to stop
     for k in range(seeds):
         for label, per_seed, dirs in zip(labels, recipes, run_dirs):
             print(f"compare: {label}, seed {per_seed[k].train.seed} -> {dirs[k]}", file=sys.stderr)
-            code = _run(per_seed[k], dirs[k])
+            try:
+                code = _run(per_seed[k], dirs[k])
+            except DivergedError as e:
+                print(f"compare: {dirs[k]} diverged ({e}); it is tabled as diverged", file=sys.stderr)
+                diverged.add(dirs[k])
+                continue
             if code:
                 print(f"compare: {dirs[k]} stopped with exit code {code}; rerun the same command to resume",
                       file=sys.stderr)
                 return code
-    rows = [_summarize(label, per_seed, dirs) for label, per_seed, dirs in zip(labels, recipes, run_dirs)]
+    rows = [_summarize(label, per_seed, dirs) if diverged.isdisjoint(dirs) else
+            _diverged(label, per_seed, [d for d in dirs if d in diverged])
+            for label, per_seed, dirs in zip(labels, recipes, run_dirs)]
     _add_differences(rows)
-    plot(rows, out / "compare.png")
+    trained = [row for row in rows if "runs" in row]
+    if trained:
+        plot(trained, out / "compare.png")
     curves = ("curve", "val_curve")  # they stay in each run's metrics.jsonl
     results = [{**row, "runs": [{k: v for k, v in run.items() if k not in curves} for run in row["runs"]]}
-               for row in rows]
+               if "runs" in row else row for row in rows]
     (out / "compare.json").write_text(json.dumps({"base": labels[0], "level": LEVEL, "test": "paired t (by seed)",
                                                   "recipes": results}, indent=2))
     print(format_table(rows))
-    print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}")
+    print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}" if trained else f"wrote {out / 'compare.json'}")
     return 0
 
 

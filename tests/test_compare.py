@@ -167,3 +167,16 @@ def test_an_interrupted_comparison_with_a_plugin_resumes(tmp_path):
     code, _, err = invoke(*args)
     assert code == 0, err
     assert (tmp_path / "out" / "variant" / "seed-0" / "checkpoints" / "step-2").is_dir()
+
+
+def test_a_diverging_variant_is_tabled_not_fatal(tmp_path):
+    (tmp_path / "wild.toml").write_text('extends = "tiny"\n[train]\nlr = 1e6\n')
+    code, out, err = invoke("compare", "tiny", tmp_path / "wild.toml", *QUICK, "--out", tmp_path / "out")
+    assert code == 0, err
+    base, wild = out.splitlines()[2:4]
+    assert base.split()[0] == "tiny" and "±" in base
+    assert wild.split()[0] == "wild" and "diverged" in wild and "2 runs" in wild
+    assert err.count("diverged (") == 2
+    results = json.loads((tmp_path / "out" / "compare.json").read_text())["recipes"]
+    assert len(results[1]["diverged"]) == 2 and "vs_base" not in results[1]
+    assert (tmp_path / "out" / "compare.png").is_file()
