@@ -402,13 +402,13 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
     The process that writes the run directory (rank 0) holds its lock (`checkpoint.lock_run`) from before it
     reads the checkpoint to resume until it returns: a second trainer of the same directory is refused."""
     run_dir = Path(run_dir)
-    named = resume and checkpoint.STEP_DIR.fullmatch(run_dir.name)  # --resume RUN_DIR/checkpoints/step-N
+    named = bool(resume and checkpoint.STEP_DIR.fullmatch(run_dir.name))  # --resume RUN_DIR/checkpoints/step-N
     where = run_dir.parent.parent if named else run_dir
     with contextlib.ExitStack() as stack:
         # RANK: set by torchrun; the process group is joined later. Not a run directory: find_resumable says so.
         if int(os.environ.get("RANK", "0")) == 0 and (not resume or (where / "recipe.json").is_file()):
             stack.enter_context(checkpoint.lock_run(where, create=not resume))
-        return _train(recipe, run_dir, resume, overrides, plugins, allow_changes)
+        return _train(recipe, run_dir, resume, named, overrides, plugins, allow_changes)
 
 
 def check_trackers(recipe: Recipe) -> None:
@@ -422,10 +422,9 @@ def check_trackers(recipe: Recipe) -> None:
             raise UserError(f"train.trackers asks for {name}, which is not installed (pip install {name})")
 
 
-def _train(recipe: Recipe | None, run_dir: Path, resume: bool, overrides: dict | None, plugins,
+def _train(recipe: Recipe | None, run_dir: Path, resume: bool, named: bool, overrides: dict | None, plugins,
            allow_changes) -> int:
     ckpt = None
-    named = resume and checkpoint.STEP_DIR.fullmatch(run_dir.name)  # --resume RUN_DIR/checkpoints/step-N
     if resume:
         run_dir, ckpt_path = checkpoint.find_resumable(run_dir)
         recipe = read_recipe_json(run_dir / "recipe.json", overrides, plugins)

@@ -404,26 +404,27 @@ def test_resume_is_exact_twice_over_and_across_worker_counts(tmp_path, kind):
 # --------------------------------------------------------------------------------------------- offline
 
 
-def test_c4_without_the_hub_fails_fast_in_one_line(tmp_path):
+def fails_fast_in_one_line(tmp_path, sets: list[str], env: dict, *words: str) -> None:
+    """`minsota train tiny` with these --set options exits 2 within 10 s, one stderr line holding ``words``."""
     start = time.monotonic()
-    result = run("train", "tiny", "--set", "data.source=c4", "--out", tmp_path / "run", timeout=60,
-                 env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": ""})
+    result = run("train", "tiny", *(arg for s in sets for arg in ("--set", s)), "--out", tmp_path / "run",
+                 timeout=60, env=env)
     elapsed = time.monotonic() - start
     assert result.returncode == 2, result.stderr
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "data.source" in result.stderr and "json.gz" in result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
     assert elapsed < 10, f"took {elapsed:.1f} s"
+
+
+def test_c4_without_the_hub_fails_fast_in_one_line(tmp_path):
+    fails_fast_in_one_line(tmp_path, ["data.source=c4"],
+                           {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": ""},
+                           "data.source", "json.gz")
 
 
 def test_hub_tokenizer_offline_fails_fast_in_one_line(tmp_path):
-    start = time.monotonic()
-    result = run("train", "tiny", "--set", "data.tokenizer=gpt-neox-20b", "--set", "model.vocab_size=50304",
-                 "--out", tmp_path / "run", timeout=60, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    elapsed = time.monotonic() - start
-    assert result.returncode == 2, result.stderr
-    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "data.tokenizer" in result.stderr and "local copy" in result.stderr
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    fails_fast_in_one_line(tmp_path, ["data.tokenizer=gpt-neox-20b", "model.vocab_size=50304"],
+                           {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, "data.tokenizer", "local copy")
 
 
 def test_workers_keep_torchs_signal_handling_where_sigwaitinfo_is_missing(monkeypatch):
