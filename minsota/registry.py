@@ -36,9 +36,12 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, factory, *, summary: str | None = None, provider: str = "<direct>"):
-        """Register ``factory`` under ``name``. A name registered twice is an error unless exactly one of the
-        two factories is marked with `override`, which then holds the name whichever plugin loaded first."""
+    def register(self, name: str, factory=None, *, summary: str | None = None, provider: str = "<direct>"):
+        """Register ``factory`` under ``name``; usable as a decorator when ``factory`` is omitted (timm). A name
+        registered twice is an error unless exactly one of the two factories is marked with `override`, which
+        then holds the name whichever plugin loaded first."""
+        if factory is None:
+            return lambda f: self.register(name, f, summary=summary, provider=provider)
         old = self._entries.get(name)
         if old is not None:
             replacing, replaced = (getattr(f, "minsota_override", False) for f in (factory, old.factory))

@@ -17,10 +17,10 @@ BROKEN = PLUGINS / "broken"
 def test_registry_get_list_describe_and_did_you_mean():
     registry = Registry("norm")
 
+    @registry.register("rmsnorm", provider="p1")
     def rms(dim, cfg):
         """Root-mean-square norm."""
 
-    registry.register("rmsnorm", rms, provider="p1")
     registry.register("layernorm", lambda dim, cfg: None, summary="LayerNorm", provider="p2")
     assert registry.get("rmsnorm") is rms
     assert registry.list() == ["layernorm", "rmsnorm"] and registry.list("rms*") == ["rmsnorm"]
