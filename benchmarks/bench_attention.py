@@ -23,7 +23,7 @@ from minsota import load_plugins, reference
 from minsota.builtins.attention import flex_attend
 from minsota.errors import UserError
 from minsota.model import build_model
-from minsota.recipe import load_recipe
+from minsota.loader import load_recipe
 
 BASELINE = "math"
 BACKENDS = {"sdpa": [SDPBackend.FLASH_ATTENTION]}  # the only SDPA backend each kernel may run on

@@ -15,7 +15,7 @@ import torch
 from harness import TOLERANCE, interleaved, parity, speed, worst
 from minsota import load_plugins, reference
 from minsota.model import build_model
-from minsota.recipe import load_recipe
+from minsota.loader import load_recipe
 from minsota.state import HIDDEN, make_state
 
 SIZES = {  # recipe overrides and the batch

@@ -32,7 +32,7 @@ import minsota.model
 from harness import TOLERANCE, Setting, interleaved, parity
 from minsota.hf import save_hf
 from minsota.model import build_model
-from minsota.recipe import load_recipe
+from minsota.loader import load_recipe
 from minsota.state import DOCUMENT_IDS, HIDDEN, POSITIONS
 from minsota.train import param_groups, peak_flops
 

@@ -7,7 +7,7 @@ The public surface: `hookimpl` (for plugins), `override` (replace a registered n
 from minsota.hookspecs import hookimpl
 from minsota.registry import Registry, override
 from minsota.plugins import load_plugins
-from minsota.recipe import load_recipe
+from minsota.loader import load_recipe
 from minsota.model import build_model
 
 __version__ = "0.1.0"

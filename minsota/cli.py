@@ -16,7 +16,8 @@ from pathlib import Path
 
 from minsota.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGPIPE, UserError
 from minsota.plugins import KINDS, load_plugins, plugin_of
-from minsota.recipe import load_recipe, parse_override
+from minsota.loader import load_recipe, recipe_record
+from minsota.recipe import describe_recipe_file, parse_override
 
 
 def _overrides(args) -> dict:
@@ -27,11 +28,16 @@ def _recipe(args):
     return load_recipe(args.recipe, _overrides(args), args.plugin)
 
 
+def _summary(kind: str, entry) -> str:
+    """A component's summary; a recipe's is the ``description`` its file states."""
+    return describe_recipe_file(entry.factory) if kind == "recipe" else entry.summary
+
+
 def cmd_recipes(args):
     registry = load_plugins(args.plugin).registry("recipe")
     width = max(map(len, registry.list()), default=0)
     for name in registry.list():
-        print(f"{name:<{width}}  {registry.describe(name).summary}")
+        print(f"{name:<{width}}  {_summary('recipe', registry.describe(name))}")
 
 
 def cmd_list(args):
@@ -42,7 +48,7 @@ def cmd_list(args):
         if kind not in KINDS:
             raise UserError(f"unknown component kind '{args.kind}' (one of: {', '.join(KINDS)})")
         kinds = [kind]
-    rows = [(kind, e.name, e.provider, e.summary) for kind in kinds
+    rows = [(kind, e.name, e.provider, _summary(kind, e)) for kind in kinds
             for e in map(plugins.registry(kind).describe, plugins.registry(kind).list())]
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
     for row in rows:
@@ -54,7 +60,7 @@ def cmd_show(args):
 
     recipe = _recipe(args)
     params, flops = model_size(recipe)  # on "meta": 7B recipes show in a second
-    print(json.dumps(recipe.to_dict(), indent=2))
+    print(json.dumps(recipe_record(recipe), indent=2))
     print(f"parameters: {params:,}")
     print(f"FLOPs/token: {flops:.4g} (training, seq_len {recipe.train.seq_len})")
 

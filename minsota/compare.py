@@ -23,7 +23,8 @@ from statistics import median
 from minsota import checkpoint
 from minsota.errors import DivergedError, UserError
 from minsota.model import model_size
-from minsota.recipe import COMPONENT_KEYS, SECTIONS, Recipe, component, load_recipe
+from minsota.loader import load_recipe
+from minsota.recipe import COMPONENT_KEYS, SECTIONS, Recipe, component
 from minsota.stats import mean_std, paired_difference
 
 TRAIN_TAIL = 0.1  # final train loss = mean over the last 10% of steps: one batch's loss is too noisy to rank by

@@ -237,7 +237,7 @@ def absolute_spec(key: str, spec: str, plugins) -> str:
 
 def absolute_local_paths(data_cfg, plugins, keys=("source", "tokenizer")) -> None:
     """Make the local paths in ``data_cfg``'s ``keys`` (of data.source, data.tokenizer) absolute, in place
-    (`absolute_spec`): `minsota.recipe` calls it as a recipe is resolved."""
+    (`absolute_spec`): `minsota.loader` calls it as a recipe is loaded."""
     for key in keys:
         setattr(data_cfg, key, absolute_spec(key, getattr(data_cfg, key), plugins))
 

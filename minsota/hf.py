@@ -27,7 +27,8 @@ from minsota.data import build_tokenizer
 from minsota.errors import UserError
 from minsota.inference import load_run
 from minsota.model import Decoder, build_model
-from minsota.recipe import ModelConfig, Recipe, TrainConfig, component, recipe_from_dict
+from minsota.loader import recipe_from_dict, recipe_record
+from minsota.recipe import ModelConfig, Recipe, TrainConfig, component
 
 ROTARY_FAMILIES = ("llama", "mistral", "olmo2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "olmo2": "Olmo2ForCausalLM",
@@ -264,7 +265,7 @@ def import_to_run(hf_dir, run_dir) -> Path:
     the checkpoint. `minsota train --resume RUN_DIR` continues from it as a fresh run."""
     run_dir = _empty_target(Path(run_dir))
     recipe, state = read_hf(hf_dir)
-    recipe_dict = recipe.to_dict()
+    recipe_dict = recipe_record(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(run_dir / checkpoint.RECIPE, recipe_dict)
     return checkpoint.save(run_dir / "checkpoints", 0, model=state, recipe=recipe_dict)

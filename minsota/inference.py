@@ -19,7 +19,8 @@ from minsota import checkpoint
 from minsota.data import build_batches, build_tokenizer
 from minsota.errors import UserError
 from minsota.model import Decoder, build_model
-from minsota.recipe import Recipe, recipe_from_dict
+from minsota.loader import recipe_from_dict
+from minsota.recipe import Recipe
 
 
 def load_run(path: Path, overrides: dict | None = None, plugins=(), device=None) -> tuple[Recipe, Decoder, int]:

@@ -171,16 +171,8 @@ def _load(extra: tuple[str, ...], autoload_disabled: bool) -> Plugins:
             if not isinstance(provided, dict):
                 raise UserError(f"plugin {info.label()}: {hook_name} must return a dict of name -> factory")
             for name, factory in provided.items():
-                registry.register(name, factory, provider=info.name, **_recipe_summary(kind, factory))
+                registry.register(name, factory, provider=info.name)
     return Plugins(pm, infos, registries)
-
-
-def _recipe_summary(kind, factory) -> dict:
-    if kind != "recipe":
-        return {}
-    from minsota.recipe import describe_recipe_file
-
-    return {"summary": describe_recipe_file(factory)}
 
 
 def load_plugins(extra=()) -> Plugins:

@@ -5,6 +5,9 @@ file) and ``plugins`` (files or modules to load), and the tables ``[model]``, ``
 whose keys and types are the dataclasses below (their comments are the reference). Validation runs
 before anything is built and each error is one line naming the file and the key. Overrides are
 type-checked against the schema, as nanoGPT's configurator checks them against the defaults.
+
+This module is the schema only: it never loads plugins or data. The registries a recipe is validated
+against are handed to it; `minsota.loader` composes plugin loading, the ``extends`` chain and data paths.
 """
 
 import dataclasses
@@ -16,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,6 +27,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from minsota.errors import UserError
+from minsota.registry import Registry
 
 Component = Union[str, dict]  # a registry name, or an inline table {name = "...", option = ...}
 
@@ -121,15 +125,11 @@ class Recipe:
         return self.origins.get(key, self.source)
 
     def to_dict(self) -> dict:
-        """The resolved recipe as saved in ``recipe.json``, with the plugins (and versions) it was built with."""
-        from minsota.plugins import load_plugins
-
-        loaded = load_plugins(self.plugins).infos.values()
+        """The resolved recipe as plain data (`minsota.loader.recipe_record` adds the plugins' versions)."""
         return {
             "name": self.name,
             "description": self.description,
             "plugins": list(self.plugins),
-            "loaded_plugins": {i.name: f"{i.distribution} {i.version}".strip() for i in loaded},
             **{section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS},
         }
 
@@ -168,21 +168,18 @@ def describe_recipe_file(path) -> str:
         return ""
 
 
-def find_recipe(name_or_path: str, plugins) -> Path:
-    """A recipe path from a registered name (file stem) or a path to a TOML file."""
+def find_recipe(name_or_path: str, recipes: Registry) -> Path:
+    """A recipe path from a name in the ``recipes`` registry (a file stem) or a path to a TOML file."""
     candidate = Path(name_or_path)
     if name_or_path.endswith(".toml") or candidate.is_file():
         if not candidate.is_file():
             raise UserError(f"{name_or_path}: no such recipe file")
         return candidate
-    registry = plugins.registry("recipe")
-    if name_or_path not in registry:
-        # registry.get words the error: the kind, the name, close matches, how to list them
-        registry.get(name_or_path)
-    return Path(str(registry.get(name_or_path)))
+    # recipes.get words an unknown name's error: the kind, the name, close matches, how to list them
+    return Path(str(recipes.get(name_or_path)))
 
 
-def _read_chain(path: Path, plugins, seen: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+def read_chain(path: Path, recipes: Registry, seen: tuple[Path, ...] = ()) -> tuple[dict, dict]:
     """The merged raw recipe following `extends`, and each dotted key's origin file."""
     resolved = path.resolve()
     if resolved in seen:
@@ -204,10 +201,10 @@ def _read_chain(path: Path, plugins, seen: tuple[Path, ...] = ()) -> tuple[dict,
                 raise UserError(f"{path}: extends = '{parent}': no such file {parent_path}")
         else:
             try:
-                parent_path = find_recipe(parent, plugins)
+                parent_path = find_recipe(parent, recipes)
             except UserError as e:
                 raise UserError(f"{path}: extends = '{parent}': {e}") from None
-        merged, origins = _read_chain(parent_path, plugins, (*seen, resolved))
+        merged, origins = read_chain(parent_path, recipes, (*seen, resolved))
     for key in ("description", "plugins"):
         if key in raw:
             if key == "plugins":
@@ -331,7 +328,7 @@ _CHOICES = {
 }
 
 
-def _validate(recipe: Recipe, plugins) -> None:
+def _validate(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
     for section, keys in _POSITIVE.items():
         for key in keys:
             value = getattr(getattr(recipe, section), key)
@@ -371,12 +368,15 @@ def _validate(recipe: Recipe, plugins) -> None:
     for key in COMPONENT_KEYS:
         name, _ = component(getattr(m, key))
         try:
-            plugins.registry(key).describe(name)
+            registries[key].describe(name)
         except UserError as e:
             raise UserError(f"{recipe.where(f'model.{key}')}: model.{key}: {e}") from None
 
 
-def _resolve(merged: dict, origins: dict, name: str, source: str, override_keys: set, plugins) -> Recipe:
+def build_recipe(merged: dict, origins: dict, name: str, source: str, override_keys: set,
+                 registries: Mapping[str, Registry]) -> Recipe:
+    """The validated `Recipe` of a merged raw recipe (`read_chain`, `apply_overrides`); ``registries`` (kind ->
+    `Registry`) are the components it may name."""
     sections = {s: _build_section(s, merged.get(s, {}), origins, source, override_keys) for s in SECTIONS}
     model: ModelConfig = sections["model"]
     if model.n_kv_heads is None:
@@ -387,11 +387,11 @@ def _resolve(merged: dict, origins: dict, name: str, source: str, override_keys:
         sections["train"].micro_batch_size = sections["train"].batch_size
     recipe = Recipe(name, source, str(merged.get("description", "")), sections["model"], sections["train"],
                     sections["data"], list(merged.get("plugins", [])), origins)
-    _validate(recipe, plugins)
+    _validate(recipe, registries)
     return recipe
 
 
-def _apply_overrides(merged: dict, origins: dict, overrides: dict | None) -> set:
+def apply_overrides(merged: dict, origins: dict, overrides: dict | None) -> set:
     keys = set()
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
@@ -402,52 +402,3 @@ def _apply_overrides(merged: dict, origins: dict, overrides: dict | None) -> set
         origins[dotted] = f"--set {dotted}"
         keys.add(dotted)
     return keys
-
-
-def load_recipe(name_or_path: str, overrides: dict | None = None, plugins=()) -> Recipe:
-    """Read, inherit, override and validate a recipe (a registered name or a TOML path).
-
-    ``overrides`` maps dotted keys to values, e.g. ``{"model.n_layers": 4}``; ``plugins`` are extra local
-    plugin specs (as ``--plugin``). Raises `UserError` (one line, naming file and key) on any problem.
-    """
-    from minsota.data import absolute_local_paths
-    from minsota.plugins import load_plugins, unique_plugin_specs
-
-    loaded = load_plugins(plugins)
-    path = find_recipe(str(name_or_path), loaded)
-    merged, origins = _read_chain(path, loaded)
-    recipe_plugins = merged.get("plugins", [])
-    if recipe_plugins:  # the recipe brings plugins of its own: components may live there
-        loaded = load_plugins([*plugins, *recipe_plugins])
-    override_keys = _apply_overrides(merged, origins, overrides)
-    name = path.stem
-    recipe = _resolve(merged, origins, name, str(path), override_keys, loaded)
-    recipe.plugins = unique_plugin_specs([*plugins, *recipe_plugins])  # absolute: a resume works from any cwd
-    absolute_local_paths(recipe.data, loaded)  # local data paths too: the same files from any cwd
-    return recipe
-
-
-def recipe_from_dict(data: dict, source: str, overrides: dict | None = None, plugins=()) -> Recipe:
-    """Rebuild a resolved recipe (a run's ``recipe.json``), re-validated, with optional overrides."""
-    from minsota.data import absolute_local_paths
-    from minsota.plugins import load_plugins, unique_plugin_specs
-
-    all_plugins = unique_plugin_specs([*data.get("plugins", []), *plugins])  # --resume RUN --plugin same.py: once
-    loaded = load_plugins(all_plugins)
-    merged = {s: dict(data.get(s, {})) for s in SECTIONS}
-    merged["description"] = data.get("description", "")
-    merged["plugins"] = all_plugins
-    origins: dict[str, str] = {}
-    override_keys = _apply_overrides(merged, origins, overrides)
-    recipe = _resolve(merged, origins, data.get("name", "recipe"), source, override_keys, loaded)
-    # an override's local data path made absolute, as load_recipe does; the saved ones are kept as written
-    absolute_local_paths(recipe.data, loaded, [k for k in ("source", "tokenizer") if f"data.{k}" in override_keys])
-    return recipe
-
-
-def read_recipe_json(path: Path, overrides: dict | None = None, plugins=()) -> Recipe:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read resolved recipe: {e}") from None
-    return recipe_from_dict(data, str(path), overrides, plugins)

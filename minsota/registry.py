@@ -19,7 +19,8 @@ def override(factory: Callable) -> Callable:
 
 
 def summary_of(obj: Any) -> str:
-    doc = (getattr(obj, "__doc__", None) or "").strip()
+    """The first line of a factory's docstring; a value that is no factory (a recipe's path) has none."""
+    doc = (getattr(obj, "__doc__", None) or "").strip() if callable(obj) else ""
     return doc.splitlines()[0] if doc else ""
 
 

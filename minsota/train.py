@@ -51,7 +51,8 @@ from minsota.data import build_batches, build_tokenizer
 from minsota.errors import DivergedError, UserError
 from minsota.inference import generate
 from minsota.model import build_model
-from minsota.recipe import Recipe, TrainConfig, read_recipe_json
+from minsota.loader import read_recipe_json, recipe_record
+from minsota.recipe import Recipe, TrainConfig
 
 # Keys a resumed run may not change unnoticed: they change what the weights mean or what the saved data
 # position points at. `--allow-change KEY` (or a whole table, `--allow-change model`) accepts a change.
@@ -272,7 +273,7 @@ def save_checkpoint(run_dir, recipe, step, model, optimizer, scaler, batches, sk
                    "scaler": scaler.state_dict(), "rng": rng_json}
         try:
             checkpoint.save(run_dir / "checkpoints", step, model=weights, optimizer=flat_optim, rng=rng_tensors,
-                            trainer=trainer, recipe=recipe.to_dict(), keep=recipe.train.keep_checkpoints)
+                            trainer=trainer, recipe=recipe_record(recipe), keep=recipe.train.keep_checkpoints)
         except UserError as e:
             error = e
     if dist.is_initialized():
@@ -369,7 +370,7 @@ def open_trackers(recipe: Recipe, run_dir: Path, stack: contextlib.ExitStack) ->
 
                 run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
                 run = wandb.init(project="minsota", name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
-                                 config=recipe.to_dict())
+                                 config=recipe_record(recipe))
                 stack.callback(run.finish)
 
                 def track(step, scalars, run=run):
@@ -472,7 +473,7 @@ def _train(recipe: Recipe | None, run_dir: Path, resume: bool, named: bool, over
         if named:  # the later checkpoints are the branch this resume abandons: a plain resume must not find them
             checkpoint.set_aside_after(run_dir / "checkpoints", ckpt["step"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(run_dir / "recipe.json", recipe.to_dict())
+        checkpoint.write_json(run_dir / "recipe.json", recipe_record(recipe))
 
     tokens_per_step = t.batch_size * t.seq_len
     flops_per_step = model.flops_per_token(t.seq_len) * tokens_per_step

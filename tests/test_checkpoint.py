@@ -12,7 +12,7 @@ import torch
 
 from minsota import checkpoint
 from minsota.errors import DivergedError, SaveError, UserError
-from minsota.recipe import load_recipe
+from minsota.loader import load_recipe
 from minsota.train import check_changes
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from minsota.cli import main
 from minsota.compare import _tokens, format_table, read_metrics, recipe_diff
-from minsota.recipe import load_recipe, read_recipe_json
+from minsota.loader import load_recipe, read_recipe_json
 
 QUICK = ["--steps", "3", "--seeds", "2", *(f"--set=train.{key}" for key in
          ("sample_tokens=0", "eval_batches=1", "batch_size=2", "micro_batch_size=2", "seq_len=32"))]

@@ -11,7 +11,7 @@ import transformers
 from minsota import hf
 from minsota.errors import UserError
 from minsota.model import build_model
-from minsota.recipe import load_recipe
+from minsota.loader import load_recipe
 from minsota.reference import assert_close
 
 VOCAB, T = 101, 24  # an odd vocabulary must survive exactly

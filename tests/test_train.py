@@ -25,7 +25,8 @@ from minsota import checkpoint
 from minsota.cli import main
 from minsota.model import build_model
 from minsota.plugins import load_plugins
-from minsota.recipe import TrainConfig, load_recipe
+from minsota.loader import load_recipe
+from minsota.recipe import TrainConfig
 from minsota.train import lr_at, param_groups
 from conftest import ENV, losses, records, sets
 
