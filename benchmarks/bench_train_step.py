@@ -34,7 +34,7 @@ from minsota.hf import save_hf
 from minsota.model import build_model
 from minsota.loader import load_recipe
 from minsota.state import DOCUMENT_IDS, HIDDEN, POSITIONS
-from minsota.train import param_groups, peak_flops
+from minsota.runtime import peak_flops
 
 SIZES = {  # sota-2024 overrides
     "smoke": {"model.vocab_size": 512, "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,

@@ -71,7 +71,7 @@ def cmd_plugins(args):
 
 
 def cmd_train(args):
-    from minsota.train import train
+    from minsota.train import resume, train
 
     if args.resume:
         if args.recipe is not None:
@@ -80,8 +80,7 @@ def cmd_train(args):
         if args.out is not None:
             raise UserError(f"--out and --resume are exclusive: the run continues in its own directory "
                             f"({args.resume})")
-        return train(None, Path(args.resume), resume=True, overrides=_overrides(args), plugins=args.plugin,
-                     allow_changes=args.allow_change)
+        return resume(Path(args.resume), _overrides(args), args.plugin, args.allow_change)
     args.recipe = args.recipe or "quickstart"
     recipe = _recipe(args)
     run_dir = Path(args.out) if args.out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"

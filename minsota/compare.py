@@ -47,7 +47,7 @@ def _labels(recipes: list[Recipe]) -> list[str]:
 
 def _run(recipe: Recipe, run_dir: Path) -> int:
     """Train one run, or resume it (the trainer returns at once when it is complete); the trainer's exit code."""
-    from minsota.train import train
+    from minsota.train import resume, train
 
     saved = run_dir / "recipe.json"
     if not saved.exists():
@@ -59,7 +59,7 @@ def _run(recipe: Recipe, run_dir: Path) -> int:
     _, newest = checkpoint.find_resumable(run_dir)
     if newest is not None and newest.name == f"step-{recipe.train.steps}":
         return 0  # complete: skip the trainer's set-up (model, data) just to hear that
-    return train(None, run_dir, resume=True)  # recipe.json lists the recipe's plugins (absolute paths) already
+    return resume(run_dir)  # recipe.json lists the recipe's plugins (absolute paths) already
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -11,27 +11,12 @@ import math
 import torch
 from torch import nn
 
+from minsota.components import PositionalEncoding
 from minsota.errors import UserError
 from minsota.loss import linear_cross_entropy, softcap
 from minsota.plugins import load_plugins
 from minsota.recipe import ModelConfig, Recipe, component
 from minsota.state import make_state
-
-
-class PositionalEncoding(nn.Module):
-    """Base class of positional encodings; the default changes nothing (NoPE)."""
-
-    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Applied to the token embeddings (B, T, D); learned/absolute encodings add here."""
-        return x
-
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """Applied to q (B, H, T, hd) and k (B, KV, T, hd) inside attention; rotary encodings act here."""
-        return q, k
-
-    def bias(self, positions: torch.Tensor, n_heads: int) -> torch.Tensor | None:
-        """An additive attention-score bias (B|1, H, T, T), or None."""
-        return None
 
 
 RESIDUAL_OUTPUTS = ("wo.weight", "w2.weight")  # scaled init: GPT-2 / Megatron 1/sqrt(2·n_layers)

@@ -13,7 +13,7 @@ import torch
 from minsota import checkpoint
 from minsota.errors import DivergedError, SaveError, UserError
 from minsota.loader import load_recipe
-from minsota.train import check_changes
+from minsota.rundir import check_changes
 
 
 def parts(step=1):

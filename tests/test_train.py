@@ -27,7 +27,7 @@ from minsota.model import build_model
 from minsota.plugins import load_plugins
 from minsota.loader import load_recipe
 from minsota.recipe import TrainConfig
-from minsota.train import lr_at, param_groups
+from minsota.optim import lr_at, param_groups
 from conftest import ENV, losses, records, sets
 
 REPO = Path(__file__).resolve().parents[1]
