@@ -1,14 +1,15 @@
 """Train step: tokens/s, MFU and peak memory of a whole step, minsota against Hugging Face Llama, in one run.
 
-A step is what `minsota.train` runs for one optimizer step: forward and loss (`Decoder.loss`, its fused
-linear + cross-entropy), backward, gradient clipping, fused AdamW over the trainer's `param_groups`, zero_grad.
+A step is `minsota.step.train_step`, the one the trainer runs: forward and loss (`Decoder.loss`, its fused
+linear + cross-entropy), backward, gradient clipping, the finiteness check, the trainer's own optimizer
+(`minsota.optim.build_optimizer`: fused AdamW over its parameter groups), zero_grad.
 The peer is transformers' `LlamaForCausalLM` (attn_implementation="sdpa") holding the same weights (exported
 by `minsota.hf.save_hf`; nothing is downloaded) and stepped the same way; the first loss of both must agree.
 
 Cases: eager (minsota eager against HF eager) and compile (minsota's loss under torch.compile(fullgraph=True),
 against HF eager and HF compiled). In both, the same model with a plain dict in place of the TensorDict state
 runs in the same rounds: "TD overhead" is how much slower the TensorDict version is. MFU divides model FLOPs
-by the fp32 (CUDA: bf16) matmul rate `minsota.train.peak_flops` measures, re-measured every round. Peak
+by the fp32 (CUDA: bf16) matmul rate `minsota.runtime.peak_flops` measures, re-measured every round. Peak
 memory: CUDA's allocator peak; on CPU the live parameters and optimizer state plus the largest net
 allocation within a step, from the profiler's allocation events.
 
@@ -17,9 +18,10 @@ issue's targets are set there); CUDA sota-2024 itself (~124M parameters) in bf16
 vocab 512, dim 64, 2 layers, batch 2 x 32.
 """
 
+import itertools
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 from unittest import mock
 
 import pytest
@@ -29,12 +31,16 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import minsota.model
-from harness import TOLERANCE, Setting, interleaved, parity
 from minsota.hf import save_hf
-from minsota.model import build_model
 from minsota.loader import load_recipe
-from minsota.state import DOCUMENT_IDS, HIDDEN, POSITIONS
+from minsota.model import build_model
+from minsota.optim import build_optimizer, build_scaler
 from minsota.runtime import peak_flops
+from minsota.state import DOCUMENT_IDS, HIDDEN, POSITIONS
+from minsota.step import train_step
+from minsota.train_state import TrainState
+
+from harness import TOLERANCE, Setting, interleaved, parity
 
 SIZES = {  # sota-2024 overrides
     "smoke": {"model.vocab_size": 512, "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
@@ -55,34 +61,32 @@ def plain_state(hidden, positions, document_ids=None):
 
 @dataclass(frozen=True)
 class Trainee:
-    """A model, the function computing its loss and its optimizer, stepped as `minsota.train` steps (one
+    """A model, the function computing its loss and its optimizer, stepped by the trainer's `train_step` (one
     micro-batch). `dataclasses.replace(trainee, loss_fn=...)` steps the same model and optimizer another way."""
 
-    model: nn.Module
+    state: TrainState
     loss_fn: Callable
-    optimizer: torch.optim.Optimizer
-    grad_clip: float
+    recipe: object
     setting: Setting
 
     @classmethod
     def build(cls, model: nn.Module, loss_fn, recipe, setting: Setting) -> "Trainee":
-        t = recipe.train  # the trainer's groups and hyperparameters; fused AdamW, as the trainer on CPU and CUDA
-        optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
-        return cls(model, loss_fn, optimizer, t.grad_clip, setting)
+        device = next(model.parameters()).device  # the trainer's optimizer and (fp16-only) scaler
+        state = TrainState(model, build_optimizer(model, recipe.train, device), build_scaler(device, None), None)
+        return cls(state, loss_fn, recipe, setting)
 
-    def step(self, batch):
-        with self.setting.autocast():
-            loss = self.loss_fn(*batch)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, batch: dict):
+        self.state.batches = itertools.repeat(batch)
+        t = self.recipe.train
+        train_step(self.state, self.loss_fn, t.lr, device=self.setting.device, grad_clip=t.grad_clip,
+                   autocast=self.setting.autocast())
 
     def live_bytes(self) -> int:
         """Bytes held between steps: parameters, buffers and optimizer state (gradients are freed)."""
-        state = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        model, optimizer = self.state.model, self.state.optimizer
+        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in [*self.model.parameters(), *self.model.buffers(), *state]}
+                    for t in [*model.parameters(), *model.buffers(), *state]}
         return sum(storages.values())
 
 
@@ -116,12 +120,13 @@ def models(setting, tmp_path):
     B, T = recipe.train.micro_batch_size, recipe.train.seq_len
     tokens = torch.randint(0, recipe.model.vocab_size, (B, T + 1), device=setting.device)
     positions = torch.arange(T, device=setting.device).expand(B, T)
-    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), positions)
+    batch = {"tokens": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous(), "positions": positions,
+             "document_ids": torch.zeros_like(positions)}  # a micro-batch as minsota.data makes them
     return recipe, model, hf, batch
 
 
 def hf_loss(hf):
-    def loss(tokens, targets, positions):  # targets are already next tokens: HF must not shift them again
+    def loss(tokens, targets, positions, document_ids=None):  # targets are next tokens: HF must not shift them
         return hf(input_ids=tokens, labels=targets, shift_labels=targets, position_ids=positions).loss
     return loss
 
@@ -145,7 +150,8 @@ def test_train_step(benchmark, record, setting, models, mode):
         peers["hf_compile"] = replace(theirs, loss_fn=hf_loss(torch.compile(hf)))
     peers["plain_state"] = replace(ours, loss_fn=on_plain_state(ours.loss_fn))
     with setting.autocast():  # with autograd on, as in a step: the graph compiled here is the one timed
-        figures = parity(ours.loss_fn(*batch), peers["hf_eager"].loss_fn(*batch), TOLERANCE[setting.dtype],
+        inputs = batch["tokens"], batch["targets"], batch["positions"]
+        figures = parity(ours.loss_fn(*inputs), peers["hf_eager"].loss_fn(*inputs), TOLERANCE[setting.dtype],
                          f"first loss ({mode}) vs HF")
     rates = []
 
@@ -157,7 +163,7 @@ def test_train_step(benchmark, record, setting, models, mode):
     peak, hf_peak = peak_bytes(ours, batch), peak_bytes(peers[f"hf_{mode}"], batch)
     figures |= {"peak_mb": peak / 2**20, "vs_hf_peak": peak / hf_peak}
     if timing:
-        seconds, tokens = timing["ms"] / 1e3, batch[0].numel()
+        seconds, tokens = timing["ms"] / 1e3, batch["tokens"].numel()
         flops = model.flops_per_token(recipe.train.seq_len) * tokens
         figures |= {"ms": timing["ms"], "tokens_per_s": tokens / seconds,
                     "mfu": flops / seconds / statistics.median(rates), "matmul_gflops": statistics.median(rates) / 1e9,

@@ -15,8 +15,8 @@ from datetime import datetime
 from pathlib import Path
 
 from minsota.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGPIPE, UserError
-from minsota.plugins import KINDS, load_plugins, plugin_of
 from minsota.loader import load_recipe, recipe_record
+from minsota.plugins import KINDS, load_plugins, plugin_of
 from minsota.recipe import describe_recipe_file, parse_override
 
 

@@ -22,8 +22,8 @@ from statistics import median
 
 from minsota import checkpoint
 from minsota.errors import DivergedError, UserError
-from minsota.model import model_size
 from minsota.loader import load_recipe
+from minsota.model import model_size
 from minsota.recipe import COMPONENT_KEYS, SECTIONS, Recipe, component
 from minsota.stats import mean_std, paired_difference
 

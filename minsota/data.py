@@ -59,9 +59,10 @@ import threading
 import urllib.error
 import urllib.request
 from collections import deque
-from functools import lru_cache
+from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -103,7 +104,7 @@ def is_empty(text: str | None) -> bool:
 # ------------------------------------------------------------------------------------- the Hugging Face hub
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hub_answers(timeout: float) -> bool:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     answers = []
@@ -310,7 +311,7 @@ def build_source(recipe, split: str = "train") -> Source:
     try:
         with _datasets_log_held(held):
             source = _build(recipe, "source", split)
-            for texts, state in source.blocks(recipe.data.block_docs):
+            for texts, _state in source.blocks(recipe.data.block_docs):
                 odd = next((t for t in texts if t is not None and not isinstance(t, str)), None)
                 if odd is not None:
                     raise UserError(f"{where}: data.text_field = '{recipe.data.text_field}' holds "

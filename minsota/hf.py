@@ -26,8 +26,8 @@ from minsota import checkpoint
 from minsota.data import build_tokenizer
 from minsota.errors import UserError
 from minsota.inference import load_run
-from minsota.model import Decoder, build_model
 from minsota.loader import recipe_from_dict, recipe_record
+from minsota.model import Decoder, build_model
 from minsota.recipe import ModelConfig, Recipe, TrainConfig, component
 
 ROTARY_FAMILIES = ("llama", "mistral", "olmo2")

@@ -18,7 +18,6 @@ from minsota.plugins import load_plugins
 from minsota.recipe import ModelConfig, Recipe, component
 from minsota.state import make_state
 
-
 RESIDUAL_OUTPUTS = ("wo.weight", "w2.weight")  # scaled init: GPT-2 / Megatron 1/sqrt(2·n_layers)
 
 

@@ -12,14 +12,14 @@ against are handed to it; `minsota.loader` composes plugin loading, the ``extend
 
 import dataclasses
 import difflib
-import json
 import math
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +29,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 from minsota.errors import UserError
 from minsota.registry import Registry
 
-Component = Union[str, dict]  # a registry name, or an inline table {name = "...", option = ...}
+Component = str | dict  # a registry name, or an inline table {name = "...", option = ...}
 
 
 @dataclass

@@ -6,8 +6,9 @@ lists them all.
 
 import difflib
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from minsota.errors import UserError
 

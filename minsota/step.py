@@ -8,8 +8,8 @@ step (the loss, the norm and the stop request read together).
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -29,15 +29,16 @@ class StepResult:
 
 
 def train_step(state: TrainState, loss_fn, lr: float, *, device: torch.device, accum: int = 1,
-               grad_clip: float = 0.0, autocast=contextlib.nullcontext(), document: bool = False,
+               grad_clip: float = 0.0, autocast=None, document: bool = False,
                loss_module=None, stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
     """Run one optimizer step on ``accum`` micro-batches drawn from ``state.batches``.
 
     ``loss_fn`` computes a micro-batch's loss (``model.loss``, its DDP wrapper ``loss_module``, or either
     compiled); ``grad_clip`` 0 clips nothing; ``document`` passes document ids (document packing);
-    ``stop_requested()`` is asked once the micro-batches are done (a signal received during the step counts).
+    ``autocast`` is the precision context (none: fp32); ``stop_requested()`` is asked once the micro-batches are done (a signal received during the step counts).
     """
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
+    autocast = autocast or contextlib.nullcontext()
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = torch.zeros((), device=device)

@@ -11,8 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from minsota import checkpoint
 from minsota.errors import UserError
@@ -56,52 +61,6 @@ def set_rng_state(tensors: dict, states: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def save_checkpoint(run_dir, recipe, step, model, optimizer, scaler, batches, skipped, tokens, device) -> None:
-    """Every rank takes part in gathering full tensors (FSDP2 shards them); rank 0 writes; every rank raises
-    what the write raised, so none is left waiting in the next step's collectives."""
-    weights, optim = get_state_dict(model, optimizer, options=TO_SAVE)
-    error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        flat_optim = {f"{name}/{key}": value for name, state in optim["state"].items() for key, value in state.items()}
-        rng_tensors, rng_json = rng_state(device)
-        trainer = {"step": step, "data": batches.state_dict(), "skipped_steps": skipped, "tokens": tokens,
-                   "scaler": scaler.state_dict(), "rng": rng_json}
-        try:
-            checkpoint.save(run_dir / "checkpoints", step, model=weights, optimizer=flat_optim, rng=rng_tensors,
-                            trainer=trainer, recipe=recipe_record(recipe), keep=recipe.train.keep_checkpoints)
-        except UserError as e:
-            error = e
-    if dist.is_initialized():
-        outcome = [error]
-        dist.broadcast_object_list(outcome, src=0)
-        error = outcome[0]
-    if error:
-        raise error
-
-
-def restore(ckpt: dict, model, optimizer, scaler, batches) -> dict:
-    """Load a checkpoint into the live objects; returns its trainer state ({} for a weights-only one)."""
-    try:
-        if ckpt["trainer"] is None:  # weights only (e.g. an imported model): a fresh run from these weights
-            set_model_state_dict(model, ckpt["model"], options=TO_LOAD)
-            return {}
-        optim = get_optimizer_state_dict(model, optimizer, options=TO_LOAD)  # this recipe's groups, by path
-        optim["state"] = {}
-        for key, value in ckpt["optimizer"].items():
-            name, _, field = key.rpartition("/")
-            optim["state"].setdefault(name, {})[field] = value
-        set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim, options=TO_LOAD)
-    except (RuntimeError, KeyError, ValueError) as e:
-        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])  # the cause, not every key
-        raise UserError(f"{ckpt['path']}: does not fit this model: {reason}") from None
-    trainer = ckpt["trainer"]
-    set_rng_state(ckpt["rng"], trainer["rng"])
-    if trainer["scaler"]:  # empty when saved without fp16
-        scaler.load_state_dict(trainer["scaler"])
-    batches.load_state_dict(trainer["data"])
-    return trainer
 
 
 def save_checkpoint(run_dir, recipe: Recipe, state: TrainState, device: torch.device) -> None:

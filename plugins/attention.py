@@ -23,7 +23,6 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from minsota import hookimpl
 from minsota.components import Attention

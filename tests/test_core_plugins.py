@@ -9,6 +9,7 @@ import minsota
 from minsota.errors import UserError
 from minsota.loader import recipe_from_dict, recipe_record
 from minsota.registry import Registry
+
 from conftest import PLUGINS, run
 
 BROKEN = PLUGINS / "broken"
