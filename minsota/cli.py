@@ -41,7 +41,7 @@ def cmd_recipes(args):
 
 
 def cmd_list(args):
-    plugins = load_plugins(args.plugin)
+    loaded = load_plugins(args.plugin)
     kinds = list(KINDS)
     if args.kind:
         kind = args.kind.removesuffix("s") if args.kind not in KINDS else args.kind
@@ -49,7 +49,7 @@ def cmd_list(args):
             raise UserError(f"unknown component kind '{args.kind}' (one of: {', '.join(KINDS)})")
         kinds = [kind]
     rows = [(kind, e.name, e.provider, _summary(kind, e)) for kind in kinds
-            for e in map(plugins.registry(kind).describe, plugins.registry(kind).list())]
+            for e in map(loaded.registry(kind).describe, loaded.registry(kind).list())]
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
     for row in rows:
         print("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + f"  {row[3]}")
@@ -96,7 +96,7 @@ def cmd_compare(args):
 def cmd_diff(args):
     from minsota.compare import format_diff
 
-    print(format_diff(load_recipe(args.a, plugins=args.plugin), load_recipe(args.b, plugins=args.plugin)))
+    print(format_diff(load_recipe(args.a, plugin_specs=args.plugin), load_recipe(args.b, plugin_specs=args.plugin)))
 
 
 def cmd_generate(args):

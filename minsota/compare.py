@@ -212,13 +212,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def compare(specs: list[str], steps: int | None = None, seeds: int = 1, overrides: dict | None = None,
-            out: Path | None = None, plugins=()) -> int:
+            out: Path | None = None, plugin_specs=()) -> int:
     """Train (or resume) BASE = specs[0] and every variant for ``seeds`` seeds, then report; an exit code."""
     if seeds < 1 or (steps is not None and steps < 1):
         raise UserError("--seeds and --steps must be at least 1")
     overrides = {**(overrides or {}), **({"train.steps": steps} if steps else {})}
-    first_seed = load_recipe(specs[0], overrides, plugins).train.seed
-    recipes = [[load_recipe(spec, {**overrides, "train.seed": first_seed + k}, plugins) for k in range(seeds)]
+    first_seed = load_recipe(specs[0], overrides, plugin_specs).train.seed
+    recipes = [[load_recipe(spec, {**overrides, "train.seed": first_seed + k}, plugin_specs) for k in range(seeds)]
                for spec in specs]  # recipes[i][k]: recipe i, seed k
     labels = _labels([r[0] for r in recipes])
     out = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"

@@ -377,10 +377,10 @@ def save_hf(decoder: Decoder, out_dir) -> Path:
     return out_dir
 
 
-def export_run(run_dir, out_dir, plugins=()) -> Path:
+def export_run(run_dir, out_dir, plugin_specs=()) -> Path:
     """Export a run's newest valid checkpoint (or ``RUN_DIR/checkpoints/step-N`` itself) as an HF directory."""
     out_dir = _empty_target(Path(out_dir))
-    recipe, model, _ = load_run(run_dir, plugins=plugins, device="cpu")
+    recipe, model, _ = load_run(run_dir, plugin_specs=plugin_specs, device="cpu")
     save_hf(model, out_dir)
     _export_tokenizer(recipe, out_dir)
     return out_dir

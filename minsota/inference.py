@@ -18,7 +18,7 @@ from minsota.recipe import Recipe
 from minsota.runtime import autocast_context, autocast_dtype, evaluate, resolve_device
 
 
-def load_run(path: Path, overrides: dict | None = None, plugins=(), device=None) -> tuple[Recipe, Decoder, int]:
+def load_run(path: Path, overrides: dict | None = None, plugin_specs=(), device=None) -> tuple[Recipe, Decoder, int]:
     """(recipe, model in eval mode, step) from a run directory's newest valid checkpoint, or from one named
     checkpoint ``RUN_DIR/checkpoints/step-N``; the recipe is the one that checkpoint was trained with. The
     model is built on ``device``, by default the recipe's ``train.device``."""
@@ -30,7 +30,7 @@ def load_run(path: Path, overrides: dict | None = None, plugins=(), device=None)
         raise UserError(f"{run_dir}: no checkpoint yet (the trainer writes one every train.checkpoint_every "
                         f"steps and at the end)")
     saved = checkpoint.load(newest, weights_only=True)
-    recipe = recipe_from_dict(saved["recipe"], str(newest / checkpoint.RECIPE), overrides, plugins)
+    recipe = recipe_from_dict(saved["recipe"], str(newest / checkpoint.RECIPE), overrides, plugin_specs)
     model = build_model(recipe, device or resolve_device(recipe.train.device))
     try:
         model.load_state_dict(saved["model"])
@@ -42,10 +42,10 @@ def load_run(path: Path, overrides: dict | None = None, plugins=(), device=None)
 # -------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_run(path: Path, overrides: dict | None = None, plugins=(), batches: int | None = None) -> dict:
+def evaluate_run(path: Path, overrides: dict | None = None, plugin_specs=(), batches: int | None = None) -> dict:
     """Validation loss and perplexity of a run's model on its recipe's data (or another ``data.source``);
     bits per byte too when the tokenizer is bytes (a token is a byte, so bits/byte = loss / ln 2)."""
-    recipe, model, step = load_run(path, overrides, plugins)
+    recipe, model, step = load_run(path, overrides, plugin_specs)
     tokenizer = build_tokenizer(recipe)
     if batches is not None and batches < 1:
         raise UserError(f"--batches must be at least 1, got {batches}")
@@ -72,12 +72,12 @@ def format_evaluation(result: dict) -> str:
 
 
 def sample_text(path: Path, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, seed: int = 0, overrides: dict | None = None, plugins=()) -> str:
+                top_p: float = 1.0, seed: int = 0, overrides: dict | None = None, plugin_specs=()) -> str:
     """The prompt and what a run's model writes after it, until max_new_tokens or the end of the document."""
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise UserError(f"sampling needs temperature >= 0, top-k >= 0 and 0 < top-p <= 1 "
                         f"(got {temperature}, {top_k}, {top_p})")
-    recipe, model, _ = load_run(path, overrides, plugins)
+    recipe, model, _ = load_run(path, overrides, plugin_specs)
     tokenizer = build_tokenizer(recipe)
     ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]  # after EOS: the start of a document, as in training
     new = generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id=tokenizer.eos_id)

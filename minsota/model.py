@@ -14,7 +14,7 @@ from torch import nn
 from minsota.components import PositionalEncoding
 from minsota.errors import UserError
 from minsota.loss import linear_cross_entropy, softcap
-from minsota.plugins import load_plugins
+from minsota.plugins import LoadedPlugins, load_plugins
 from minsota.recipe import ModelConfig, Recipe, component
 from minsota.state import make_state
 
@@ -89,10 +89,10 @@ class Decoder(nn.Module):
         return 3 * forward if training else forward
 
 
-def _build(recipe: Recipe, plugins, kind: str, *args, **kwargs):
+def _build_component(recipe: Recipe, loaded: LoadedPlugins, kind: str, *args, **kwargs):
     """Build one component from its registry, turning a bad option into one line naming the recipe key."""
     name, options = component(getattr(recipe.model, kind))
-    factory = plugins.registry(kind).get(name)
+    factory = loaded.registry(kind).get(name)
     try:
         return factory(*args, **kwargs, **options)
     except (TypeError, ValueError) as e:
@@ -107,18 +107,18 @@ def model_size(recipe: Recipe) -> tuple[int, float]:
 
 def build_model(recipe: Recipe, device: str | torch.device | None = None) -> Decoder:
     """Assemble the decoder a recipe describes (on ``device``; "meta" allocates nothing)."""
-    plugins = load_plugins(recipe.plugins)
+    loaded = load_plugins(recipe.plugins)
     cfg = recipe.model
     with torch.device(device or "cpu"):
-        positional = _build(recipe, plugins, "positional", cfg)
+        positional = _build_component(recipe, loaded, "positional", cfg)
 
         def norm(dim: int = cfg.dim):
-            return _build(recipe, plugins, "norm", dim, cfg)
+            return _build_component(recipe, loaded, "norm", dim, cfg)
 
         layers = [
-            _build(recipe, plugins, "block", cfg, norm=norm,
-                   attention=_build(recipe, plugins, "attention", cfg, positional, norm=norm),
-                   feedforward=_build(recipe, plugins, "feedforward", cfg))
+            _build_component(recipe, loaded, "block", cfg, norm=norm,
+                             attention=_build_component(recipe, loaded, "attention", cfg, positional, norm=norm),
+                             feedforward=_build_component(recipe, loaded, "feedforward", cfg))
             for _ in range(cfg.n_layers)
         ]
         # post-norm blocks already end on a norm: `final_norm = false` leaves the LM head without one

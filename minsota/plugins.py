@@ -49,7 +49,9 @@ class PluginInfo:
 
 
 @dataclass
-class Plugins:
+class LoadedPlugins:
+    """One loaded plugin set: the pluggy manager, each plugin's origin, and one Registry per kind."""
+
     manager: pluggy.PluginManager
     infos: dict[str, PluginInfo]
     registries: dict[str, Registry]
@@ -140,7 +142,7 @@ def _register(pm: pluggy.PluginManager, load, info: PluginInfo, infos: dict):
 
 
 @functools.lru_cache(maxsize=8)
-def _load(extra: tuple[str, ...], autoload_disabled: bool) -> Plugins:
+def _load(extra: tuple[str, ...], autoload_disabled: bool) -> LoadedPlugins:
     pm = pluggy.PluginManager("minsota")
     pm.add_hookspecs(hookspecs)
     infos: dict[str, PluginInfo] = {}
@@ -172,10 +174,10 @@ def _load(extra: tuple[str, ...], autoload_disabled: bool) -> Plugins:
                 raise UserError(f"plugin {info.label()}: {hook_name} must return a dict of name -> factory")
             for name, factory in provided.items():
                 registry.register(name, factory, provider=info.name)
-    return Plugins(pm, infos, registries)
+    return LoadedPlugins(pm, infos, registries)
 
 
-def load_plugins(extra=()) -> Plugins:
+def load_plugins(extra=()) -> LoadedPlugins:
     """The plugin set for these local plugin specs (cached: hooks run once per process and set).
 
     Loading is idempotent: a spec repeated, or one file spelt two ways (relative and absolute), is loaded once.

@@ -11,7 +11,6 @@ against are handed to it; `minsota.loader` composes plugin loading, the ``extend
 """
 
 import dataclasses
-import difflib
 import math
 import sys
 import types
@@ -26,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from minsota.errors import UserError
+from minsota.errors import UserError, did_you_mean
 from minsota.registry import Registry
 
 Component = str | dict  # a registry name, or an inline table {name = "...", option = ...}
@@ -231,8 +230,8 @@ def _plugin_spec(spec: str, recipe_path: Path) -> str:
 
 
 def _did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    hint = did_you_mean(name, choices)
+    return f" ({hint})" if hint else ""
 
 
 # -------------------------------------------------------------------------------------------- overrides

@@ -4,13 +4,12 @@ Lookups never guess: an unknown name is an error listing up to three close match
 lists them all.
 """
 
-import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from minsota.errors import UserError
+from minsota.errors import UserError, did_you_mean
 
 
 def override(factory: Callable) -> Callable:
@@ -64,8 +63,8 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            close = difflib.get_close_matches(name, list(self._entries), n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(name, self._entries)
+            hint = f"; {hint}" if hint else ""
             raise UserError(f"unknown {self.kind} '{name}'{hint} (`minsota list {self.kind}` lists them)") from None
 
     def list(self, pattern: str = "*") -> list[str]:
