@@ -2,9 +2,10 @@
 
 `train(recipe, run_dir)` builds the model, AdamW and the data from a resolved recipe and runs
 `train.steps` optimizer steps of `train.batch_size` sequences each (gradient accumulation over
-micro-batches). Every step appends one JSON line to RUN_DIR/metrics.jsonl; every `eval_every` steps and at
-the end the validation loss is measured; every `checkpoint_every` steps and at the end a checkpoint is
-written (minsota.checkpoint); at the end the model samples a little text (minsota.inference).
+micro-batches); `resume(run_dir)` continues a run from its checkpoint. Every step appends one JSON line to
+RUN_DIR/metrics.jsonl; every `eval_every` steps and at the end the validation loss is measured; every
+`checkpoint_every` steps and at the end a checkpoint is written (minsota.train_state); at the end the model
+samples a little text (minsota.generation).
 
 The rooms beside it: `minsota.optim` (schedule, AdamW groups, the optimizer), `minsota.step` (the one
 optimizer step), `minsota.distributed` (DDP/FSDP2), `minsota.train_state` (what a checkpoint holds),
