@@ -150,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     overridable = argparse.ArgumentParser(add_help=False)
     overridable.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                              help="override a recipe key (TOML value; a bare word is a string)")
+    for add in (_add_train, _add_catalogue, _add_comparisons, _add_run_tools, _add_bench):  # in `--help`'s order
+        add(sub, common, overridable)
+    return parser
 
+
+def _add_train(sub, common, overridable) -> None:
     p = sub.add_parser("train", parents=[common, overridable], help="train a recipe (default: quickstart)")
     p.add_argument("recipe", nargs="?", help="recipe name or TOML path (default: quickstart; not with --resume)")
     p.add_argument("--out", metavar="RUN_DIR", help="a new run directory (default: runs/RECIPE-TIMESTAMP)")
@@ -161,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a dotted key such as data.source, or a table such as model; repeatable)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_catalogue(sub, common, overridable) -> None:
     p = sub.add_parser("recipes", parents=[common], help="list recipes with a one-line description")
     p.set_defaults(func=cmd_recipes)
     p = sub.add_parser("list", parents=[common], help="list registered components")
@@ -172,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", parents=[common], help="list loaded plugins with distribution and version")
     p.set_defaults(func=cmd_plugins)
 
+
+def _add_comparisons(sub, common, overridable) -> None:
     p = sub.add_parser("compare", parents=[common, overridable],
                        help="train a base and variants over seeds: table with CIs and p-values, plot, JSON")
     p.add_argument("base", help="the baseline recipe (name or TOML path)")
@@ -186,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", metavar="A", help="recipe name or TOML path")
     p.add_argument("b", metavar="B", help="recipe name or TOML path")
     p.set_defaults(func=cmd_diff)
+
+
+def _add_run_tools(sub, common, overridable) -> None:
     p = sub.add_parser("generate", parents=[common, overridable], help="sample text from a run (KV cache)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or RUN_DIR/checkpoints/step-N")
     p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
@@ -209,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or RUN_DIR/checkpoints/step-N")
     p.add_argument("out_dir", metavar="OUT_DIR", help="a new directory for config.json and model.safetensors")
     p.set_defaults(func=cmd_export_hf)
+
+
+def _add_bench(sub, common, overridable) -> None:
     p = sub.add_parser("bench", help="run the benchmarks (kernels, blocks, train step vs HF): one summary table")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, each case once: do they run, does parity hold")
     p.add_argument("--save", metavar="NAME", help="store the results as JSON under .benchmarks/ (--benchmark-save)")
@@ -217,7 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pytest_args", nargs="*", metavar="-- PYTEST_ARGS",
                    help="passed on to pytest after --, e.g. -- -k attention --benchmark-disable")
     p.set_defaults(func=cmd_bench)
-    return parser
 
 
 def _stdout_gone() -> bool:
