@@ -179,13 +179,7 @@ def _loop(recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save
             state.step += 1
             state.tokens += tokens_per_step
             if result.finite:
-                elapsed = time.perf_counter() - start
-                log({"step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                     "tokens": state.tokens, "epoch": state.batches.epoch, "tokens_per_s": tokens_per_step / elapsed,
-                     "mfu": mfu(elapsed)})
-                if state.step % t.log_every == 0 or state.step == t.steps:
-                    bar.set_postfix_str(f"loss {result.loss:.4f}, lr {lr:.2e}, {tokens_per_step / elapsed:,.0f} "
-                                        f"tok/s, MFU {mfu(elapsed):.1%}", refresh=False)
+                _report(state, result, lr, time.perf_counter() - start, t, log, bar, mfu)
             else:
                 _skip(state, result, lr, t, log, main)
             bar.update()
@@ -232,6 +226,16 @@ def _logger(recipe: Recipe, run_dir: Path, stack: contextlib.ExitStack, main: bo
             track(record["step"], scalars)
 
     return log
+
+
+def _report(state: TrainState, result, lr: float, elapsed: float, t, log, bar, mfu) -> None:
+    """A step done: its line in metrics.jsonl, and the progress bar's figures every ``train.log_every`` steps."""
+    tokens_per_step = t.batch_size * t.seq_len
+    log({"step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": state.tokens,
+         "epoch": state.batches.epoch, "tokens_per_s": tokens_per_step / elapsed, "mfu": mfu(elapsed)})
+    if state.step % t.log_every == 0 or state.step == t.steps:
+        bar.set_postfix_str(f"loss {result.loss:.4f}, lr {lr:.2e}, {tokens_per_step / elapsed:,.0f} tok/s, "
+                            f"MFU {mfu(elapsed):.1%}", refresh=False)
 
 
 def _skip(state: TrainState, result, lr: float, t, log, main: bool) -> None:
