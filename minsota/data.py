@@ -312,7 +312,7 @@ def build_source(recipe, split: str = "train") -> Source:
     try:
         with _datasets_log_held(held):
             source = _build_from_spec(recipe, "source", split)
-            for texts, _state in source.blocks(recipe.data.block_docs):
+            for texts, state in source.blocks(recipe.data.block_docs):  # noqa: B007 (read after the loop)
                 odd = next((t for t in texts if t is not None and not isinstance(t, str)), None)
                 if odd is not None:
                     raise UserError(f"{where}: data.text_field = '{recipe.data.text_field}' holds "
