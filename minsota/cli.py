@@ -90,7 +90,8 @@ def cmd_train(args):
 def cmd_compare(args):
     from minsota.compare import compare
 
-    return compare([args.base, *args.variants], args.steps, args.seeds, _overrides(args), args.out, args.plugin)
+    return compare([args.base, *args.variants], args.steps, args.seeds, _overrides(args), args.out, args.plugin,
+                   args.budget)
 
 
 def cmd_diff(args):
@@ -190,6 +191,9 @@ def _add_comparisons(sub, common, overridable) -> None:
                    help="runs per recipe, seeds base.train.seed + 0..K-1 (K > 1: confidence intervals, p-values)")
     p.add_argument("--out", metavar="DIR", help="runs and results (default: runs/compare-TIMESTAMP); "
                    "the same DIR again resumes")
+    p.add_argument("--budget", default="tokens", metavar="KIND[=VALUE]",
+                   help="compare validation loss at equal tokens (default), flops (training FLOPs) or time "
+                        "(seconds of training steps); VALUE defaults to the most every run reached")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("diff", parents=[common], help="components and hyperparameters two recipes differ in")
     p.add_argument("a", metavar="A", help="recipe name or TOML path")
