@@ -27,7 +27,7 @@ from minsota.model import build_model
 from minsota.plugins import load_plugins
 from minsota.recipe import TrainConfig, load_recipe
 from minsota.train import lr_at, param_groups
-from conftest import ENV, losses, records, sets
+from conftest import ENV, PLUGINS, losses, records, sets
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "assets" / "losses" / "tiny.json"
@@ -231,6 +231,20 @@ def test_second_signal_exits_at_once(tmp_path):
     assert code == 130 and "second signal: exiting now" in err
     assert [p.name for p in checkpoint.checkpoints(run_dir / "checkpoints")] == ["step-1"]
     checkpoint.verify(run_dir / "checkpoints" / "step-1")
+
+
+def test_resume_restores_the_rng_with_dropout(tmp_path, cli):
+    """Dropout draws from torch's RNG every step: the resumed steps repeat bit for bit only if the RNG state
+    saved with the checkpoint is restored (the same seed again would give the masks of step 1 instead)."""
+    run_dir = tmp_path / "run"
+    dropout = ["--plugin", PLUGINS / "dropout.py", *sets({**SHORT, "model.feedforward": "swiglu-dropout"})]
+    code, _, err = cli("train", "tiny", "--out", run_dir, *dropout)
+    assert code == 0, err
+    uninterrupted, logged = losses(run_dir), len(records(run_dir))
+    code, _, err = cli("train", "--resume", run_dir / "checkpoints" / "step-3")
+    assert code == 0, err
+    again = [r for r in records(run_dir)[logged:] if "loss" in r]
+    assert [(r["step"], r["loss"]) for r in again] == [(step, uninterrupted[step]) for step in range(4, 9)]
 
 
 def test_disk_full_keeps_the_previous_checkpoint(finished_run):
