@@ -346,7 +346,6 @@ def test_weights_only_checkpoint_starts_a_run_from_those_weights(finished_run, t
 
 
 def test_tensorboard_receives_the_metrics(tmp_path, cli):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
