@@ -98,6 +98,8 @@ def unique_plugin_specs(specs) -> list[str]:
 def _local_plugin(spec: str):
     path = Path(spec)
     if _is_file_spec(spec):
+        if path.is_dir():
+            raise UserError(f"--plugin {spec}: is a directory; give a plugin's .py file or an importable module name")
         if not path.is_file():
             raise UserError(f"--plugin {spec}: no such file")
 

@@ -151,9 +151,12 @@ def component(spec: Component) -> tuple[str, dict]:
 
 def _read_toml(path: Path) -> dict:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 by definition
+        raise UserError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); TOML recipes "
+                        f"must be UTF-8") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:  # its message carries "(at line L, column C)"
@@ -163,14 +166,16 @@ def _read_toml(path: Path) -> dict:
 def describe_recipe_file(path) -> str:
     """The ``description`` of a recipe file ('' if it has none or cannot be read)."""
     try:
-        return str(tomllib.loads(Path(str(path)).read_text()).get("description", ""))
-    except (OSError, tomllib.TOMLDecodeError):
+        return str(tomllib.loads(Path(str(path)).read_text(encoding="utf-8")).get("description", ""))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return ""
 
 
 def find_recipe(name_or_path: str, plugins) -> Path:
     """A recipe path from a registered name (file stem) or a path to a TOML file."""
     candidate = Path(name_or_path)
+    if candidate.is_dir() and name_or_path not in plugins.registry("recipe"):
+        raise UserError(f"{name_or_path}: is a directory, not a recipe file (give a .toml file or a recipe name)")
     if name_or_path.endswith(".toml") or candidate.is_file():
         if not candidate.is_file():
             raise UserError(f"{name_or_path}: no such recipe file")
@@ -287,9 +292,14 @@ def _coerce(section: str, key: str, value, hints: dict, where: str, raw_text: bo
         raise UserError(f"{where}: {section}.{key} must be {_type_name(hint)}, got {value!r}")
     if hint is float:
         value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf literals
+        raise UserError(f"{where}: {section}.{key} must be a finite number, got {value}")
     if section == "model" and key in COMPONENT_KEYS and isinstance(value, dict):
         if not isinstance(value.get("name"), str):
             raise UserError(f"{where}: model.{key} inline table needs a string 'name'")
+        for option, v in value.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{where}: {section}.{key}.{option} must be a finite number, got {v}")
     return value
 
 
@@ -447,7 +457,7 @@ def recipe_from_dict(data: dict, source: str, overrides: dict | None = None, plu
 
 def read_recipe_json(path: Path, overrides: dict | None = None, plugins=()) -> Recipe:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
         raise UserError(f"{path}: cannot read resolved recipe: {e}") from None
     return recipe_from_dict(data, str(path), overrides, plugins)

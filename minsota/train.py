@@ -22,6 +22,7 @@ uninterrupted run's bit for bit.
 """
 
 import contextlib
+import difflib
 import functools
 import hashlib
 import importlib.util
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -296,8 +298,7 @@ def restore(ckpt: dict, model, optimizer, scaler, batches) -> dict:
             optim["state"].setdefault(name, {})[field] = value
         set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim, options=TO_LOAD)
     except (RuntimeError, KeyError, ValueError) as e:
-        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])  # the cause, not every key
-        raise UserError(f"{ckpt['path']}: does not fit this model: {reason}") from None
+        raise checkpoint.does_not_fit(ckpt["path"], e) from None
     trainer = ckpt["trainer"]
     set_rng_state(ckpt["rng"], trainer["rng"])
     if trainer["scaler"]:  # empty when saved without fp16
@@ -309,6 +310,7 @@ def restore(ckpt: dict, model, optimizer, scaler, batches) -> dict:
 def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
     """Refuse a resume whose recipe changes a GUARDED key of the checkpoint's, unless allowed; report the rest."""
     now = json.loads(json.dumps(recipe.to_dict()))
+    check_allowed(allowed, now)
 
     def covered(key, prefixes):
         return any(key == p or key.startswith(p + ".") for p in prefixes)
@@ -325,6 +327,17 @@ def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
             changed.append(f"{dotted} {old!r} -> {new!r}")
     if changed:
         print(f"minsota: resuming with {', '.join(changed)}", file=sys.stderr)
+
+
+def check_allowed(allowed, recipe: dict) -> None:
+    """Refuse an --allow-change KEY that names no table or key of the recipe (a typo would allow nothing)."""
+    keys = [*("model", "train", "data"), *(f"{s}.{k}" for s in ("model", "train", "data") for k in recipe[s])]
+    for key in allowed:
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"--allow-change {key}: no such recipe key (a table such as model, or a key such as "
+                            f"data.source){hint}")
 
 
 @contextlib.contextmanager
@@ -404,11 +417,33 @@ def train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overrides:
     run_dir = Path(run_dir)
     named = bool(resume and checkpoint.STEP_DIR.fullmatch(run_dir.name))  # --resume RUN_DIR/checkpoints/step-N
     where = run_dir.parent.parent if named else run_dir
-    with contextlib.ExitStack() as stack:
-        # RANK: set by torchrun; the process group is joined later. Not a run directory: find_resumable says so.
-        if int(os.environ.get("RANK", "0")) == 0 and (not resume or (where / "recipe.json").is_file()):
-            stack.enter_context(checkpoint.lock_run(where, create=not resume))
-        return _train(recipe, run_dir, resume, named, overrides, plugins, allow_changes)
+    main = int(os.environ.get("RANK", "0")) == 0  # RANK: set by torchrun; the process group is joined later
+    try:
+        with contextlib.ExitStack() as stack:
+            if main and (not resume or (where / "recipe.json").is_file()):  # not a run: find_resumable says so
+                stack.enter_context(checkpoint.lock_run(where, create=not resume))
+            try:
+                return _train(recipe, run_dir, resume, named, overrides, plugins, allow_changes)
+            except KeyboardInterrupt:  # the loop checkpoints on SIGINT: this is start-up
+                if main and not resume:
+                    discard_unstarted(where)  # before the lock is released, and lock_run removes what it made
+                raise
+    except KeyboardInterrupt:
+        then = (f"{where} is unchanged: continue it with minsota train --resume {where}" if resume else
+                "the new run left nothing behind: the same command starts it again")
+        raise KeyboardInterrupt(f"during start-up, before the first step; {then}") from None
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """Remove what a new run wrote before its first step (recipe.json, an empty metrics.jsonl, ...), so that
+    neither a half-made run directory nor a refused `--out` is left behind by a Ctrl-C during start-up."""
+    metrics = run_dir / "metrics.jsonl"
+    if checkpoint.checkpoints(run_dir / "checkpoints") or (metrics.exists() and metrics.stat().st_size):
+        return  # it has trained: never the case during start-up, but nothing trained is deleted
+    for name in ("recipe.json", "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "tensorboard", "wandb"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def check_trackers(recipe: Recipe) -> None:
