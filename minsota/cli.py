@@ -77,6 +77,9 @@ def cmd_show(args):
     print(json.dumps(recipe.to_dict(), indent=2))
     print(f"parameters: {params:,}")
     print(f"FLOPs/token: {flops:.4g} (training, seq_len {recipe.train.seq_len})")
+    from minsota.memory import summary
+
+    print(f"memory: {summary(recipe)}")
 
 
 def cmd_plugins(args):

@@ -88,6 +88,7 @@ class TrainConfig:
     sample_tokens: int = 64  # generated at the end so a user sees what the model learned; 0 = off
     parallelism: str = "none"  # none | ddp | fsdp (under torchrun)
     trackers: list[str] = field(default_factory=list)  # also log to "tensorboard" (RUN_DIR/tensorboard), "wandb"
+    check_memory: bool = True  # refuse a run whose estimated memory (minsota.memory) exceeds the device's
 
 
 @dataclass

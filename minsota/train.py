@@ -48,7 +48,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from minsota import checkpoint
+from minsota import checkpoint, memory
 from minsota.data import build_batches, build_tokenizer
 from minsota.errors import DivergedError, UserError
 from minsota.inference import generate
@@ -485,6 +485,7 @@ def _train(recipe: Recipe | None, run_dir: Path, resume: bool, named: bool, over
     random.seed(t.seed)
     np.random.seed(t.seed)
 
+    memory.check(recipe, device, dtype, world)  # before anything is allocated
     model = build_model(recipe, device)
     loss_module = parallelize(model, t.parallelism, dtype)
     optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
