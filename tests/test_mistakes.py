@@ -116,6 +116,10 @@ def test_a_plugin_path_that_is_a_directory(cli, tmp_path):
     code, _, err = cli("list", "--plugin", tmp_path)
     assert code == 2
     one_line(err, f"--plugin {tmp_path}: is a directory")
+    (tmp_path / "plugin.txt").write_text("print('hi')\n")
+    code, _, err = cli("list", "--plugin", tmp_path / "plugin.txt")
+    assert code == 2
+    one_line(err, f"--plugin {tmp_path / 'plugin.txt'}: not a Python file")
 
 
 def test_allow_change_must_name_a_key_and_go_with_resume(cli, run_copy, tmp_path):
