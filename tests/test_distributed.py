@@ -77,7 +77,9 @@ def test_compiled_ranks_match_one(single, tmp_path, parallelism):
     process = torchrun("train", "tiny", "--out", run_dir, *sets(overrides))
     assert process.returncode == 0, process.stderr
     assert losses(run_dir) == pytest.approx(losses(single), rel=1e-4)
-    assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-4)
+    # compiled kernels fuse and reorder the sums: gradient norms agreed within 3.3e-4 here (FSDP2, step 4), the
+    # losses within 1e-4; a gradient summed over ranks rather than averaged is off by 100%
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-3)
 
 
 def test_a_rank_that_dies_ends_the_job(tmp_path):
