@@ -216,6 +216,54 @@ def test_parity_catches_a_wrong_plugin_component(tmp_path):
         check_norm(build("norm", "off-by-a-fraction", {}, plugins), "off-by-a-fraction")
 
 
+IGNORES_AN_OPTION = """
+import torch
+from minsota import hookimpl
+from minsota.builtins.norms import RMSNorm
+from minsota.builtins.positional import Rope
+
+class FixedEps(RMSNorm):
+    def __init__(self, dim, cfg, eps=1e-5):
+        super().__init__(dim, cfg)  # eps dropped: always the default
+
+class NoNTK(Rope):
+    def __init__(self, cfg, theta_rescale_factor=1.0, **options):
+        super().__init__(cfg, **options)  # theta_rescale_factor dropped
+
+@hookimpl
+def minsota_register_norms():
+    return {"fixed-eps": FixedEps}
+
+@hookimpl
+def minsota_register_positional_encodings():
+    return {"no-ntk": NoNTK}
+"""
+
+
+@pytest.mark.parametrize("kind, name, options", [("norm", "fixed-eps", {"eps": 1e-3}),
+                                                 ("positional", "no-ntk", {"theta_rescale_factor": 8.0})])
+def test_parity_catches_a_component_that_ignores_an_option(tmp_path, kind, name, options):
+    """The reference restates the math from the recipe's options, not from the module: a module that drops
+    an option it accepts disagrees (with the option at its default, it agrees)."""
+    plugin = tmp_path / "ignores_an_option.py"
+    plugin.write_text(IGNORES_AN_OPTION)
+    plugins = minsota.load_plugins([str(plugin)])
+    for opts, fails in (({}, False), (options, True)):
+        module = build(kind, name, opts, plugins)
+        if kind == "norm":
+            run = lambda: check_norm(module, name)  # noqa: E731
+        else:
+            q, k = hidden(B, CFG.n_heads, T, CFG.head_dim), hidden(B, CFG.n_kv_heads, T, CFG.head_dim)
+            flat = lambda parts: torch.cat([x.flatten() for x in parts])  # noqa: E731
+            run = lambda: check(lambda: flat(module.rotate(q, k, POSITIONS)),  # noqa: E731
+                                lambda: flat(reference.rope_rotate(module, q, k, POSITIONS)), [q, k], module, name)
+        if fails:
+            with pytest.raises(AssertionError, match="max abs diff"):
+                run()
+        else:
+            run()
+
+
 def test_rope_is_exact_in_bf16_far_from_the_origin():
     """rotary-embedding-torch would build bf16 positions under autocast (only 641 of 2048 distinct); ours are fp32."""
     module = build("positional", "rope", {})
