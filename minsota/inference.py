@@ -35,7 +35,7 @@ def load_run(path: Path, overrides: dict | None = None, plugin_specs=(), device=
     try:
         model.load_state_dict(saved["model"])
     except RuntimeError as e:
-        raise UserError(f"{newest}: does not fit this model: {str(e).strip().splitlines()[0]}") from None
+        raise checkpoint.does_not_fit(newest, e) from None
     return recipe, model.eval(), saved["step"]
 
 

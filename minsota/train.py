@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minsota import checkpoint, rundir
+from minsota import checkpoint, memory, rundir
 from minsota.data import build_batches, build_tokenizer
 from minsota.distributed import init_distributed, parallelize
 from minsota.errors import DivergedError
@@ -77,9 +77,17 @@ def train(recipe: Recipe, run_dir: Path) -> int:
     """Train ``recipe`` into the new run directory ``run_dir``; returns the exit code. The process that writes
     the run directory (rank 0) holds its lock (`rundir.lock`) until it returns."""
     run_dir = Path(run_dir)
-    with rundir.lock(run_dir, create=True):
-        rundir.refuse_existing(run_dir)
-        return _run(recipe, run_dir, None, abandon_after=None)
+    try:
+        with rundir.lock(run_dir, create=True):
+            rundir.refuse_existing(run_dir)
+            try:
+                return _run(recipe, run_dir, None, abandon_after=None)
+            except KeyboardInterrupt:  # the loop checkpoints on SIGINT: this is start-up
+                if int(os.environ.get("RANK", "0")) == 0:
+                    rundir.discard_unstarted(run_dir)  # before the lock is released, and lock_run removes what it made
+                raise
+    except KeyboardInterrupt:
+        raise _interrupted_start_up("the new run left nothing behind: the same command starts it again") from None
 
 
 def resume(path: Path, overrides: dict | None = None, plugin_specs=(), allow_changes=()) -> int:
@@ -88,9 +96,18 @@ def resume(path: Path, overrides: dict | None = None, plugin_specs=(), allow_cha
     The lock is held from before the checkpoint to resume is read."""
     path = Path(path)
     named = bool(checkpoint.STEP_DIR.fullmatch(path.name))
-    with rundir.lock(path.parent.parent if named else path, create=False):
-        run_dir, recipe, ckpt = rundir.open_resumed(path, overrides, plugin_specs, allow_changes)
-        return _run(recipe, run_dir, ckpt, abandon_after=ckpt["step"] if named else None)
+    where = path.parent.parent if named else path
+    try:
+        with rundir.lock(where, create=False):
+            run_dir, recipe, ckpt = rundir.open_resumed(path, overrides, plugin_specs, allow_changes)
+            return _run(recipe, run_dir, ckpt, abandon_after=ckpt["step"] if named else None)
+    except KeyboardInterrupt:
+        raise _interrupted_start_up(f"{where} is unchanged: continue it with minsota train --resume {where}") from None
+
+
+def _interrupted_start_up(then: str) -> KeyboardInterrupt:
+    """A Ctrl-C that reached the trainer before its loop (which checkpoints on SIGINT itself), in one line."""
+    return KeyboardInterrupt(f"during start-up, before the first step; {then}")
 
 
 def _seed(seed: int, device: torch.device) -> None:
@@ -112,6 +129,7 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     dtype = autocast_dtype(t.precision, device)
     _seed(t.seed, device)
 
+    memory.check(recipe, device, dtype, world)  # before anything is allocated
     model = build_model(recipe, device)
     loss_module = parallelize(model, t.parallelism, dtype)
     state = TrainState(model, build_optimizer(model, t, device), build_scaler(device, dtype), batches=None)
