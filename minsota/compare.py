@@ -71,6 +71,13 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 
+def task_scores(run_dir: Path) -> dict[str, float]:
+    """The newest score of each downstream task metric a run logged (``tasks/TASK/METRIC``, train.eval_tasks)."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {key: value for r in records for key, value in r.items() if key.startswith("tasks/")}
+
+
 def _tokens(record: dict, recipe: Recipe) -> int:
     """Tokens seen by a record's step: train records carry them; evaluation records ({step, val_loss}) do not."""
     return record.get("tokens", record["step"] * recipe.train.batch_size * recipe.train.seq_len)
@@ -94,11 +101,14 @@ def _summarize(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
             "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": evals[-1]["val_loss"],
             "curve": [[_tokens(r, recipe), r["loss"]] for r in train],
             "val_curve": [[_tokens(r, recipe), r["val_loss"]] for r in evals],
+            "tasks": task_scores(run_dir),
         })
+    tasks = [key for key in runs[0]["tasks"] if all(key in r["tasks"] for r in runs)]  # what every seed scored
     return {
         "recipe": label, "source": recipes[0].source, "parameters": params, "flops_per_token": flops,
         "tokens_per_s": median(speeds),  # the median shrugs off stragglers
         **{key: dict(zip(("mean", "std"), mean_std([r[key] for r in runs]))) for key in ("train_loss", "val_loss")},
+        "tasks": {key: dict(zip(("mean", "std"), mean_std([r["tasks"][key] for r in runs]))) for key in tasks},
         "runs": runs,
     }
 
@@ -131,8 +141,10 @@ def _si(value: float) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The comparison as aligned text; the difference columns say variant − base (negative: variant better)."""
+    """The comparison as aligned text; the difference columns say variant − base (negative: variant better);
+    then one column per downstream task metric (train.eval_tasks), its final score."""
     seeds = max(len(row.get("runs", [])) for row in rows)
+    tasks = list(dict.fromkeys(key for row in rows for key in row.get("tasks", {})))
 
     def loss(stat):
         return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if seeds > 1 else "")
@@ -141,12 +153,14 @@ def format_table(rows: list[dict]) -> str:
     if seeds > 1:
         header[-1] += f" [{LEVEL:.0%} CI]"
         header.append("p")
+    header += [key.removeprefix("tasks/") for key in tasks]
     table = [header]
     for i, row in enumerate(rows):
         if "runs" not in row:
             runs = len(row["diverged"])
             table.append([row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), "", "diverged",
-                          f"{runs} run{'s' * (runs > 1)}", "(base)" if i == 0 else "", *([""] * (seeds > 1))])
+                          f"{runs} run{'s' * (runs > 1)}", "(base)" if i == 0 else "", *([""] * (seeds > 1)),
+                          *([""] * len(tasks))])
             continue
         cells = [row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), _si(row["tokens_per_s"]),
                  loss(row["train_loss"]), loss(row["val_loss"])]
@@ -158,6 +172,7 @@ def format_table(rows: list[dict]) -> str:
                       f"{difference['p_value']:.3g}"]
         else:
             cells.append(f"{difference['mean']:+.4f}")
+        cells += [loss(row["tasks"][key]) if key in row.get("tasks", {}) else "" for key in tasks]
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]

@@ -80,6 +80,9 @@ class MinsotaLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         return self.text_tokenizer.encode(string)  # minsota's tokenizers add no special tokens
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm or not self.progress)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(log P(continuation | context), whether greedy decoding gives the continuation) per request
         (key, context ids, continuation ids), scored longest first in batches of one forward each."""
@@ -282,7 +285,3 @@ class TaskEvaluator:
         with rng_untouched():
             results = evaluate_tasks(lm, self.tasks, self.manager, limit=self.limit)
         return main_scores(results, self.tasks) if results else {}  # None where LOCAL_RANK > 0 (torchrun)
-
-
-def format_scores(scores: dict[str, float]) -> str:
-    return ", ".join(f"{key.removeprefix(TASK_PREFIX)} {value:.4f}" for key, value in scores.items())

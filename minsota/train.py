@@ -437,6 +437,11 @@ def _train(recipe: Recipe | None, run_dir: Path, resume: bool, named: bool, over
         raise UserError(f"{run_dir} holds a run already: continue it with --resume {run_dir}, or choose another --out")
     check_trackers(recipe)
     t = recipe.train
+    tasks = None
+    if t.eval_tasks:  # lm-evaluation-harness tasks (the optional [eval] extra): refused now if it cannot run them
+        from minsota.harness import TaskEvaluator
+
+        tasks = TaskEvaluator(recipe)
     document = recipe.data.packing == "document"
 
     rank, world, device = init_distributed(recipe)
@@ -504,6 +509,12 @@ def _train(recipe: Recipe | None, run_dir: Path, resume: bool, named: bool, over
             for track in trackers:
                 track(record["step"], scalars)
 
+        def evaluate_tasks():
+            scores = tasks(model, tokenizer, autocast)
+            log({"step": step, **scores})
+            if main:
+                tqdm.write(f"step {step}: {', '.join(f'{k} {v:.4f}' for k, v in scores.items())}", file=sys.stderr)
+
         while step < t.steps and not stop:
             start = time.perf_counter()
             lr = lr_at(step, t)
@@ -558,6 +569,8 @@ def _train(recipe: Recipe | None, run_dir: Path, resume: bool, named: bool, over
                 log({"step": step, "val_loss": val_loss})
                 if main:
                     tqdm.write(f"step {step}: val_loss {val_loss:.4f}", file=sys.stderr)
+            if tasks and t.eval_tasks_every and step % t.eval_tasks_every == 0 and step < t.steps:
+                evaluate_tasks()
             if stop:
                 batches.close()  # the data workers end with the step they served, before the checkpoint
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or stop:
@@ -571,6 +584,8 @@ def _train(recipe: Recipe | None, run_dir: Path, resume: bool, named: bool, over
             return 128 + (signals[0] if signals else signal.SIGTERM)  # 130 after SIGINT, 143 after SIGTERM
         val_loss = evaluate(model, val_batches, autocast, device, document)
         log({"step": step, "val_loss": val_loss})
+        if tasks:
+            evaluate_tasks()
         if saved_step != step:
             save_checkpoint(run_dir, recipe, step, model, optimizer, scaler, batches, skipped, tokens, device)
         if main:
