@@ -165,17 +165,22 @@ def test_without_the_extra_it_is_one_line_naming_the_install(cli, monkeypatch, t
     assert code == 2 and err.count("\n") == 1 and 'pip install -e ".[eval]"' in err, err
 
 
-def test_tasks_during_training_go_to_metrics_and_match_the_eval_command(tmp_path):
-    overrides = {"train.steps": 4, "train.eval_batches": 1, "train.sample_tokens": 0, "data.num_workers": 0,
+def test_tasks_during_training_go_to_metrics_and_compare(tmp_path):
+    """`compare` of tiny with itself, each run scoring two tasks at steps 2 and 4: metrics.jsonl, the table."""
+    overrides = {"train.eval_batches": 1, "train.sample_tokens": 0, "data.num_workers": 0,
                  "train.eval_tasks": f'["{CLOZE}", "{PROSE}"]', "train.eval_tasks_every": 2,
                  "train.eval_tasks_limit": 8, "train.eval_tasks_path": "tests/assets/eval"}
-    done = run("train", "tiny", "--out", tmp_path / "run", *sets(overrides), env=ENV, cwd=REPO)
+    done = run("compare", "tiny", "tiny", "--steps", 4, "--out", tmp_path, *sets(overrides), env=ENV, cwd=REPO)
     assert done.returncode == 0, done.stderr
     keys = [f"tasks/{CLOZE}/acc_norm", f"tasks/{PROSE}/bits_per_byte"]
-    scored = [r for r in records(tmp_path / "run") if keys[0] in r]
+    run_dir = tmp_path / "tiny" / "seed-0"
+    scored = [r for r in records(run_dir) if keys[0] in r]
     assert [r["step"] for r in scored] == [2, 4] and all(set(r) == {"step", *keys} for r in scored)
+    header, _, *rows = done.stdout.splitlines()[:4]
+    assert header.split()[-2:] == [key.removeprefix("tasks/") for key in keys]
+    assert rows[0].split()[-2:] == rows[1].split()[-2:] == [f"{scored[-1][key]:.4f}" for key in keys]
     # the end-of-run scores are those of the final checkpoint, evaluated afterwards
-    recipe, model, _ = load_run(tmp_path / "run", device="cpu")
+    recipe, model, _ = load_run(run_dir, device="cpu")
     lm = harness.MinsotaLM(model, build_tokenizer(recipe), recipe.train.micro_batch_size, progress=False)
     again = harness.evaluate_tasks(lm, [CLOZE, PROSE], harness.task_manager(TASKS), limit=8)
     assert harness.main_scores(again, [CLOZE, PROSE]) == pytest.approx({k: scored[-1][k] for k in keys}, abs=1e-6)
