@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import register_fsdp_forward_method
 from tqdm import tqdm
 
 from minsota import checkpoint
@@ -68,6 +69,8 @@ class MinsotaLM(TemplateLM):
         self.autocast = autocast or contextlib.nullcontext()
         self.progress = progress
         self._device = model.output.weight.device
+        for method in ("hidden_states", "logits"):  # FSDP2 gathers the root's weights around forward() alone
+            register_fsdp_forward_method(model, method)  # (a no-op on a model it does not shard)
 
     @property
     def eot_token_id(self) -> int:  # also the prefix of an empty context (TemplateLM.prefix_token_id)
@@ -277,11 +280,12 @@ class TaskEvaluator:
             raise UserError(f"{recipe.where('train.eval_tasks')}: train.eval_tasks: {e}") from None
         self.limit = t.eval_tasks_limit or None
         self.batch_size, self.seed = t.micro_batch_size, t.seed
+        self.lm = None
 
     def __call__(self, model, tokenizer: Tokenizer, autocast) -> dict[str, float]:
         """Each task's main metric (`main_scores`) for the model as it is now. Every rank runs it whole (under
         FSDP2 the forwards gather weights collectively, as the end-of-run sample does); rank 0 logs it."""
-        lm = MinsotaLM(model, tokenizer, self.batch_size, autocast, self.seed, progress=False)
+        self.lm = self.lm or MinsotaLM(model, tokenizer, self.batch_size, autocast, self.seed, progress=False)
         with rng_untouched():
-            results = evaluate_tasks(lm, self.tasks, self.manager, limit=self.limit)
+            results = evaluate_tasks(self.lm, self.tasks, self.manager, limit=self.limit)
         return main_scores(results, self.tasks) if results else {}  # None where LOCAL_RANK > 0 (torchrun)

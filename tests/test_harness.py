@@ -33,6 +33,12 @@ def offline(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
+@pytest.fixture(scope="module")
+def manager():
+    """The harness's task index with tests/assets/eval (building it reads ~15k task YAML files: once)."""
+    return harness.task_manager(TASKS)
+
+
 def train_bpe(directory):
     """A 512-token byte-level BPE (GPT-2's scheme) trained on the task texts, end of text at id 0."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -79,7 +85,7 @@ def samples(results: dict, task: str) -> list[dict]:
     return sorted(results["samples"][task], key=lambda s: s["doc_id"])
 
 
-def test_scores_equal_the_harness_own_hf_model_on_the_export(trained):
+def test_scores_equal_the_harness_own_hf_model_on_the_export(trained, manager):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
@@ -87,7 +93,6 @@ def test_scores_equal_the_harness_own_hf_model_on_the_export(trained):
     recipe, model, _ = load_run(run_dir, device="cpu")
     ours = harness.MinsotaLM(model, build_tokenizer(recipe), batch_size=8, progress=False)
     theirs = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=1, dtype="float32")
-    manager = harness.task_manager(TASKS)
     tasks = [CLOZE, PROSE, COMPLETE]
     # 2-shot: some contexts longer than the model's 32 tokens, so both cut them from the left
     got, want = (harness.evaluate_tasks(lm, tasks, manager, num_fewshot=2, log_samples=True) for lm in (ours, theirs))
@@ -165,7 +170,7 @@ def test_without_the_extra_it_is_one_line_naming_the_install(cli, monkeypatch, t
     assert code == 2 and err.count("\n") == 1 and 'pip install -e ".[eval]"' in err, err
 
 
-def test_tasks_during_training_go_to_metrics_and_compare(tmp_path):
+def test_tasks_during_training_go_to_metrics_and_compare(tmp_path, manager):
     """`compare` of tiny with itself, each run scoring two tasks at steps 2 and 4: metrics.jsonl, the table."""
     overrides = {"train.eval_batches": 1, "train.sample_tokens": 0, "data.num_workers": 0,
                  "train.eval_tasks": f'["{CLOZE}", "{PROSE}"]', "train.eval_tasks_every": 2,
@@ -182,7 +187,7 @@ def test_tasks_during_training_go_to_metrics_and_compare(tmp_path):
     # the end-of-run scores are those of the final checkpoint, evaluated afterwards
     recipe, model, _ = load_run(run_dir, device="cpu")
     lm = harness.MinsotaLM(model, build_tokenizer(recipe), recipe.train.micro_batch_size, progress=False)
-    again = harness.evaluate_tasks(lm, [CLOZE, PROSE], harness.task_manager(TASKS), limit=8)
+    again = harness.evaluate_tasks(lm, [CLOZE, PROSE], manager, limit=8)
     assert harness.main_scores(again, [CLOZE, PROSE]) == pytest.approx({k: scored[-1][k] for k in keys}, abs=1e-6)
 
 
@@ -192,3 +197,36 @@ def test_an_unknown_training_task_stops_before_training(tmp_path):
     line = done.stderr.strip().splitlines()[-1]
     assert "train.eval_tasks" in line and "arc_easy" in line
     assert not (tmp_path / "run" / "recipe.json").exists()
+
+
+def test_tasks_under_fsdp_score_as_the_checkpoint_does(tmp_path, manager):
+    """Two ranks, FSDP2: every rank runs the harness (the root's weights gathered around hidden_states/logits)."""
+    from test_distributed import torchrun
+
+    overrides = {"train.steps": 2, "train.micro_batch_size": 4, "train.parallelism": "fsdp", "train.eval_batches": 2,
+                 "train.sample_tokens": 0, "train.eval_tasks": f'["{PROSE}"]', "train.eval_tasks_limit": 4,
+                 "train.eval_tasks_path": "tests/assets/eval"}
+    done = torchrun("train", "tiny", "--out", tmp_path / "run", *sets(overrides))
+    assert done.returncode == 0, done.stderr
+    key = f"tasks/{PROSE}/bits_per_byte"
+    scored = [r for r in records(tmp_path / "run") if key in r]
+    recipe, model, _ = load_run(tmp_path / "run", device="cpu")
+    lm = harness.MinsotaLM(model, build_tokenizer(recipe), 4, progress=False)
+    again = harness.main_scores(harness.evaluate_tasks(lm, [PROSE], manager, limit=4), [PROSE])
+    assert [r["step"] for r in scored] == [2] and scored[0][key] == pytest.approx(again[key], abs=1e-5)
+
+
+def test_the_harness_leaves_the_random_streams_as_they_were(bpe_run, manager):
+    import random
+
+    import numpy as np
+    import torch
+
+    recipe, model, _ = load_run(bpe_run[0], device="cpu")
+    lm = harness.MinsotaLM(model, build_tokenizer(recipe), 4, progress=False)
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    with harness.rng_untouched():
+        harness.evaluate_tasks(lm, [CLOZE], manager, limit=2)  # it seeds all three
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert (np.random.get_state()[1] == before[2]).all()
