@@ -137,8 +137,9 @@ class MinsotaLM(TemplateLM):
             def stop(new: list[int]) -> bool:
                 return any(s in self.text_tokenizer.decode(new) for s in until)
 
-            new = generate(self.model, prompt, max_new, kwargs["temperature"], kwargs.get("top_k", 0),
-                           kwargs.get("top_p", 1.0), self.seed, stop_id=self.eot_token_id, stop=stop)
+            with self.autocast:
+                new = generate(self.model, prompt, max_new, kwargs["temperature"], kwargs.get("top_k", 0),
+                               kwargs.get("top_p", 1.0), self.seed, stop_id=self.eot_token_id, stop=stop)
             texts.append(postprocess_generated_text(self.text_tokenizer.decode(new), until, None))
         return texts
 
@@ -271,8 +272,8 @@ class TaskEvaluator:
 
     def __init__(self, recipe):
         t = recipe.train
-        self.manager = task_manager(t.eval_tasks_path or None, "train.eval_tasks_path")
         try:
+            self.manager = task_manager(t.eval_tasks_path or None, "train.eval_tasks_path")
             self.tasks = task_names(self.manager, t.eval_tasks)
             with hub_or_offline():
                 self.manager.load(self.tasks)
@@ -285,7 +286,8 @@ class TaskEvaluator:
     def __call__(self, model, tokenizer: Tokenizer, autocast) -> dict[str, float]:
         """Each task's main metric (`main_scores`) for the model as it is now. Every rank runs it whole (under
         FSDP2 the forwards gather weights collectively, as the end-of-run sample does); rank 0 logs it."""
-        self.lm = self.lm or MinsotaLM(model, tokenizer, self.batch_size, autocast, self.seed, progress=False)
+        if self.lm is None:
+            self.lm = MinsotaLM(model, tokenizer, self.batch_size, autocast, self.seed, progress=False)
         with rng_untouched():
             results = evaluate_tasks(self.lm, self.tasks, self.manager, limit=self.limit)
         return main_scores(results, self.tasks) if results else {}  # None where LOCAL_RANK > 0 (torchrun)

@@ -144,13 +144,6 @@ def test_unknown_task_is_one_line_with_close_matches(cli, tmp_path):
     assert code == 2 and "--include-path" in err and "no such directory" in err and err.count("\n") == 1
 
 
-def test_a_hub_task_offline_fails_at_once_saying_how_to_use_local_files(bpe_run, cli):
-    run_dir, _ = bpe_run
-    code, _, err = cli("eval", run_dir, "--tasks", "arc_easy")
-    assert code == 2 and err.count("\n") == 1, err
-    assert "allenai/ai2_arc" in err and "dataset_path: json" in err and "--include-path" in err
-
-
 def test_a_hub_task_without_an_answer_fails_without_retrying(bpe_run, tmp_path):
     """No offline switch set, the hub just unreachable: datasets is put offline instead of retrying for ~24 s."""
     run_dir, _ = bpe_run
@@ -159,7 +152,8 @@ def test_a_hub_task_without_an_answer_fails_without_retrying(bpe_run, tmp_path):
     done = run("eval", run_dir, "--tasks", "arc_easy", env={**ENV, **unreachable}, cwd=REPO, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("minsota: error: task data unavailable")
-    assert "unreachable" in done.stderr and "dataset_path: json" in done.stderr
+    assert "allenai/ai2_arc" in done.stderr and "unreachable" in done.stderr and "dataset_path: json" in done.stderr
+    assert "--include-path" in done.stderr
 
 
 def test_without_the_extra_it_is_one_line_naming_the_install(cli, monkeypatch, tmp_path):
@@ -191,12 +185,11 @@ def test_tasks_during_training_go_to_metrics_and_compare(tmp_path, manager):
     assert harness.main_scores(again, [CLOZE, PROSE]) == pytest.approx({k: scored[-1][k] for k in keys}, abs=1e-6)
 
 
-def test_an_unknown_training_task_stops_before_training(tmp_path):
-    done = run("train", "tiny", "--out", tmp_path / "run", *sets({"train.eval_tasks": '["arc_esy"]'}), env=ENV)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    line = done.stderr.strip().splitlines()[-1]
-    assert "train.eval_tasks" in line and "arc_easy" in line
-    assert not (tmp_path / "run" / "recipe.json").exists()
+def test_an_unknown_training_task_stops_before_training(cli, tmp_path):
+    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets({"train.eval_tasks": '["arc_esy"]'}))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("minsota: error: --set train.eval_tasks: train.eval_tasks: unknown task 'arc_esy'")
+    assert "arc_easy" in err and not (tmp_path / "run" / "recipe.json").exists()
 
 
 def test_tasks_under_fsdp_score_as_the_checkpoint_does(tmp_path, manager):
