@@ -104,6 +104,12 @@ def cmd_generate(args):
 
 
 def cmd_eval(args):
+    given = [option for option, value in (("--batches", args.batches), ("--num-fewshot", args.num_fewshot),
+             ("--limit", args.limit), ("--include-path", args.include_path)) if value is not None]
+    misplaced = [option for option in given if (option == "--batches") == bool(args.tasks)]  # one mode's, in the other
+    if misplaced:
+        what = "is for the validation loss, not" if misplaced[0] == "--batches" else "goes with"
+        raise UserError(f"{misplaced[0]} {what} --tasks")
     if args.tasks:  # downstream tasks through lm-evaluation-harness (the [eval] extra)
         from minsota.harness import eval_run
 
@@ -202,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, help="validation micro-batches (default: the recipe's train.eval_batches)")
     p.add_argument("--tasks", metavar="TASK,...", help="lm-evaluation-harness tasks instead (hellaswag,arc_easy; "
                    "needs the [eval] extra): prints the harness's table, writes RUN_DIR/eval/step-N-*.json")
-    p.add_argument("--num-fewshot", type=int, metavar="K", help="with --tasks: few-shot examples (default: each task's)")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="with --tasks: few-shot examples (default: the task's)")
     p.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N examples of each task")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="with --tasks: requests per forward")
     p.add_argument("--include-path", metavar="DIR", help="with --tasks: a directory of task YAML files (local data)")

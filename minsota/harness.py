@@ -50,7 +50,7 @@ try:
     from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
     from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, make_table
 except ImportError:
-    raise UserError(f"downstream evaluation (--tasks, train.eval_tasks) needs lm-evaluation-harness: {INSTALL}") from None
+    raise UserError(f"downstream tasks (--tasks, train.eval_tasks) need lm-evaluation-harness: {INSTALL}") from None
 
 TASK_PREFIX = "tasks/"  # metrics.jsonl and the trackers get tasks/TASK/METRIC
 MAIN_METRICS = ("acc_norm", "acc", "exact_match", "bits_per_byte")  # a task's main metric: the first it reports

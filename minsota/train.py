@@ -3,8 +3,9 @@
 `train(recipe, run_dir)` builds the model, AdamW and the data from a resolved recipe and runs
 `train.steps` optimizer steps of `train.batch_size` sequences each (gradient accumulation over
 micro-batches). Every step appends one JSON line to RUN_DIR/metrics.jsonl; every `eval_every` steps and at
-the end the validation loss is measured; every `checkpoint_every` steps and at the end a checkpoint is
-written (minsota.checkpoint); at the end the model samples a little text (minsota.inference).
+the end the validation loss is measured, every `eval_tasks_every` steps and at the end the `eval_tasks` of
+lm-evaluation-harness (minsota.harness, imported only then); every `checkpoint_every` steps and at the end a
+checkpoint is written (minsota.checkpoint); at the end the model samples a little text (minsota.inference).
 
 Optimization, every number a recipe key: AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101) with
 β = (0.9, 0.95) and weight decay on matrices only, never norms, gains or biases (GPT-3, Llama); gradient

@@ -97,10 +97,12 @@ def test_scores_equal_the_harness_own_hf_model_on_the_export(trained, manager):
     # 2-shot: some contexts longer than the model's 32 tokens, so both cut them from the left
     got, want = (harness.evaluate_tasks(lm, tasks, manager, num_fewshot=2, log_samples=True) for lm in (ours, theirs))
 
-    lengths = [len(ours.tok_encode(context + choice)) for s in got["samples"][CLOZE] for context, choice in s["arguments"]]
+    lengths = [len(ours.tok_encode(context + choice))
+               for s in got["samples"][CLOZE] for context, choice in s["arguments"]]
     assert max(lengths) > model.cfg.max_seq_len + 1 > min(lengths)  # some requests were truncated, some not
     for task in (CLOZE, PROSE):
-        pairs = [(a, b) for s, t in zip(samples(got, task), samples(want, task)) for a, b in zip(s["resps"], t["resps"])]
+        pairs = [(a, b) for s, t in zip(samples(got, task), samples(want, task))
+                 for a, b in zip(s["resps"], t["resps"])]
         assert len(pairs) == {CLOZE: 160, PROSE: 8}[task]
         ll = [(a[0][0], b[0][0]) if task == CLOZE else (a[0], b[0]) for a, b in pairs]
         worst = max(abs(x - y) for x, y in ll)
@@ -117,8 +119,9 @@ def test_scores_equal_the_harness_own_hf_model_on_the_export(trained, manager):
     assert generated == [s["filtered_resps"][0] for s in samples(want, COMPLETE)]
     assert not any("\n" in g for g in generated)  # cut at the stop string
     # without a stop string, 12 greedy tokens after each prompt: ours through the KV cache, theirs HF's generate
-    free = [Instance("generate_until", {}, (s["arguments"][0][0], {"until": [], "max_gen_toks": 12, "do_sample": False}),
-                     i) for i, s in enumerate(samples(got, COMPLETE))]
+    unstopped = {"until": [], "max_gen_toks": 12, "do_sample": False}
+    free = [Instance("generate_until", {}, (s["arguments"][0][0], unstopped), i)
+            for i, s in enumerate(samples(got, COMPLETE))]
     generated = ours.generate_until(free)
     assert generated == theirs.generate_until(free) and all(generated)
 
@@ -142,6 +145,8 @@ def test_unknown_task_is_one_line_with_close_matches(cli, tmp_path):
     assert "unknown task 'hellaswg'" in err and "hellaswag" in err and "--include-path" in err
     code, _, err = cli("eval", tmp_path, "--tasks", CLOZE, "--include-path", tmp_path / "nowhere")
     assert code == 2 and "--include-path" in err and "no such directory" in err and err.count("\n") == 1
+    code, _, err = cli("eval", tmp_path, "--limit", "3")  # an option of --tasks, without it
+    assert code == 2 and err == "minsota: error: --limit goes with --tasks\n"
 
 
 def test_a_hub_task_without_an_answer_fails_without_retrying(bpe_run, tmp_path):
