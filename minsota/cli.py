@@ -137,6 +137,17 @@ def cmd_generate(args):
 
 
 def cmd_eval(args):
+    given = [option for option, value in (("--batches", args.batches), ("--num-fewshot", args.num_fewshot),
+             ("--limit", args.limit), ("--include-path", args.include_path)) if value is not None]
+    misplaced = [option for option in given if (option == "--batches") == bool(args.tasks)]  # one mode's, in the other
+    if misplaced:
+        what = "is for the validation loss, not" if misplaced[0] == "--batches" else "goes with"
+        raise UserError(f"{misplaced[0]} {what} --tasks")
+    if args.tasks:  # downstream tasks through lm-evaluation-harness (the [eval] extra)
+        from minsota.inference import evaluate_run_tasks
+
+        return print(evaluate_run_tasks(Path(args.run_dir), args.tasks.split(","), args.num_fewshot, args.limit,
+                                        args.batch_size, args.include_path, _overrides(args), args.plugin))
     from minsota.inference import evaluate_run, format_evaluation
 
     print(format_evaluation(evaluate_run(Path(args.run_dir), _overrides(args), args.plugin, args.batches)))
@@ -241,9 +252,16 @@ def _add_run_tools(sub, common, overridable) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("eval", parents=[common, overridable],
-                       help="validation loss, perplexity (bits/byte for bytes) of a run, e.g. on another data.source")
+                       help="validation loss, perplexity (bits/byte for bytes) of a run, e.g. on another data.source; "
+                       "or downstream tasks (--tasks)")
     p.add_argument("run_dir", metavar="RUN_DIR", type=path_arg, help="a run directory, or RUN_DIR/checkpoints/step-N")
     p.add_argument("--batches", type=int, help="validation micro-batches (default: the recipe's train.eval_batches)")
+    p.add_argument("--tasks", metavar="TASK,...", help="lm-evaluation-harness tasks instead (hellaswag,arc_easy; "
+                   "needs the [eval] extra): prints the harness's table, writes RUN_DIR/eval/step-N-*.json")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="with --tasks: few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="with --tasks: requests per forward")
+    p.add_argument("--include-path", metavar="DIR", type=path_arg, help="with --tasks: a directory of task YAML files (local data)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("import-hf", help="a Hugging Face Llama/Mistral/OLMo 2/GPT-2 directory -> a run directory "
                        "(recipe.json, checkpoints/step-0)")

@@ -92,6 +92,12 @@ class TrainConfig:
     parallelism: str = "none"  # none | ddp | fsdp (under torchrun)
     trackers: list[str] = field(default_factory=list)  # also log to "tensorboard" (RUN_DIR/tensorboard), "wandb"
     check_memory: bool = True  # refuse a run whose estimated memory (minsota.memory) exceeds the device's
+    # Downstream tasks of lm-evaluation-harness (pip install -e ".[eval]"), e.g. ["hellaswag", "arc_easy"]: each
+    # task's main metric goes to metrics.jsonl (tasks/TASK/METRIC) and the trackers; minsota.harness
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_every: int = 0  # steps between task evaluations; 0: only at the end
+    eval_tasks_limit: int = 0  # examples per task (the harness's --limit); 0: all
+    eval_tasks_path: str = ""  # a directory of task YAML files (the harness's --include-path): tasks on local files
 
 
 @dataclass
@@ -326,7 +332,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "model": ("init_std", "z_loss", "logit_softcap"),
     "train": ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every", "max_bad_steps",
-              "sample_tokens", "min_lr_ratio", "decay_fraction", "eps", "seed"),
+              "sample_tokens", "min_lr_ratio", "decay_fraction", "eps", "seed", "eval_tasks_every", "eval_tasks_limit"),
     "data": ("num_workers",),
 }
 _CHOICES = {
