@@ -254,10 +254,10 @@ def _build_from_spec(recipe, key: str, *args):
         raise UserError(f"{where}: {e}") from None
 
 
-def build_tokenizer(recipe) -> Tokenizer:
-    """The recipe's tokenizer; refused when it has more tokens than the model's embedding rows."""
+def build_tokenizer(recipe, check_model: bool = True) -> Tokenizer:
+    """The recipe's tokenizer; refused when it has more tokens than the model's embedding rows (``check_model``)."""
     tokenizer = _build_from_spec(recipe, "tokenizer")
-    if tokenizer.vocab_size > recipe.model.vocab_size:
+    if check_model and tokenizer.vocab_size > recipe.model.vocab_size:
         raise UserError(f"{recipe.where('model.vocab_size')}: tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} "
                         f"tokens but model.vocab_size = {recipe.model.vocab_size}")
     return tokenizer
@@ -312,6 +312,8 @@ def build_source(recipe, split: str = "train") -> Source:
     try:
         with _datasets_log_held(held):
             source = _build_from_spec(recipe, "source", split)
+            if hasattr(source, "batches"):  # already tokens (minsota.prepared): it checks itself
+                return source
             for texts, state in source.blocks(recipe.data.block_docs):  # noqa: B007 (read after the loop)
                 odd = next((t for t in texts if t is not None and not isinstance(t, str)), None)
                 if odd is not None:
@@ -349,7 +351,10 @@ def build_batches(recipe, tokenizer: Tokenizer, split: str = "train", rank: int 
     if t.batch_size % (t.micro_batch_size * world_size):
         raise UserError(f"{recipe.where('train.batch_size')}: train.batch_size = {t.batch_size} is not a multiple of "
                         f"train.micro_batch_size × world size = {t.micro_batch_size} × {world_size}")
-    return Batches(recipe, tokenizer, build_source(recipe, split), split, rank, world_size)
+    source = build_source(recipe, split)
+    if hasattr(source, "batches"):  # a source that is already tokens (minsota.prepared) deals its own windows
+        return source.batches(recipe, tokenizer, split, rank, world_size)
+    return Batches(recipe, tokenizer, source, split, rank, world_size)
 
 
 # --------------------------------------------------------------------------------- tokenizing and packing
