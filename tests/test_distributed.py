@@ -11,7 +11,7 @@ import pytest
 
 from minsota import checkpoint
 
-from conftest import ENV, losses, records, sets
+from conftest import ENV, losses, records, run, sets
 
 # 8 sequences per step: 2 micro-batches of 4 in one process, one per rank in two
 RUN = {"train.steps": 6, "train.micro_batch_size": 4, "train.checkpoint_every": 3, "train.eval_batches": 2,
@@ -65,6 +65,26 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
         assert process.returncode == 0, process.stderr
         tail = [r for r in records(alone_dir)[len(records(run_dir)):] if "loss" in r]
         assert [r["loss"] for r in tail] == pytest.approx([one[step] for step in (4, 5, 6)], rel=1e-4)
+
+
+def test_two_ranks_on_prepared_data_match_one_streaming_and_resume_exactly(single, tmp_path):
+    """stdlib's first ~300k tokens prepared: each rank reads its own windows, the global batches stay the stream's."""
+    prepared = tmp_path / "stdlib"
+    process = run("prepare", "stdlib", "--tokenizer", "bytes", "--out", prepared, "--recipe", "tiny",
+                  "--max-tokens", 300_000, env=ENV)
+    assert process.returncode == 0, process.stderr
+    run_dir = tmp_path / "run"
+    process = torchrun("train", "tiny", "--out", run_dir, *sets({**RUN, "train.parallelism": "fsdp",
+                                                                 "data.source": prepared}))
+    assert process.returncode == 0, process.stderr
+    two, written = losses(run_dir), len(records(run_dir))
+    assert two == pytest.approx(losses(single), rel=1e-4)
+    assert [r["val_loss"] for r in records(run_dir) if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4)
+    process = torchrun("train", "--resume", run_dir / "checkpoints" / "step-3")
+    assert process.returncode == 0, process.stderr
+    again = [r for r in records(run_dir)[written:] if "loss" in r]
+    assert [(r["step"], r["loss"]) for r in again] == [(step, two[step]) for step in (4, 5, 6)]
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
