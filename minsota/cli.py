@@ -92,7 +92,7 @@ def cmd_prepare(args):
 
     overrides = {**_overrides(args), "data.source": args.source, "data.tokenizer": args.tokenizer}
     recipe = load_recipe(args.recipe, overrides, args.plugin)
-    workers = recipe.data.num_workers if args.workers is None else args.workers
+    workers = max(1, (os.cpu_count() or 1) - 1) if args.workers is None else args.workers
     prepare(recipe, Path(args.out), workers, max_tokens=args.max_tokens)
     print(f"prepared {args.source} -> {args.out}; train from it with --set data.source={args.out}")
 
@@ -182,7 +182,7 @@ def _add_train(sub, common, overridable) -> None:
     p.add_argument("--tokenizer", required=True, help="a data.tokenizer spec (bytes, gpt-neox-20b, a path, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="a new directory")
     p.add_argument("--recipe", default="quickstart", help="whose data settings apply (text_field, holdout_every)")
-    p.add_argument("--workers", type=int, help="tokenizing processes (default: the recipe's data.num_workers)")
+    p.add_argument("--workers", type=int, help="tokenizing processes (default: the cores less one)")
     p.add_argument("--max-tokens", type=int, help="end each split after about this many tokens (a prefix)")
     p.set_defaults(func=cmd_prepare)
 

@@ -34,13 +34,14 @@ windows [s·B, (s+1)·B) (B = train.batch_size), dealt in micro-batches of M win
 rank q mod world_size. Every world size sees the same global batch, and the ranks' union is the
 single-process stream.
 
-Loading. Tokenizing runs off the training thread in ``data.num_workers`` DataLoader workers (0: in process)
-that prefetch. Documents come in blocks of ``data.block_docs``; worker w of W tokenizes blocks w, w+W, … and
+Loading. Tokenizing runs off the training thread in ``data.num_workers`` DataLoader workers (0: in process;
+unset: `default_workers`) that prefetch. Documents come in blocks of ``data.block_docs``; worker w of W tokenizes blocks w, w+W, … and
 the DataLoader's round-robin hands them back in order, so the worker count changes speed, never data. Each
 worker reads the whole document stream and skips the other workers' blocks: reading is cheap next to
 tokenizing. The main process packs, which is only tensor slicing, and pins each micro-batch when training on
 CUDA. Packing needs every document's length, so every rank tokenizes the whole stream and keeps its own
-micro-batches. Tokenizing work therefore grows with world size.
+micro-batches. Tokenizing work therefore grows with world size: `minsota.prepared` tokenizes once, ahead of
+training, and a rank then reads only its own windows (a source whose object has ``batches`` deals them).
 
 Resume. The position is a global window counter plus the place of the next window's first token: the
 epoch, the source's resumable state at the start of a block, and a token offset into that block. For every
@@ -424,6 +425,16 @@ def _outlive_stop_signals(worker_id: int) -> None:
     threading.Thread(target=wait, name="minsota-stop-signals", daemon=True).start()
 
 
+def default_workers(cuda: bool) -> int:
+    """data.num_workers left unset: 1 on CPU, where the cores also train; on CUDA this rank's share of the cores
+    less one for the trainer, up to 8: one worker tokenizes ~0.34M tokens/s (gpt-neox, FIELD-NOTES), and on
+    the fly every rank tokenizes the whole stream (`minsota prepare` removes that work)."""
+    if not cuda:
+        return 1
+    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, share - 1))
+
+
 class Batches:
     """This rank's micro-batches of the global window order (see the module docstring), resumable exactly."""
 
@@ -433,8 +444,10 @@ class Batches:
         self.seq_len, self.micro = recipe.train.seq_len, recipe.train.micro_batch_size
         self.rank, self.world_size = rank, world_size
         self.document_positions = recipe.data.packing == "document"
-        self.num_workers, self.block_docs = recipe.data.num_workers, recipe.data.block_docs
         self.pin_memory = torch.cuda.is_available() and recipe.train.device != "cpu"
+        workers = recipe.data.num_workers
+        self.num_workers = default_workers(self.pin_memory) if workers is None else workers
+        self.block_docs = recipe.data.block_docs
         self.load_state_dict({"windows": 0, "epoch": 0, "source": None, "offset": 0, "empty_documents": 0})
 
     def state_dict(self) -> dict:

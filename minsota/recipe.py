@@ -99,7 +99,7 @@ class DataConfig:
     tokenizer: str = "bytes"  # a registered tokenizer, an HF name, or a local directory / tokenizer.json
     packing: str = "causal"  # causal | document (attention and positions restart per document)
     text_field: str = "text"  # the column holding each document's text (json, parquet, hub datasets)
-    num_workers: int = 1  # DataLoader worker processes that tokenize ahead; 0 = in the training process
+    num_workers: int | None = None  # DataLoader processes tokenizing ahead; 0 = in the trainer; default 1, on CUDA more
     holdout_every: int = 100  # sources without a validation split: documents 0, N, 2N, … are held out for it
     block_docs: int = 32  # documents per unit of tokenizing work handed to a worker (a resume re-reads one)
 
@@ -336,7 +336,7 @@ def _validate(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
     for section, keys in _NON_NEGATIVE.items():
         for key in keys:
             value = getattr(getattr(recipe, section), key)
-            if value < 0:
+            if value is not None and value < 0:
                 raise UserError(f"{recipe.where(f'{section}.{key}')}: {section}.{key} must be >= 0, got {value}")
     for dotted, choices in _CHOICES.items():
         value = recipe.get(dotted)

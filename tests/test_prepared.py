@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from minsota.data import build_batches, build_tokenizer
+from minsota.data import build_batches, build_tokenizer, default_workers
+from minsota.loader import load_recipe
 from minsota.prepared import PreparedSource, prepare
 
 from conftest import ENV, losses, run, sets
@@ -120,3 +121,13 @@ def test_a_large_vocabulary_is_stored_as_uint32(tmp_path):
                                                         "splits": {"train": {"tokens": 3, "shards": shards}}}))
     tokens, starts = PreparedSource(tmp_path, "train").read(1, 5)  # wraps into the next epoch twice
     assert tokens.tolist() == [3, 65_536, 70_000, 3, 65_536] and starts.tolist() == [False, True, True, False, True]
+
+
+def test_streaming_workers_default_to_one_on_cpu_and_to_the_ranks_share_of_the_cores_on_cuda(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert default_workers(cuda=False) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers(cuda=True) == 3  # 4 cores per rank, one of them the trainer's
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers(cuda=True) == 8
+    assert load_recipe("tiny").data.num_workers is None
