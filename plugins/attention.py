@@ -11,7 +11,8 @@ Both share one module: a fused ``wqkv`` projection, optional QK-norm, the decode
   softcap = C        scores become C·tanh(scores/C) before masking (Gemma 2); `math` only, since the fused
                      kernels have no hook on the scores
 Grouped-query attention (Ainslie et al. 2023) by ``cfg.n_kv_heads`` (1 = MQA): SDPA broadcasts K/V with
-``enable_gqa``, never copying them per query head.
+``enable_gqa``, never copying them per query head, except in fp32 on CUDA, where only SDPA's math kernel takes
+GQA: there K/V are expanded so that the memory-efficient kernel runs.
 
 Masks: causal; with ``document_ids`` (packed batches) also within one document; with ``window`` also within
 it. Plain causal attention takes SDPA's flash path. Otherwise CPU builds a dense boolean mask (flex_attention
@@ -87,6 +88,8 @@ class SDPAttention(Attention):
 
     def attend(self, q, k, v, positions, document_ids):
         gqa, T = self.n_kv_heads != self.n_heads, k.shape[-2]
+        if gqa and q.is_cuda and q.dtype == torch.float32:  # CUDA's fp32 GQA is math-only: memory-efficient instead
+            k, v, gqa = *(x.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for x in (k, v)), False
         window = self.window if self.window < T else 0  # a window as long as the sequence hides nothing
         bias = self.positional.bias(positions, self.n_heads)
         fused = q.shape[-2] == T  # the causal and flex paths align queries with keys: not so in cached decoding
