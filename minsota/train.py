@@ -39,6 +39,7 @@ from minsota.data import build_batches, build_tokenizer
 from minsota.distributed import init_distributed, parallelize
 from minsota.errors import DivergedError
 from minsota.generation import generate
+from minsota.memory import checkpoint_activations
 from minsota.model import build_model
 from minsota.optim import build_optimizer, build_scaler, lr_at
 from minsota.recipe import Recipe
@@ -113,6 +114,7 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     _seed(t.seed, device)
 
     model = build_model(recipe, device)
+    checkpoint_activations(model, t.activation_checkpointing)
     loss_module = parallelize(model, t.parallelism, dtype)
     state = TrainState(model, build_optimizer(model, t, device), build_scaler(device, dtype), batches=None)
     loss_fn = torch.compile(loss_module) if t.compile else loss_module

@@ -1,8 +1,12 @@
 """What readies minsota for GPUs and scale, checked where a CPU can: the MFU denominators (measured without
-touching the training RNG; the datasheet table)."""
+touching the training RNG; the datasheet table), activation checkpointing (same losses, lower peak)."""
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from minsota.loader import load_recipe
+from minsota.memory import MODES, checkpoint_activations
+from minsota.model import build_model
 from minsota.runtime import datasheet_flops, peak_flops
 
 
@@ -21,3 +25,32 @@ def test_datasheet_peaks_name_the_variant_before_the_family():
     assert datasheet_flops("NVIDIA L40S", torch.bfloat16) == 362e12
     assert datasheet_flops("NVIDIA A100-SXM4-80GB", None) is None  # fp32: no tensor-core figure to compare with
     assert datasheet_flops("Some Future GPU", torch.bfloat16) is None
+
+
+def step_peak(recipe, batch) -> tuple[float, int]:
+    """(loss, peak bytes allocated during forward + backward on CPU, from the profiler's allocation events)."""
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    checkpoint_activations(model, recipe.train.activation_checkpointing)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = model.loss(*batch)
+        loss.backward()
+    current = highest = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        current += nbytes
+        highest = max(highest, current)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return loss.item(), highest, grads
+
+
+def test_activation_checkpointing_keeps_the_losses_and_lowers_the_peak():
+    settings = {"model.n_layers": 6, "model.max_seq_len": 256, "train.seq_len": 256}
+    tokens = torch.randint(0, 256, (4, 257), generator=torch.Generator().manual_seed(1))
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    results = {mode: step_peak(load_recipe("tiny", {**settings, "train.activation_checkpointing": mode}), batch)
+               for mode in MODES}
+    (loss, peak, grads) = results["none"]
+    for mode in ("full", "selective"):
+        assert results[mode][0] == loss and torch.equal(results[mode][2], grads), mode  # recomputed bit for bit
+    assert results["full"][1] < results["selective"][1] < peak, {m: r[1] for m, r in results.items()}
