@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from minsota import checkpoint, rundir
 from minsota.data import build_batches, build_tokenizer
-from minsota.distributed import init_distributed, parallelize
+from minsota.distributed import build_device, init_distributed, parallelize
 from minsota.errors import DivergedError
 from minsota.generation import generate
 from minsota.memory import checkpoint_activations
@@ -113,9 +113,9 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     dtype = autocast_dtype(t.precision, device)
     _seed(t.seed, device)
 
-    model = build_model(recipe, device)
+    model = build_model(recipe, build_device(t.parallelism))  # CPU; "meta" on FSDP2's ranks but 0
     checkpoint_activations(model, t.activation_checkpointing)
-    loss_module = parallelize(model, t.parallelism, dtype)
+    loss_module = parallelize(model, t.parallelism, dtype, device)
     state = TrainState(model, build_optimizer(model, t, device), build_scaler(device, dtype), batches=None)
     loss_fn = torch.compile(loss_module) if t.compile else loss_module
     tokenizer = build_tokenizer(recipe)
