@@ -115,3 +115,28 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
     assert process.returncode != 0 and time.monotonic() - start < 90
     assert "Root Cause" in process.stderr and "rank      : 1" in process.stderr and "SIGKILL" in process.stderr
     assert max(losses(tmp_path / "run")) == 3
+
+
+def test_fsdp_ranks_build_on_meta_and_receive_rank_zeros_weights(tmp_path):
+    """Rank 1 allocates no full weight: it builds on meta, and its shards hold exactly one process's init."""
+    script = tmp_path / "meta.py"
+    script.write_text("import torch, torch.distributed as dist\n"
+                      "from minsota.distributed import build_device, parallelize\n"
+                      "from minsota.loader import load_recipe\n"
+                      "from minsota.model import build_model\n"
+                      "dist.init_process_group('gloo')\n"
+                      "recipe = load_recipe('tiny')\n"
+                      "torch.manual_seed(0)\n"
+                      "model = build_model(recipe, build_device('fsdp'))\n"
+                      "assert all(p.is_meta for p in model.parameters()) == (dist.get_rank() == 1)\n"
+                      "parallelize(model, 'fsdp', None, torch.device('cpu'))\n"
+                      "torch.manual_seed(0)\n"
+                      "alone = build_model(recipe, 'cpu')\n"
+                      "for (name, p), q in zip(model.named_parameters(), alone.parameters()):\n"
+                      "    assert torch.equal(p.full_tensor(), q), name\n"
+                      "for (name, b), c in zip(model.named_buffers(), alone.buffers()):\n"
+                      "    assert torch.equal(b, c), name\n"
+                      "print('rank', dist.get_rank(), 'ok')\n")
+    process = torchrun(script=script, timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert "rank 0 ok" in process.stdout and "rank 1 ok" in process.stdout
