@@ -6,6 +6,7 @@ same in one process and in many. One process (WORLD_SIZE unset or 1) never touch
 
 import contextlib
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minsota.errors import UserError
 from minsota.recipe import Recipe
+
+# Rank 0 writes and hashes a checkpoint while the other ranks wait for its outcome: they wait on a CPU (gloo)
+# group of their own, whose timeout allows for a 100 GB file, not in the training collectives (NCCL's 10 min).
+CHECKPOINT_TIMEOUT = timedelta(hours=2)
+_checkpoint_group = None
+
+
+def checkpoint_group():
+    """The process group the ranks wait on while rank 0 writes a checkpoint (None in one process)."""
+    return _checkpoint_group
 
 
 def init_distributed(recipe: Recipe, device: torch.device) -> tuple[int, int, torch.device]:
@@ -35,6 +46,8 @@ def init_distributed(recipe: Recipe, device: torch.device) -> tuple[int, int, to
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    global _checkpoint_group
+    _checkpoint_group = dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
     return dist.get_rank(), world, device
 

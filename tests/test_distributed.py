@@ -68,7 +68,8 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
 
 
 def test_two_ranks_on_prepared_data_match_one_streaming_and_resume_exactly(single, tmp_path):
-    """stdlib's first ~300k tokens prepared: each rank reads its own windows, the global batches stay the stream's."""
+    """stdlib's first ~300k tokens prepared: each rank reads its own windows, the global batches stay the stream's;
+    the resume's checkpoint is read by rank 0 alone."""
     prepared = tmp_path / "stdlib"
     process = run("prepare", "stdlib", "--tokenizer", "bytes", "--out", prepared, "--recipe", "tiny",
                   "--max-tokens", 300_000, env=ENV)
@@ -81,8 +82,20 @@ def test_two_ranks_on_prepared_data_match_one_streaming_and_resume_exactly(singl
     assert two == pytest.approx(losses(single), rel=1e-4)
     assert [r["val_loss"] for r in records(run_dir) if "val_loss" in r] == pytest.approx(
         [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4)
-    process = torchrun("train", "--resume", run_dir / "checkpoints" / "step-3")
+    # rank 0 alone reads the weights and optimizer state, and broadcasts them
+    script = tmp_path / "reads.py"
+    script.write_text("import os, sys\n"
+                      "import minsota.checkpoint as checkpoint\n"
+                      "def load_weights(path, real=checkpoint.load_weights):\n"
+                      "    print(f'rank {os.environ[\"RANK\"]} reads {path.name}', file=sys.stderr)\n"
+                      "    return real(path)\n"
+                      "checkpoint.load_weights = load_weights\n"
+                      "from minsota.cli import main\n"
+                      "sys.exit(main())\n")
+    process = torchrun("train", "--resume", run_dir / "checkpoints" / "step-3", script=script)
     assert process.returncode == 0, process.stderr
+    assert "rank 0 reads model.safetensors" in process.stderr and "rank 0 reads optimizer" in process.stderr
+    assert "rank 1 reads model" not in process.stderr and "rank 1 reads optimizer" not in process.stderr
     again = [r for r in records(run_dir)[written:] if "loss" in r]
     assert [(r["step"], r["loss"]) for r in again] == [(step, two[step]) for step in (4, 5, 6)]
 
