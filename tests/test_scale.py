@@ -54,3 +54,22 @@ def test_activation_checkpointing_keeps_the_losses_and_lowers_the_peak():
     for mode in ("full", "selective"):
         assert results[mode][0] == loss and torch.equal(results[mode][2], grads), mode  # recomputed bit for bit
     assert results["full"][1] < results["selective"][1] < peak, {m: r[1] for m, r in results.items()}
+
+
+def test_alibi_score_mod_matches_its_dense_bias():
+    """CUDA's flex path takes ALiBi as a score_mod; its forward (which flex also runs on a CPU) matches SDPA with
+    the dense (B, H, T, T) bias the CPU path builds, under document masking."""
+    from minsota.builtins.attention import flex_attend, visible_keys
+    from minsota.builtins.positional import ALiBi
+
+    recipe = load_recipe("tiny", {"model.positional": "alibi"})
+    alibi = ALiBi(recipe.model)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 32, 16, generator=gen) for _ in range(3))
+    document_ids = torch.tensor([[0] * 20 + [1] * 12, [0] * 7 + [1] * 25])
+    positions = torch.arange(32).expand(2, 32) - torch.where(document_ids == 1, torch.tensor([20, 7])[:, None], 0)
+    mask = visible_keys(32, document_ids, 0, q.device)
+    dense = alibi.bias(positions, 4).masked_fill(~mask, float("-inf"))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    got = flex_attend(q, k, v, document_ids, 0, alibi.score_mod(positions))
+    assert (got - want).abs().max() < 1e-5, f"max abs diff {(got - want).abs().max():.3g}"
