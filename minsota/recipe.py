@@ -90,7 +90,7 @@ class TrainConfig:
     max_bad_steps: int = 0  # non-finite steps skipped before giving up (exit 3)
     sample_tokens: int = 64  # generated at the end so a user sees what the model learned; 0 = off
     parallelism: str = "none"  # none | ddp | fsdp (under torchrun)
-    activation_checkpointing: str = "none"  # none | full | selective: recompute in backward (minsota.memory)
+    activation_checkpointing: str = "none"  # none | full | selective: recompute in backward (minsota.recompute)
     trackers: list[str] = field(default_factory=list)  # also log to "tensorboard" (RUN_DIR/tensorboard), "wandb"
 
 

@@ -39,10 +39,10 @@ from minsota.data import build_batches, build_tokenizer
 from minsota.distributed import build_device, init_distributed, parallelize
 from minsota.errors import DivergedError
 from minsota.generation import generate
-from minsota.memory import checkpoint_activations
 from minsota.model import build_model
 from minsota.optim import build_optimizer, build_scaler, lr_at
 from minsota.recipe import Recipe
+from minsota.recompute import checkpoint_activations
 from minsota.runtime import autocast_context, autocast_dtype, datasheet_flops, evaluate, peak_flops, resolve_device
 from minsota.step import train_step
 from minsota.train_state import TrainState, restore, save_checkpoint

@@ -5,8 +5,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from minsota.loader import load_recipe
-from minsota.memory import MODES, checkpoint_activations
 from minsota.model import build_model
+from minsota.recompute import MODES, checkpoint_activations
 from minsota.runtime import datasheet_flops, peak_flops
 
 

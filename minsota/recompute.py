@@ -1,4 +1,4 @@
-"""Activation memory: recompute in backward what forward would otherwise keep (``train.activation_checkpointing``).
+"""Recomputation: recompute in backward what forward would otherwise keep (``train.activation_checkpointing``).
 
 Chen et al. 2016 (https://arxiv.org/abs/1604.06174) trade compute for memory; torchtitan offers the same
 three settings:
