@@ -13,7 +13,7 @@ from harness import Setting
 
 COLUMNS = {  # summary-table column -> heading, in print order
     "ms": "ms", "speedup": "speed-up", "vs": "over", "max_abs_diff": "max|diff|", "mean_abs_diff": "mean|diff|",
-    "tokens_per_s": "tok/s", "mfu": "MFU", "matmul_gflops": "matmul GF/s", "vs_hf_eager": "x HF eager",
+    "tokens_per_s": "tok/s", "global_tokens_per_s": "global tok/s", "tokenizer": "tokenizer", "mfu": "MFU", "matmul_gflops": "matmul GF/s", "vs_hf_eager": "x HF eager",
     "vs_hf_compile": "x HF compiled", "td_overhead": "TD overhead", "peak_mb": "peak MB", "vs_hf_peak": "x HF peak",
     "backend": "backend",
 }

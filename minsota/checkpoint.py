@@ -375,12 +375,16 @@ def does_not_fit(path: Path, error: Exception) -> UserError:
     return UserError(f"{path}: does not fit this model: {reason}")
 
 
-def load(path: Path, weights_only: bool = False) -> dict:
+def load(path: Path, weights_only: bool = False, tensors_of_the_model: bool = True) -> dict:
     """A verified checkpoint's parts: step, model, recipe; optimizer, rng, trainer (None when absent, and with
-    ``weights_only``: inference and export need no AdamW state, which is twice the model's size)."""
+    ``weights_only``: inference and export need no AdamW state, which is twice the model's size). Without
+    ``tensors_of_the_model`` model and optimizer stay None: the ranks but 0 of a resume, which receive them
+    from rank 0 (`minsota.train_state.restore`), never hold the whole ~12 bytes per parameter in memory."""
     files = verify(path)["files"]
     if weights_only:
         files = [name for name in files if name not in (OPTIMIZER, RNG, TRAINER)]
+    if not tensors_of_the_model:
+        files = [name for name in files if name not in (MODEL, OPTIMIZER)]
 
     def tensors(name):
         try:

@@ -1,4 +1,4 @@
-"""The `minsota` command line: train, recipes, list, show, plugins, compare, diff, generate, eval.
+"""The `minsota` command line: train, prepare, recipes, list, show, plugins, compare, diff, generate, eval.
 
 Exit codes (every command): 0 ok · 1 internal error · 2 user error (bad recipe, argument, plugin, data
 source, checkpoint) · 3 training diverged · 130 after SIGINT · 141 when stdout's reader has gone (`| head`),
@@ -113,6 +113,17 @@ def cmd_train(args):
     return train(recipe, run_dir)
 
 
+def cmd_prepare(args):
+    from minsota.loader import load_recipe
+    from minsota.prepared import prepare
+
+    overrides = {**_overrides(args), "data.source": args.source, "data.tokenizer": args.tokenizer}
+    recipe = load_recipe(args.recipe, overrides, args.plugin)
+    workers = max(1, (os.cpu_count() or 1) - 1) if args.workers is None else args.workers
+    prepare(recipe, Path(args.out), workers, max_tokens=args.max_tokens)
+    print(f"prepared {args.source} -> {args.out}; train from it with --set data.source={args.out}")
+
+
 def cmd_compare(args):
     from minsota.compare import compare
 
@@ -206,6 +217,15 @@ def _add_train(sub, common, overridable) -> None:
                    help="with --resume: accept a changed model shape, tokenizer, batch size or data source "
                    "(a dotted key such as data.source, or a table such as model; repeatable)")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("prepare", parents=[common, overridable],
+                       help="tokenize a data source once into memory-mapped shards that data.source can name")
+    p.add_argument("source", metavar="SOURCE", help="a data.source spec (a path, glob, stdlib, c4, hf:NAME, ...)")
+    p.add_argument("--tokenizer", required=True, help="a data.tokenizer spec (bytes, gpt-neox-20b, a path, ...)")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new directory")
+    p.add_argument("--recipe", default="quickstart", help="whose data settings apply (text_field, holdout_every)")
+    p.add_argument("--workers", type=int, help="tokenizing processes (default: the cores less one)")
+    p.add_argument("--max-tokens", type=int, help="end each split after about this many tokens (a prefix)")
+    p.set_defaults(func=cmd_prepare)
 
 
 def _add_catalogue(sub, common, overridable) -> None:

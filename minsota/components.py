@@ -32,6 +32,11 @@ class PositionalEncoding(nn.Module):
         """An additive attention-score bias (B|1, H, T, T), or None."""
         return None
 
+    def score_mod(self, positions: torch.Tensor):
+        """The same bias as a flex_attention ``score_mod(score, b, h, i, j)``, or None: kernels that take one
+        (CUDA's flex path) then never build the dense (B, H, T, T) tensor."""
+        return None
+
 
 class KVCache:
     """The keys, values and positions one attention layer has seen so far in this generation."""

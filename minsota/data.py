@@ -34,13 +34,14 @@ windows [s·B, (s+1)·B) (B = train.batch_size), dealt in micro-batches of M win
 rank q mod world_size. Every world size sees the same global batch, and the ranks' union is the
 single-process stream.
 
-Loading. Tokenizing runs off the training thread in ``data.num_workers`` DataLoader workers (0: in process)
-that prefetch. Documents come in blocks of ``data.block_docs``; worker w of W tokenizes blocks w, w+W, … and
+Loading. Tokenizing runs off the training thread in ``data.num_workers`` DataLoader workers (0: in process;
+unset: `default_workers`) that prefetch. Documents come in blocks of ``data.block_docs``; worker w of W tokenizes blocks w, w+W, … and
 the DataLoader's round-robin hands them back in order, so the worker count changes speed, never data. Each
 worker reads the whole document stream and skips the other workers' blocks: reading is cheap next to
 tokenizing. The main process packs, which is only tensor slicing, and pins each micro-batch when training on
 CUDA. Packing needs every document's length, so every rank tokenizes the whole stream and keeps its own
-micro-batches. Tokenizing work therefore grows with world size.
+micro-batches. Tokenizing work therefore grows with world size: `minsota.prepared` tokenizes once, ahead of
+training, and a rank then reads only its own windows (a source whose object has ``batches`` deals them).
 
 Resume. The position is a global window counter plus the place of the next window's first token: the
 epoch, the source's resumable state at the start of a block, and a token offset into that block. For every
@@ -254,10 +255,10 @@ def _build_from_spec(recipe, key: str, *args):
         raise UserError(f"{where}: {e}") from None
 
 
-def build_tokenizer(recipe) -> Tokenizer:
-    """The recipe's tokenizer; refused when it has more tokens than the model's embedding rows."""
+def build_tokenizer(recipe, check_model: bool = True) -> Tokenizer:
+    """The recipe's tokenizer; refused when it has more tokens than the model's embedding rows (``check_model``)."""
     tokenizer = _build_from_spec(recipe, "tokenizer")
-    if tokenizer.vocab_size > recipe.model.vocab_size:
+    if check_model and tokenizer.vocab_size > recipe.model.vocab_size:
         raise UserError(f"{recipe.where('model.vocab_size')}: tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} "
                         f"tokens but model.vocab_size = {recipe.model.vocab_size}")
     return tokenizer
@@ -312,6 +313,8 @@ def build_source(recipe, split: str = "train") -> Source:
     try:
         with _datasets_log_held(held):
             source = _build_from_spec(recipe, "source", split)
+            if hasattr(source, "batches"):  # already tokens (minsota.prepared): it checks itself
+                return source
             for texts, state in source.blocks(recipe.data.block_docs):  # noqa: B007 (read after the loop)
                 odd = next((t for t in texts if t is not None and not isinstance(t, str)), None)
                 if odd is not None:
@@ -349,7 +352,10 @@ def build_batches(recipe, tokenizer: Tokenizer, split: str = "train", rank: int 
     if t.batch_size % (t.micro_batch_size * world_size):
         raise UserError(f"{recipe.where('train.batch_size')}: train.batch_size = {t.batch_size} is not a multiple of "
                         f"train.micro_batch_size × world size = {t.micro_batch_size} × {world_size}")
-    return Batches(recipe, tokenizer, build_source(recipe, split), split, rank, world_size)
+    source = build_source(recipe, split)
+    if hasattr(source, "batches"):  # a source that is already tokens (minsota.prepared) deals its own windows
+        return source.batches(recipe, tokenizer, split, rank, world_size)
+    return Batches(recipe, tokenizer, source, split, rank, world_size)
 
 
 # --------------------------------------------------------------------------------- tokenizing and packing
@@ -419,6 +425,16 @@ def _outlive_stop_signals(worker_id: int) -> None:
     threading.Thread(target=wait, name="minsota-stop-signals", daemon=True).start()
 
 
+def default_workers(cuda: bool) -> int:
+    """data.num_workers left unset: 1 on CPU, where the cores also train; on CUDA this rank's share of the cores
+    less one for the trainer, up to 8: one worker tokenizes ~0.34M tokens/s (gpt-neox, FIELD-NOTES), and on
+    the fly every rank tokenizes the whole stream (`minsota prepare` removes that work)."""
+    if not cuda:
+        return 1
+    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, share - 1))
+
+
 class Batches:
     """This rank's micro-batches of the global window order (see the module docstring), resumable exactly."""
 
@@ -428,8 +444,10 @@ class Batches:
         self.seq_len, self.micro = recipe.train.seq_len, recipe.train.micro_batch_size
         self.rank, self.world_size = rank, world_size
         self.document_positions = recipe.data.packing == "document"
-        self.num_workers, self.block_docs = recipe.data.num_workers, recipe.data.block_docs
         self.pin_memory = torch.cuda.is_available() and recipe.train.device != "cpu"
+        workers = recipe.data.num_workers
+        self.num_workers = default_workers(self.pin_memory) if workers is None else workers
+        self.block_docs = recipe.data.block_docs
         self.load_state_dict({"windows": 0, "epoch": 0, "source": None, "offset": 0, "empty_documents": 0})
 
     def state_dict(self) -> dict:

@@ -6,15 +6,27 @@ same in one process and in many. One process (WORLD_SIZE unset or 1) never touch
 
 import contextlib
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 from minsota.errors import UserError
 from minsota.recipe import Recipe
+
+# Rank 0 writes and hashes a checkpoint while the other ranks wait for its outcome: they wait on a CPU (gloo)
+# group of their own, whose timeout allows for a 100 GB file, not in the training collectives (NCCL's 10 min).
+CHECKPOINT_TIMEOUT = timedelta(hours=2)
+_checkpoint_group = None
+
+
+def checkpoint_group():
+    """The process group the ranks wait on while rank 0 writes a checkpoint (None in one process)."""
+    return _checkpoint_group
 
 
 def init_distributed(recipe: Recipe, device: torch.device) -> tuple[int, int, torch.device]:
@@ -34,6 +46,8 @@ def init_distributed(recipe: Recipe, device: torch.device) -> tuple[int, int, to
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    global _checkpoint_group
+    _checkpoint_group = dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
     return dist.get_rank(), world, device
 
@@ -50,26 +64,51 @@ class LossAsForward(nn.Module):
         return self.model.loss(*args)
 
 
-def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None):
+def build_device(parallelism: str) -> torch.device:
+    """Where `minsota.model.build_model` builds and initialises: on the CPU (so weights are the CPU RNG's, the
+    same on any device and world size; `parallelize` moves them), and under FSDP2 every rank but 0 on "meta"
+    (nothing allocated: `parallelize` materialises its shards only, with rank 0's weights)."""
+    sharded = dist.is_initialized() and parallelism == "fsdp" and dist.get_rank() != 0
+    return torch.device("meta" if sharded else "cpu")
+
+
+def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None, device: torch.device):
     """The module or function computing the training loss: `model.loss` itself, through DDP, or on a model
     sharded by FSDP2 (Zhao et al. 2023, arXiv:2304.11277; weights gathered per unit for compute).
+
+    Under FSDP2 rank 0 alone built the weights (its own RNG, as one process would: the same model at every
+    world size); the others built on meta (`build_device`). After sharding, every rank allocates only its
+    shards on ``device`` and receives them from rank 0 (``broadcast_from_rank0``), buffers too.
 
     FSDP2's units are each block's components (attention, feed-forward, norms), then the rest, not whole
     blocks: FSDP2 finds the tensors to hook for backward in dicts, lists and dataclasses, never inside the
     TensorDict a block returns, while components are plain tensor -> tensor modules (minsota.state).
     """
-    if not dist.is_initialized():
-        return model.loss
-    if parallelism == "ddp":
-        return DistributedDataParallel(LossAsForward(model))
+    if not dist.is_initialized() or parallelism == "ddp":
+        model.to(device)  # from the CPU it was built on (`build_device`)
+        return DistributedDataParallel(LossAsForward(model)) if dist.is_initialized() else model.loss
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's full tensors, before they are sharded
     for layer in model.layers:
         for component in layer.children():
             if list(component.parameters()):
                 fully_shard(component, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    _materialise(model, full, device)
     register_fsdp_forward_method(model, "loss")  # gather the embeddings and head around loss() as around forward
     return model.loss
+
+
+def _materialise(model: nn.Module, full: dict, device: torch.device) -> None:
+    """Each rank's shards allocated on ``device`` and filled from rank 0's ``full`` state dict; buffers (not
+    in it when non-persistent, e.g. RoPE's frequencies) broadcast from rank 0 as they are."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()} if dist.get_rank() == 0 else {}
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if dist.get_rank() == 0:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
 
 
 def gradient_sync(loss_module, model: nn.Module, enabled: bool):

@@ -29,9 +29,12 @@ def accumulate_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
     ``out`` may be fp32 while ``a`` and ``b`` are bf16/fp16 (a low-precision weight, e.g. FSDP2's param_dtype):
     the product is then taken in their dtype (no fp32 GEMM) and added to the fp32 running sum, so only each
     chunk's contribution is rounded, never the sum. (CUDA's ``addmm(out_dtype=)`` could skip the temporary,
-    but CPU has no such kernel.)"""
+    but CPU has no such kernel.) On CUDA ``addmm(out_dtype=)`` takes the low-precision operands and accumulates
+    in fp32 inside the GEMM; CPU adds their product to the fp32 sum (the twin the tests check against fp32)."""
     if out.dtype == a.dtype:
         out.addmm_(a, b)
+    elif a.is_cuda:  # low-precision operands, fp32 accumulation in the GEMM itself
+        out.copy_(torch.addmm(out, a, b, out_dtype=out.dtype))
     else:
         out.add_(a @ b)
 
@@ -69,8 +72,11 @@ def _chunk(h, weight, targets, valid, cap: float, z_loss: float, grad_hidden=Non
         grad.scatter_add_(1, targets.clamp_min(0)[:, None], -valid[:, None])
         if cap:
             grad.mul_(tanh_grad)
-        grad_hidden.copy_(grad.to(weight.dtype) @ weight)
-        accumulate_matmul(grad_weight, grad.T.to(weight.dtype), h.to(weight.dtype))
+        # operands in autocast's dtype when it is on (a custom op is not autocast-eligible: d weight would be an
+        # fp32 GEMM), else in the weight's
+        low = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+        grad_hidden.copy_(grad.to(low) @ weight.to(low))
+        accumulate_matmul(grad_weight, grad.T.to(low), h.to(low))
     return ce, z
 
 
@@ -119,14 +125,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden.mul_(scale), grad_weight.mul_(scale), None, None, None, None
 
 
+CUDA_CHUNK_BYTES = 1 << 30  # the (chunk, vocab) fp32 blocks alive at once on CUDA (logits/gradient, softcap's)
+
+
+def chunk_rows(weight: torch.Tensor) -> int:
+    """Rows per chunk: 256 on the CPU; on CUDA as many as `CUDA_CHUNK_BYTES` allows (~1,000 at a 128k
+    vocabulary, ~4,000 at 32k), a multiple of 256, so the fp32 d weight sum is re-read a few times per
+    micro-batch rather than dozens."""
+    if not weight.is_cuda:
+        return 256
+    return max(256, CUDA_CHUNK_BYTES // (weight.shape[0] * 4 * 2) // 256 * 256)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         logit_softcap: float = 0.0, z_loss: float = 0.0, chunk_size: int = 256) -> torch.Tensor:
+                         logit_softcap: float = 0.0, z_loss: float = 0.0, chunk_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy (+ z-loss) of ``softcap(hidden @ weight.T)`` against ``targets``; -100 is ignored.
 
     hidden (N, D), weight (V, D), targets (N,) int64. The gradient of ``weight`` is summed over chunks in fp32
     and returned in ``weight``'s dtype. Without autograd (eval, no_grad) only the loss is computed, still chunk
     by chunk.
     """
+    chunk_size = chunk_size or chunk_rows(weight)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, logit_softcap, z_loss, chunk_size)
     return _fused(hidden, weight, targets, logit_softcap, z_loss, chunk_size, with_grads=False)[0]

@@ -90,6 +90,7 @@ class TrainConfig:
     max_bad_steps: int = 0  # non-finite steps skipped before giving up (exit 3)
     sample_tokens: int = 64  # generated at the end so a user sees what the model learned; 0 = off
     parallelism: str = "none"  # none | ddp | fsdp (under torchrun)
+    activation_checkpointing: str = "none"  # none | full | selective: recompute in backward (minsota.recompute)
     trackers: list[str] = field(default_factory=list)  # also log to "tensorboard" (RUN_DIR/tensorboard), "wandb"
     check_memory: bool = True  # refuse a run whose estimated memory (minsota.memory) exceeds the device's
     # Downstream tasks of lm-evaluation-harness (pip install -e ".[eval]"), e.g. ["hellaswag", "arc_easy"]: each
@@ -106,7 +107,7 @@ class DataConfig:
     tokenizer: str = "bytes"  # a registered tokenizer, an HF name, or a local directory / tokenizer.json
     packing: str = "causal"  # causal | document (attention and positions restart per document)
     text_field: str = "text"  # the column holding each document's text (json, parquet, hub datasets)
-    num_workers: int = 1  # DataLoader worker processes that tokenize ahead; 0 = in the training process
+    num_workers: int | None = None  # DataLoader processes tokenizing ahead; 0 = in the trainer; default 1, on CUDA more
     holdout_every: int = 100  # sources without a validation split: documents 0, N, 2N, … are held out for it
     block_docs: int = 32  # documents per unit of tokenizing work handed to a worker (a resume re-reads one)
 
@@ -340,6 +341,7 @@ _CHOICES = {
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.parallelism": ("none", "ddp", "fsdp"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
     "data.packing": ("causal", "document"),
 }
 
@@ -353,7 +355,7 @@ def _validate(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
     for section, keys in _NON_NEGATIVE.items():
         for key in keys:
             value = getattr(getattr(recipe, section), key)
-            if value < 0:
+            if value is not None and value < 0:
                 raise UserError(f"{recipe.where(f'{section}.{key}')}: {section}.{key} must be >= 0, got {value}")
     for dotted, choices in _CHOICES.items():
         value = recipe.get(dotted)

@@ -52,7 +52,7 @@ def open_resumed(path: Path, overrides: dict | None, plugin_specs, allow_changes
     if ckpt_path is None:
         print(f"minsota: warning: {run_dir} has no checkpoint yet; starting it again from step 0", file=sys.stderr)
         return run_dir, recipe, None
-    ckpt = checkpoint.load(ckpt_path)
+    ckpt = checkpoint.load(ckpt_path, tensors_of_the_model=os.environ.get("RANK", "0") == "0")  # rank 0 broadcasts
     check_changes(ckpt["recipe"], recipe, ckpt_path, allow_changes)
     return run_dir, recipe, ckpt
 

@@ -42,23 +42,44 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul here, measured once per process: the denominator of MFU.
 
     Measured rather than taken from a datasheet, so it works on any CPU or GPU; MFU is then the fraction
-    of what this device's GEMM really reaches (a datasheet peak, as in PaLM's MFU, gives a lower figure).
+    of what this device's GEMM really reaches (a datasheet peak, as in PaLM's MFU, gives a lower figure:
+    `datasheet_flops`). Random operands (constant ones draw less power and run faster on a GPU) from a
+    private generator, so measuring never shifts the RNG training draws from; on CUDA a size and a window
+    (~50 large GEMMs) long enough for the clocks to settle.
     """
-    n, reps = (4096, 20) if device.type == "cuda" else (1024, 8)
-    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no RNG: measuring must not shift training
+    n, reps = (8192, 50) if device.type == "cuda" else (1024, 8)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn((n, n), device=device, generator=generator).to(dtype)
+    b = torch.randn((n, n), device=device, generator=generator).to(dtype)
     for _ in range(2):
-        a @ a
+        a @ b
     best = math.inf
     for _ in range(3):  # the fastest of three: a rate measured while others load the machine is too low
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         for _ in range(reps):
-            a @ a
+            a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 * reps / best
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; the first name that
+# occurs in the device's name wins, so the specific variants come before the family.
+DATASHEET_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12),
+                   ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("MI300X", 1307e12)]
+
+
+def datasheet_flops(device_name: str, dtype: torch.dtype | None) -> float | None:
+    """The datasheet's dense bf16/fp16 peak of the device named ``device_name`` (``torch.cuda.get_device_name``),
+    for MFU as published figures quote it (PaLM, Chowdhery et al. 2022, appendix B); None for other dtypes
+    and devices not in the table."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return next((flops for name, flops in DATASHEET_FLOPS if name in device_name), None)
 
 
 def micro_loss(loss_fn, batch: dict, device: torch.device, document: bool) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Gradient accumulation over ``accum`` micro-batches (gradients all-reduced on the last one only), the global
 batch's mean loss, the fp16 loss scaler, gradient clipping, and the finiteness check before
 ``optimizer.step()``: a non-finite loss or gradient norm leaves the parameters untouched. One host sync per
-step (the loss, the norm and the stop request read together).
+step (the loss, the norm and the stop request read together), and one all-reduce for the loss and stop request.
 """
 
 import contextlib
@@ -48,8 +48,9 @@ def train_step(state: TrainState, loss_fn, lr: float, *, device: torch.device, a
                 micro = micro_loss(loss_fn, next(state.batches), device, document)
             scaler.scale(micro / accum).backward()
         loss += micro.detach() / accum
-    loss = mean_over_ranks(loss)  # the global batch's mean loss
-    asked = mean_over_ranks(torch.tensor(float(stop_requested()), device=device))  # every rank stops together
+    # One all-reduce: the global batch's mean loss, and whether any rank was asked to stop (every rank then
+    # stops together). torch.full, not torch.tensor(value, device=cuda): a host-to-device copy syncs (pytorch#120996).
+    loss, asked = mean_over_ranks(torch.stack([loss, torch.full((), float(stop_requested()), device=device)]))
     scaler.unscale_(optimizer)  # (fp16) clip and check the true gradients
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf, foreach=True)
     if isinstance(grad_norm, DTensor):  # FSDP2: already the global norm, as a replicated DTensor

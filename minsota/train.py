@@ -36,13 +36,14 @@ from tqdm import tqdm
 
 from minsota import checkpoint, memory, rundir
 from minsota.data import build_batches, build_tokenizer
-from minsota.distributed import init_distributed, parallelize
+from minsota.distributed import build_device, init_distributed, parallelize
 from minsota.errors import DivergedError
 from minsota.generation import generate
 from minsota.model import build_model
 from minsota.optim import build_optimizer, build_scaler, lr_at
 from minsota.recipe import Recipe
-from minsota.runtime import autocast_context, autocast_dtype, evaluate, peak_flops, resolve_device
+from minsota.recompute import checkpoint_activations
+from minsota.runtime import autocast_context, autocast_dtype, datasheet_flops, evaluate, peak_flops, resolve_device
 from minsota.step import train_step
 from minsota.train_state import TrainState, restore, save_checkpoint
 
@@ -135,8 +136,9 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     _seed(t.seed, device)
 
     memory.check(recipe, device, dtype, world)  # before anything is allocated
-    model = build_model(recipe, device)
-    loss_module = parallelize(model, t.parallelism, dtype)
+    model = build_model(recipe, build_device(t.parallelism))  # CPU; "meta" on FSDP2's ranks but 0
+    checkpoint_activations(model, t.activation_checkpointing)
+    loss_module = parallelize(model, t.parallelism, dtype, device)
     state = TrainState(model, build_optimizer(model, t, device), build_scaler(device, dtype), batches=None)
     loss_fn = torch.compile(loss_module) if t.compile else loss_module
     tokenizer = build_tokenizer(recipe)
@@ -182,9 +184,15 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
 
     flops_per_step = model.flops_per_token(t.seq_len) * t.batch_size * t.seq_len
     peak = peak_flops(device, dtype or torch.float32) * world
+    datasheet = datasheet_flops(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
+
+    def mfu(elapsed: float) -> dict:  # against the measured matmul rate, and the datasheet's where it is known
+        figures = {"mfu": flops_per_step / elapsed / peak}
+        return figures | ({"mfu_datasheet": flops_per_step / elapsed / (datasheet * world)} if datasheet else {})
+
     return _loop(recipe, run_dir, state, step, validate, lambda: save_checkpoint(run_dir, recipe, state, device),
                  sample if t.sample_tokens else None, main, saved_step=state.step if ckpt else None,
-                 mfu=lambda elapsed: flops_per_step / elapsed / peak)
+                 mfu=mfu)
 
 
 def _loop(recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save, sample, main: bool, saved_step,
@@ -267,11 +275,12 @@ def _logger(recipe: Recipe, run_dir: Path, stack: contextlib.ExitStack, main: bo
 def _report(state: TrainState, result, lr: float, elapsed: float, t, log, bar, mfu) -> None:
     """A step done: its line in metrics.jsonl, and the progress bar's figures every ``train.log_every`` steps."""
     tokens_per_step = t.batch_size * t.seq_len
+    figures = mfu(elapsed)
     log({"step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": state.tokens,
-         "epoch": state.batches.epoch, "tokens_per_s": tokens_per_step / elapsed, "mfu": mfu(elapsed)})
+         "epoch": state.batches.epoch, "tokens_per_s": tokens_per_step / elapsed, **figures})
     if state.step % t.log_every == 0 or state.step == t.steps:
         bar.set_postfix_str(f"loss {result.loss:.4f}, lr {lr:.2e}, {tokens_per_step / elapsed:,.0f} tok/s, "
-                            f"MFU {mfu(elapsed):.1%}", refresh=False)
+                            f"MFU {figures['mfu']:.1%}", refresh=False)
 
 
 def _skip(state: TrainState, result, lr: float, t, log, main: bool) -> None:

@@ -2,7 +2,8 @@
 
 `TrainState` is the model, optimizer, loss scaler and data position, plus the counters (optimizer steps
 done, steps skipped as non-finite, tokens seen). `save_checkpoint` gathers it (FSDP2 shards included) and
-rank 0 writes it; `restore` loads one back, RNG states too, so a resumed run continues bit for bit.
+rank 0 writes it; `restore` loads one back, RNG states too, so a resumed run continues bit for bit. Under
+torchrun rank 0 alone reads the weights and optimizer state and broadcasts them (each rank keeps its shards).
 """
 
 import random
@@ -16,18 +17,22 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     get_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 
 from minsota import checkpoint
+from minsota.distributed import checkpoint_group
 from minsota.errors import UserError
 from minsota.loader import recipe_record
 from minsota.recipe import Recipe
 
 # State dicts by parameter path with whole tensors (FSDP2 shards gathered): to save, on rank 0's CPU only;
-# to load, every rank holds them all
+# to load, rank 0 alone holds them and sends each rank its part, tensor by tensor
 TO_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-TO_LOAD = StateDictOptions(full_state_dict=True)
+
+
+def _to_load() -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
 
 
 @dataclass
@@ -65,8 +70,9 @@ def set_rng_state(tensors: dict, states: dict) -> None:
 
 def save_checkpoint(run_dir, recipe: Recipe, state: TrainState, device: torch.device) -> None:
     """Checkpoint ``state`` as RUN_DIR/checkpoints/step-N. Every rank takes part in gathering full tensors
-    (FSDP2 shards them); rank 0 writes; every rank raises what the write raised, so none is left waiting in
-    the next step's collectives."""
+    (FSDP2 shards them); rank 0 writes and hashes while the others wait on `checkpoint_group` (its timeout
+    allows for a large file); every rank raises what the write raised, so none is left waiting in the next
+    step's collectives."""
     weights, optim = get_state_dict(state.model, state.optimizer, options=TO_SAVE)
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -81,7 +87,7 @@ def save_checkpoint(run_dir, recipe: Recipe, state: TrainState, device: torch.de
             error = e
     if dist.is_initialized():
         outcome = [error]
-        dist.broadcast_object_list(outcome, src=0)
+        dist.broadcast_object_list(outcome, src=0, group=checkpoint_group())  # a long wait, on its own group
         error = outcome[0]
     if error:
         raise error
@@ -90,17 +96,19 @@ def save_checkpoint(run_dir, recipe: Recipe, state: TrainState, device: torch.de
 def restore(ckpt: dict, state: TrainState) -> None:
     """Load a checkpoint into ``state``: weights, and unless it is weights-only (e.g. an imported model, which
     starts a fresh run from its weights) the optimizer, RNG, loss scaler, data position and counters."""
+    options, weights = _to_load(), ckpt["model"] or {}  # {} on the ranks that receive them from rank 0
     try:
         if ckpt["trainer"] is None:
-            set_model_state_dict(state.model, ckpt["model"], options=TO_LOAD)
+            set_model_state_dict(state.model, weights, options=options)
             return
-        optim = get_optimizer_state_dict(state.model, state.optimizer, options=TO_LOAD)  # this recipe's groups
+        optim = get_optimizer_state_dict(state.model, state.optimizer, options=options)  # this recipe's groups
         optim["state"] = {}
-        for key, value in ckpt["optimizer"].items():
+        for key, value in (ckpt["optimizer"] or {}).items():
             name, _, field = key.rpartition("/")
             optim["state"].setdefault(name, {})[field] = value
-        set_state_dict(state.model, state.optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim,
-                       options=TO_LOAD)
+        # one at a time: set_state_dict takes an empty model dict (the receiving ranks') for "optimizer only"
+        set_model_state_dict(state.model, weights, options=options)
+        set_optimizer_state_dict(state.model, state.optimizer, optim, options=options)
     except (RuntimeError, KeyError, ValueError) as e:
         raise checkpoint.does_not_fit(ckpt["path"], e) from None
     trainer = ckpt["trainer"]

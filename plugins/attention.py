@@ -11,12 +11,14 @@ Both share one module: a fused ``wqkv`` projection, optional QK-norm, the decode
   softcap = C        scores become C·tanh(scores/C) before masking (Gemma 2); `math` only, since the fused
                      kernels have no hook on the scores
 Grouped-query attention (Ainslie et al. 2023) by ``cfg.n_kv_heads`` (1 = MQA): SDPA broadcasts K/V with
-``enable_gqa``, never copying them per query head.
+``enable_gqa``, never copying them per query head, except in fp32 on CUDA, where only SDPA's math kernel takes
+GQA: there K/V are expanded so that the memory-efficient kernel runs.
 
 Masks: causal; with ``document_ids`` (packed batches) also within one document; with ``window`` also within
 it. Plain causal attention takes SDPA's flash path. Otherwise CPU builds a dense boolean mask (flex_attention
 has no CPU backward in this torch) and CUDA uses flex_attention, which skips fully masked blocks; compiled
-even when the model is not (eager flex materialises the whole (T, T) score matrix).
+even when the model is not (eager flex materialises the whole (T, T) score matrix). A positional encoding
+with a score bias (ALiBi) gives CUDA's flex path a ``score_mod`` and the dense paths its (B, H, T, T) bias.
 """
 
 import functools
@@ -69,11 +71,11 @@ def block_mask(document_ids, window: int, T: int, device):
     return _call(create_block_mask, mask_mod, B, None, T, T, device=device)
 
 
-def flex_attend(q, k, v, document_ids, window: int):
-    """Causal attention within documents and the window through flex_attention, compiled (CUDA; forward also on
-    CPU)."""
+def flex_attend(q, k, v, document_ids, window: int, score_mod=None):
+    """Causal attention within documents and the window, with a positional ``score_mod`` (ALiBi's), through
+    flex_attention, compiled (CUDA; forward also on CPU)."""
     mask = block_mask(document_ids, window, q.shape[-2], q.device)
-    return _call(flex_attention, q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return _call(flex_attention, q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class SDPAttention(Attention):
@@ -87,13 +89,16 @@ class SDPAttention(Attention):
 
     def attend(self, q, k, v, positions, document_ids):
         gqa, T = self.n_kv_heads != self.n_heads, k.shape[-2]
+        if gqa and q.is_cuda and q.dtype == torch.float32:  # CUDA's fp32 GQA is math-only: memory-efficient instead
+            k, v, gqa = *(x.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for x in (k, v)), False
         window = self.window if self.window < T else 0  # a window as long as the sequence hides nothing
-        bias = self.positional.bias(positions, self.n_heads)
         fused = q.shape[-2] == T  # the causal and flex paths align queries with keys: not so in cached decoding
+        score_mod = self.positional.score_mod(positions)
+        if fused and q.is_cuda and flex_attention is not None and (score_mod or document_ids is not None or window):
+            return flex_attend(q, k, v, document_ids, window, score_mod)  # ALiBi's bias too: no dense (T, T)
+        bias = self.positional.bias(positions, self.n_heads)
         if fused and bias is None and document_ids is None and not window:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if fused and bias is None and q.is_cuda and flex_attention is not None:
-            return flex_attend(q, k, v, document_ids, window)
         mask = visible_keys(T, document_ids, window, q.device, q.shape[-2])
         if bias is not None:  # the queries' rows: the newest (all of them but in cached decoding)
             mask = bias[..., -q.shape[-2]:, :].masked_fill(~mask, float("-inf")).to(q.dtype)

@@ -1,4 +1,5 @@
-"""Built-in data sources: `stdlib` (offline, the default of `quickstart`), `c4`, `hf:NAME[:CONFIG]`, local `files`.
+"""Built-in data sources: `stdlib` (offline, the default of `quickstart`), `c4`, `hf:NAME[:CONFIG]`, local `files`
+(which include directories `minsota prepare` wrote: `minsota.prepared`).
 
 Every one is streamed through `datasets` (`minsota.data.hf_source`), so it resumes through
 `IterableDataset.state_dict()`. The hub sources probe the hub first and, when it cannot be reached, fail at once
@@ -13,6 +14,7 @@ from pathlib import Path
 from minsota import hookimpl
 from minsota.data import hf_source, hub_reachable, no_argument
 from minsota.errors import UserError
+from minsota.prepared import PreparedSource, is_prepared
 
 # datasets' builder for each file type; compressed files (.gz, .zst, ...) are read by the same builder.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -32,8 +34,11 @@ def _text_files(paths: list[str], data_cfg, split: str):
 
 
 def files(spec: str, data_cfg, split: str):
-    """Local files: a path, a glob or a directory of *.txt (a document each), *.jsonl, *.json(.gz) or *.parquet"""
+    """Local files: a path, a glob or a directory of *.txt (a document each), *.jsonl, *.json(.gz) or *.parquet;
+    or a directory `minsota prepare` wrote"""
     path = Path(spec).expanduser()
+    if is_prepared(path):
+        return PreparedSource(path, split)
     if path.is_dir():
         found = sorted(str(p) for p in path.rglob("*") if p.is_file() and _builder(str(p)))
     else:

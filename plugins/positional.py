@@ -143,6 +143,14 @@ class ALiBi(PositionalEncoding):
         distance = (positions[:, :, None] - positions[:, None, :]).float()  # (B, T, T): query minus key position
         return -self.slopes[:, None, None] * distance[:, None]  # (B, H, T, T)
 
+    def score_mod(self, positions):
+        slopes = self.slopes
+
+        def alibi(score, b, h, i, j):
+            return score - slopes[h] * (positions[b, i] - positions[b, j]).float()
+
+        return alibi
+
 
 class NoPE(PositionalEncoding):
     """No positional encoding (NoPE; Kazemnejad et al. 2023): causal masking alone carries order."""

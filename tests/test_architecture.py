@@ -13,7 +13,7 @@ from conftest import REPO
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")  # installed with .[dev], beside this Python
 # What a plugin may import: the public surface (`minsota`) and the floors of components and below. Never the
 # decoder, the trainer or anything above, and never another plugin (minsota.builtins.*).
-PLUGIN_IMPORTS = {"minsota", "minsota.components", "minsota.data", "minsota.errors", "minsota.hookspecs",
+PLUGIN_IMPORTS = {"minsota", "minsota.components", "minsota.data", "minsota.errors", "minsota.hookspecs", "minsota.prepared",
                   "minsota.loss", "minsota.reference", "minsota.registry", "minsota.state"}
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from minsota import checkpoint
 
-from conftest import ENV, grad_norms, losses, records, sets
+from conftest import ENV, grad_norms, losses, records, run, sets
 
 # 8 sequences per step: 2 micro-batches of 4 in one process, one per rank in two
 RUN = {"train.steps": 6, "train.micro_batch_size": 4, "train.checkpoint_every": 3, "train.eval_batches": 2,
@@ -70,6 +70,40 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
         assert [r["grad_norm"] for r in tail] == pytest.approx([grad_norms(single)[s] for s in (4, 5, 6)], rel=1e-4)
 
 
+def test_two_ranks_on_prepared_data_match_one_streaming_and_resume_exactly(single, tmp_path):
+    """stdlib's first ~300k tokens prepared: each rank reads its own windows, the global batches stay the stream's;
+    the resume's checkpoint is read by rank 0 alone."""
+    prepared = tmp_path / "stdlib"
+    process = run("prepare", "stdlib", "--tokenizer", "bytes", "--out", prepared, "--recipe", "tiny",
+                  "--max-tokens", 300_000, env=ENV)
+    assert process.returncode == 0, process.stderr
+    run_dir = tmp_path / "run"
+    process = torchrun("train", "tiny", "--out", run_dir, *sets({**RUN, "train.parallelism": "fsdp",
+                                                                 "data.source": prepared}))
+    assert process.returncode == 0, process.stderr
+    two, written = losses(run_dir), len(records(run_dir))
+    assert two == pytest.approx(losses(single), rel=1e-4)
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-4)
+    assert [r["val_loss"] for r in records(run_dir) if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4)
+    # rank 0 alone reads the weights and optimizer state, and broadcasts them
+    script = tmp_path / "reads.py"
+    script.write_text("import os, sys\n"
+                      "import minsota.checkpoint as checkpoint\n"
+                      "def load_weights(path, real=checkpoint.load_weights):\n"
+                      "    print(f'rank {os.environ[\"RANK\"]} reads {path.name}', file=sys.stderr)\n"
+                      "    return real(path)\n"
+                      "checkpoint.load_weights = load_weights\n"
+                      "from minsota.cli import main\n"
+                      "sys.exit(main())\n")
+    process = torchrun("train", "--resume", run_dir / "checkpoints" / "step-3", script=script)
+    assert process.returncode == 0, process.stderr
+    assert "rank 0 reads model.safetensors" in process.stderr and "rank 0 reads optimizer" in process.stderr
+    assert "rank 1 reads model" not in process.stderr and "rank 1 reads optimizer" not in process.stderr
+    again = [r for r in records(run_dir)[written:] if "loss" in r]
+    assert [(r["step"], r["loss"]) for r in again] == [(step, two[step]) for step in (4, 5, 6)]
+
+
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_compiled_ranks_match_one(single, tmp_path, parallelism):
     """train.compile under DDP (dynamo splits the graph at its gradient buckets) and FSDP2 (per component)."""
@@ -101,3 +135,28 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
     assert process.returncode != 0 and time.monotonic() - start < 90
     assert "Root Cause" in process.stderr and "rank      : 1" in process.stderr and "SIGKILL" in process.stderr
     assert max(losses(tmp_path / "run")) == 3
+
+
+def test_fsdp_ranks_build_on_meta_and_receive_rank_zeros_weights(tmp_path):
+    """Rank 1 allocates no full weight: it builds on meta, and its shards hold exactly one process's init."""
+    script = tmp_path / "meta.py"
+    script.write_text("import torch, torch.distributed as dist\n"
+                      "from minsota.distributed import build_device, parallelize\n"
+                      "from minsota.loader import load_recipe\n"
+                      "from minsota.model import build_model\n"
+                      "dist.init_process_group('gloo')\n"
+                      "recipe = load_recipe('tiny')\n"
+                      "torch.manual_seed(0)\n"
+                      "model = build_model(recipe, build_device('fsdp'))\n"
+                      "assert all(p.is_meta for p in model.parameters()) == (dist.get_rank() == 1)\n"
+                      "parallelize(model, 'fsdp', None, torch.device('cpu'))\n"
+                      "torch.manual_seed(0)\n"
+                      "alone = build_model(recipe, 'cpu')\n"
+                      "for (name, p), q in zip(model.named_parameters(), alone.parameters()):\n"
+                      "    assert torch.equal(p.full_tensor(), q), name\n"
+                      "for (name, b), c in zip(model.named_buffers(), alone.buffers()):\n"
+                      "    assert torch.equal(b, c), name\n"
+                      "print('rank', dist.get_rank(), 'ok')\n")
+    process = torchrun(script=script)
+    assert process.returncode == 0, process.stderr
+    assert "rank 0 ok" in process.stdout and "rank 1 ok" in process.stdout

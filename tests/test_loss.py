@@ -3,9 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minsota.loader import load_recipe
-from minsota.loss import linear_cross_entropy, softcap
+from minsota.loss import chunk_rows, linear_cross_entropy, softcap
 from minsota.model import build_model
 
 TOL = 1e-5  # fp32
@@ -148,3 +149,37 @@ def test_decoder_loss_is_cross_entropy_of_its_logits(tie_embeddings):
     want = [want, *torch.autograd.grad(want, params)]
     for name, g, w in zip(["loss", *(n for n, _ in model.named_parameters())], got, want):
         assert_close(name, g, w)
+
+
+class GemmDtypes(TorchDispatchMode):
+    """Records the operand dtypes of every matmul that runs (minsota's accumulating one is opaque to the mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.minsota.accumulate_matmul.default):
+            self.seen.append(tuple(a.dtype for a in args[-2:]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_autocast_runs_every_gemm_in_bf16_and_sums_d_weight_in_fp32():
+    """Under bf16 autocast the d weight GEMM takes bf16 operands too (a custom op is not autocast-eligible: it
+    was an fp32 GEMM), and its fp32 sum stays within 1.5x plain bf16 autograd's relative error vs fp32."""
+    hidden, weight, targets = inputs(n=1024, dim=32, vocab=512, ignored=(0, 5))
+    want = loss_and_grads(plain_loss, hidden, weight, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = loss_and_grads(plain_loss, hidden, weight, targets)
+        with GemmDtypes() as gemms:
+            fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_size=64)
+    assert len(gemms.seen) == 3 * 1024 // 64 and set(gemms.seen) == {(torch.bfloat16, torch.bfloat16)}, gemms.seen
+    for i, name in [(1, "d hidden"), (2, "d weight")]:
+        got, bound = relative_error(fused[i], want[i]), 1.5 * relative_error(plain[i], want[i])
+        assert got <= bound, f"{name}: relative error {got:.3g}, plain bf16 autograd's x 1.5 = {bound:.3g}"
+
+
+def test_chunks_are_256_rows_on_the_cpu_and_sized_by_a_memory_budget_on_cuda():
+    assert chunk_rows(torch.empty(128256, 8)) == 256
+    meta = torch.empty(128256, 4096, device="meta")
+    assert not meta.is_cuda and chunk_rows(meta) == 256  # only a CUDA weight takes the budget (see minsota.loss)

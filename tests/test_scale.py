@@ -1,0 +1,75 @@
+"""What readies minsota for GPUs and scale, checked where a CPU can: the MFU denominators (measured without
+touching the training RNG; the datasheet table), activation checkpointing (same losses, lower peak)."""
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from minsota.loader import load_recipe
+from minsota.model import build_model
+from minsota.recompute import MODES, checkpoint_activations
+from minsota.runtime import datasheet_flops, peak_flops
+
+
+def test_measuring_the_matmul_rate_leaves_the_training_rng_alone():
+    peak_flops.cache_clear()
+    before = torch.get_rng_state()
+    assert peak_flops(torch.device("cpu"), torch.float32) > 1e9
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_datasheet_peaks_name_the_variant_before_the_family():
+    assert datasheet_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
+    assert datasheet_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
+    assert datasheet_flops("NVIDIA A100-SXM4-80GB", torch.float16) == 312e12
+    assert datasheet_flops("NVIDIA A10G", torch.bfloat16) == 70e12
+    assert datasheet_flops("NVIDIA L40S", torch.bfloat16) == 362e12
+    assert datasheet_flops("NVIDIA A100-SXM4-80GB", None) is None  # fp32: no tensor-core figure to compare with
+    assert datasheet_flops("Some Future GPU", torch.bfloat16) is None
+
+
+def step_peak(recipe, batch) -> tuple[float, int]:
+    """(loss, peak bytes allocated during forward + backward on CPU, from the profiler's allocation events)."""
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    checkpoint_activations(model, recipe.train.activation_checkpointing)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = model.loss(*batch)
+        loss.backward()
+    current = highest = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        current += nbytes
+        highest = max(highest, current)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return loss.item(), highest, grads
+
+
+def test_activation_checkpointing_keeps_the_losses_and_lowers_the_peak():
+    settings = {"model.n_layers": 6, "model.max_seq_len": 256, "train.seq_len": 256}
+    tokens = torch.randint(0, 256, (4, 257), generator=torch.Generator().manual_seed(1))
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    results = {mode: step_peak(load_recipe("tiny", {**settings, "train.activation_checkpointing": mode}), batch)
+               for mode in MODES}
+    (loss, peak, grads) = results["none"]
+    for mode in ("full", "selective"):
+        assert results[mode][0] == loss and torch.equal(results[mode][2], grads), mode  # recomputed bit for bit
+    assert results["full"][1] < results["selective"][1] < peak, {m: r[1] for m, r in results.items()}
+
+
+def test_alibi_score_mod_matches_its_dense_bias():
+    """CUDA's flex path takes ALiBi as a score_mod; its forward (which flex also runs on a CPU) matches SDPA with
+    the dense (B, H, T, T) bias the CPU path builds, under document masking."""
+    from minsota.builtins.attention import flex_attend, visible_keys
+    from minsota.builtins.positional import ALiBi
+
+    recipe = load_recipe("tiny", {"model.positional": "alibi"})
+    alibi = ALiBi(recipe.model)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 32, 16, generator=gen) for _ in range(3))
+    document_ids = torch.tensor([[0] * 20 + [1] * 12, [0] * 7 + [1] * 25])
+    positions = torch.arange(32).expand(2, 32) - torch.where(document_ids == 1, torch.tensor([20, 7])[:, None], 0)
+    mask = visible_keys(32, document_ids, 0, q.device)
+    dense = alibi.bias(positions, 4).masked_fill(~mask, float("-inf"))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    got = flex_attend(q, k, v, document_ids, 0, alibi.score_mod(positions))
+    assert (got - want).abs().max() < 1e-5, f"max abs diff {(got - want).abs().max():.3g}"
