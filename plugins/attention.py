@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minsota import hookimpl, reference
+from minsota.model import attention_flops
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -118,6 +119,12 @@ class Attention(nn.Module):
             k, v, positions = self.kv_cache.update(k, v, positions)
         y = self.attend(q, k, v, positions, document_ids)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, D)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: the projections (2 per weight) and the scores and values over the keys this
+        layer sees (its own window)."""
+        weights = self.wqkv.weight.numel() + self.wo.weight.numel()
+        return 2 * weights + attention_flops(self.n_heads, self.head_dim, seq_len, self.window)
 
 
 class SDPAttention(Attention):
