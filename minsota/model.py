@@ -38,6 +38,8 @@ class PositionalEncoding(nn.Module):
 
 
 RESIDUAL_OUTPUTS = ("wo.weight", "w2.weight")  # scaled init: GPT-2 / Megatron 1/sqrt(2·n_layers)
+RESERVED_METRICS = ("step", "loss", "aux_loss", "val_loss", "lr", "grad_norm", "tokens", "epoch", "tokens_per_s",
+                    "mfu", "skipped")  # metrics.jsonl keys an auxiliary term may not take
 
 
 class Decoder(nn.Module):
@@ -63,6 +65,10 @@ class Decoder(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # found once, here: the modules that contribute auxiliary loss terms (`minsota.hookspecs`, "Auxiliary losses")
         object.__setattr__(self, "aux_modules", [m for m in self.modules() if getattr(m, "aux_loss_name", None)])
+        for module in self.aux_modules:
+            if module.aux_loss_name in RESERVED_METRICS:
+                raise UserError(f"{type(module).__name__}: aux_loss_name {module.aux_loss_name!r} is taken by a "
+                                f"metric of its own ({', '.join(RESERVED_METRICS)})")
         self.reset_parameters()
 
     @torch.no_grad()

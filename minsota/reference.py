@@ -62,7 +62,7 @@ def linear(layer: nn.Linear, x):
 
 def rms_norm(m, x):
     y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + m.eps)
-    return y if m.weight is None else y * m.weight
+    return y if m.weight is None else y * (getattr(m, "offset", 0.0) + m.weight)
 
 
 def layer_norm(m, x):
@@ -155,7 +155,8 @@ def attention(m, x, positions, document_ids=None):
     positional = of(m.positional)
     q, k = positional.rotate(m.positional, q, k, positions)
     kv_head = torch.arange(H, device=x.device) // (H // KV)  # query head h reads K/V head h // group
-    scores = q @ k[:, kv_head].transpose(-1, -2) / math.sqrt(hd)  # (B, H, T, T)
+    scores = q @ k[:, kv_head].transpose(-1, -2)  # (B, H, T, T)
+    scores = scores * m.scale if m.scale else scores / math.sqrt(hd)
     bias = positional.bias(m.positional, positions, H)
     if bias is not None:
         scores = scores + bias
@@ -201,7 +202,8 @@ def decoder(model, tokens, positions=None, document_ids=None):
     """(B, T) tokens -> (B, T, vocab) logits of a `minsota.model.Decoder`, from references only."""
     if positions is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    x = of(model.positional).embed(model.positional, model.tok_embeddings.weight[tokens], positions)
+    x = of(model.positional).embed(model.positional, model.tok_embeddings.weight[tokens] * model.cfg.embed_scale,
+                                   positions)
     for layer in model.layers:
         x = call(layer, x, positions, document_ids)
     logits = call(model.norm, x) @ model.output.weight.T

@@ -150,7 +150,7 @@ class LossAsForward(nn.Module):
         self.model = model
 
     def forward(self, *args):
-        return self.model.loss(*args)
+        return self.model.losses(*args)
 
 
 def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None):
@@ -162,7 +162,7 @@ def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None):
     TensorDict a block returns, while components are plain tensor -> tensor modules (minsota.state).
     """
     if not dist.is_initialized():
-        return model.loss
+        return model.losses
     if parallelism == "ddp":
         return DistributedDataParallel(LossAsForward(model))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
@@ -171,8 +171,8 @@ def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None):
             if list(component.parameters()):
                 fully_shard(component, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    register_fsdp_forward_method(model, "loss")  # gather the embeddings and head around loss() as around forward
-    return model.loss
+    register_fsdp_forward_method(model, "losses")  # gather the embeddings and head around it as around forward
+    return model.losses
 
 
 def gradient_sync(loss_module, model: nn.Module, enabled: bool):
@@ -221,9 +221,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 # ------------------------------------------------------------------------------------- steps, state
 
 
-def micro_loss(loss_fn, batch: dict, device: torch.device, document: bool) -> torch.Tensor:
-    """Loss of one micro-batch. Document ids go to the model only under document packing (attention stays
-    inside a document); under causal packing the data's positions simply run 0..T-1 in every window."""
+def micro_loss(loss_fn, batch: dict, device: torch.device, document: bool):
+    """``loss_fn`` (`Decoder.losses`, maybe wrapped) on one micro-batch. Document ids go
+    to the model only under document packing (attention stays inside a document); under causal packing the
+    data's positions simply run 0..T-1 in every window."""
     tokens, targets, positions, document_ids = (batch[key].to(device, non_blocking=True) for key in
                                                 ("tokens", "targets", "positions", "document_ids"))
     return loss_fn(tokens, targets, positions, document_ids if document else None)
@@ -235,7 +236,8 @@ def evaluate(model, batches, autocast, device, document) -> float:
     no-grad graph (40-65 s on a CPU)."""
     model.eval()
     with autocast:
-        loss = torch.stack([micro_loss(model.loss, batch, device, document) for batch in batches]).mean()
+        # through `losses`, the method FSDP2 gathers parameters around; val_loss is its LM loss alone
+        loss = torch.stack([micro_loss(model.losses, batch, device, document)["loss"] for batch in batches]).mean()
     model.train()
     return mean_over_ranks(loss).item()
 
@@ -509,20 +511,24 @@ def _train(recipe: Recipe | None, run_dir: Path, resume: bool, named: bool, over
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = torch.zeros((), device=device)
+            totals = {}  # the step's mean of each loss term: the LM loss, and any auxiliary ones
             for micro_step in range(accum):
                 with gradient_sync(loss_module, model, micro_step == accum - 1):
                     with autocast:
-                        micro = micro_loss(loss_fn, next(batches), device, document)
-                    scaler.scale(micro / accum).backward()
-                loss += micro.detach() / accum
-            loss = mean_over_ranks(loss)  # the global batch's mean loss
+                        losses = micro_loss(loss_fn, next(batches), device, document)
+                    objective = losses["loss"] + losses["aux_loss"] if "aux_loss" in losses else losses["loss"]
+                    scaler.scale(objective / accum).backward()
+                for name, value in losses.items():
+                    totals[name] = totals.get(name, 0) + value.detach().float() / accum
+            totals = dict(zip(totals, mean_over_ranks(torch.stack(list(totals.values())))))  # the global batch's
             asked = mean_over_ranks(torch.tensor(float(bool(signals)), device=device))  # every rank stops together
             scaler.unscale_(optimizer)  # (fp16) clip and check the true gradients
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf, foreach=True)
             if isinstance(grad_norm, DTensor):  # FSDP2: already the global norm, as a replicated DTensor
                 grad_norm = grad_norm.full_tensor()
-            loss_value, norm_value, asked_value = torch.stack([loss, grad_norm, asked]).tolist()  # the one sync
+            *values, norm_value, asked_value = torch.stack([*totals.values(), grad_norm, asked]).tolist()  # one sync
+            terms = dict(zip(totals, values))
+            loss_value = terms.pop("loss")
             stop = asked_value > 0
             # fp16's scaler skips inf/NaN gradients by itself (and lowers the scale); anything else diverged
             finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled())
@@ -535,7 +541,7 @@ def _train(recipe: Recipe | None, run_dir: Path, resume: bool, named: bool, over
 
             if finite:
                 elapsed = time.perf_counter() - start
-                log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens": tokens,
+                log({"step": step, "loss": loss_value, **terms, "lr": lr, "grad_norm": norm_value, "tokens": tokens,
                      "epoch": batches.epoch, "tokens_per_s": tokens_per_step / elapsed,
                      "mfu": flops_per_step / elapsed / peak})
                 if step % t.log_every == 0 or step == t.steps:

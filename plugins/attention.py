@@ -10,6 +10,7 @@ Both share one module: a fused ``wqkv`` projection, optional QK-norm, the decode
   window = N         sliding-window attention: each token sees itself and the N-1 tokens before it (Mistral)
   softcap = C        scores become C·tanh(scores/C) before masking (Gemma 2); `math` only, since the fused
                      kernels have no hook on the scores
+  scale = S          scores are q·k·S (default 1/sqrt(head_dim)); Gemma's query_pre_attn_scalar Q is S = Q^-0.5
 Grouped-query attention (Ainslie et al. 2023) by ``cfg.n_kv_heads`` (1 = MQA): SDPA broadcasts K/V with
 ``enable_gqa``, never copying them per query head.
 
@@ -70,11 +71,11 @@ def block_mask(document_ids, window: int, T: int, device):
     return _call(create_block_mask, mask_mod, B, None, T, T, device=device)
 
 
-def flex_attend(q, k, v, document_ids, window: int):
+def flex_attend(q, k, v, document_ids, window: int, scale: float | None = None):
     """Causal attention within documents and the window through flex_attention, compiled (CUDA; forward also on
     CPU)."""
     mask = block_mask(document_ids, window, q.shape[-2], q.device)
-    return _call(flex_attention, q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return _call(flex_attention, q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1], scale=scale)
 
 
 class Attention(nn.Module):
@@ -90,14 +91,17 @@ class Attention(nn.Module):
     kv_cache = None  # a minsota.inference.KVCache, only while generating
 
     def __init__(self, cfg, positional, *, norm, bias: bool = False, qk_norm: str = "none", window: int = 0,
-                 softcap: float = 0.0):
+                 softcap: float = 0.0, scale: float | None = None):
         super().__init__()
         if qk_norm not in ("none", "head", "full"):
             raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {qk_norm!r}")
         if window < 0 or softcap < 0:
             raise ValueError("window and softcap must be >= 0")
+        if scale is not None and scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qk_norm, self.window, self.softcap = qk_norm, window, softcap
+        self.scale = None if scale is None else float(scale)  # None: the kernels' own 1/sqrt(hd)
         self.wqkv = nn.Linear(cfg.dim, (H + 2 * KV) * hd, bias=bias)
         self.wo = nn.Linear(H * hd, cfg.dim, bias=bias)
         # the features one norm sees: a head, or the whole projection ("full"); (B, T, groups, width) views
@@ -142,13 +146,13 @@ class SDPAttention(Attention):
         bias = self.positional.bias(positions, self.n_heads)
         fused = q.shape[-2] == T  # the causal and flex paths align queries with keys: not so in cached decoding
         if fused and bias is None and document_ids is None and not window:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=self.scale)
         if fused and bias is None and q.is_cuda and flex_attention is not None:
-            return flex_attend(q, k, v, document_ids, window)
+            return flex_attend(q, k, v, document_ids, window, self.scale)
         mask = visible_keys(T, document_ids, window, q.device, q.shape[-2])
         if bias is not None:  # the queries' rows: the newest (all of them but in cached decoding)
             mask = bias[..., -q.shape[-2]:, :].masked_fill(~mask, float("-inf")).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.scale)
 
 
 class MathAttention(Attention):
@@ -158,7 +162,7 @@ class MathAttention(Attention):
         group = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T, hd)
         queries, T = q.shape[-2], k.shape[-2]  # queries are the newest rows (fewer only in cached decoding)
-        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # (B, H, queries, T)
+        scores = q @ k.transpose(-1, -2) * (self.scale or self.head_dim**-0.5)  # (B, H, queries, T)
         bias = self.positional.bias(positions, self.n_heads)
         if bias is not None:
             scores = scores + bias[..., -queries:, :]

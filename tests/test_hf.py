@@ -17,6 +17,8 @@ from minsota.reference import assert_close
 VOCAB, T = 101, 24  # an odd vocabulary must survive exactly
 ROTARY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1)
+GEMMA = dict(num_hidden_layers=4, head_dim=16, sliding_window=5, query_pre_attn_scalar=20, rms_norm_eps=1e-6,
+             attn_implementation="eager")
 SCALED = dict(max_position_embeddings=64, rope_theta=500000.0)  # toy original context 16 < T: the scaling acts
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", ROTARY),
@@ -30,6 +32,13 @@ CASES = {
     "llama-linear": ("LlamaConfig", "LlamaForCausalLM", {**ROTARY, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "mistral-window": ("MistralConfig", "MistralForCausalLM", {**ROTARY, "sliding_window": 5}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {**ROTARY, "rms_norm_eps": 1e-6}),
+    # Gemma: local/global layers (window 5 < T), soft-capping that acts (caps near the toy scores and logits), a
+    # query_pre_attn_scalar that is not head_dim, head_dim != dim / heads, (1 + w) norms perturbed off 1
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**ROTARY, **GEMMA, "attn_logit_softcapping": 0.5,
+                                                     "final_logit_softcapping": 0.7}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**ROTARY, **GEMMA, "num_hidden_layers": 7, "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32,
                                                     initializer_range=0.1)),
     "gpt2-exact-gelu-untied": ("GPT2Config", "GPT2LMHeadModel", dict(
