@@ -21,6 +21,7 @@ and family detection read every layer's resolved spec (`Decoder.specs`), never o
 """
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,7 +430,8 @@ def _gemma_config_to_hf(cfg: ModelConfig, specs: list[dict], family: str, ffn_di
     block = _options(specs[0], "block", ("sandwich",), family, pre=True)
     _refuse(norm["offset"] != 1 or ff["approximate"] != "tanh" or not block["pre"], family,
             "Gemma has (1 + w) RMSNorm (offset = 1.0), tanh-GeGLU and sandwich norms")
-    _refuse(not cfg.final_norm or cfg.embed_scale != cfg.dim**0.5, family, "it needs the final norm and embed_scale √dim")
+    _refuse(not cfg.final_norm or not math.isclose(cfg.embed_scale, cfg.dim**0.5, rel_tol=1e-12), family,
+            "it needs the final norm and embed_scale √dim")
     ropes = {kind: _rope_to_hf(spec["positional"], family) for kind, spec in of_kind.items()}
     scalar = (attention["scale"] or cfg.head_dim**-0.5) ** -2  # scale = query_pre_attn_scalar^-0.5, an integer
     _refuse(abs(scalar - round(scalar)) > 1e-6 * scalar, family, f"attention scale^-2 = {scalar} is not an integer")

@@ -186,3 +186,44 @@ def test_real_model_recipes_have_the_real_shapes(recipe_name, parameters):
     with torch.device("meta"):
         theirs = transformers.AutoModelForCausalLM.from_config(hf.hf_config(ours))
     assert theirs.num_parameters() == parameters
+
+
+# The published configs of google/gemma-2-2b and google/gemma-3-1b-pt (their config.json), as transformers builds them
+PUBLISHED = {
+    "gemma-2-2b": ("Gemma2Config", dict(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, sliding_window=4096, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "gemma-3-1b": ("Gemma3TextConfig", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, sliding_window=512, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256, sliding_window_pattern=6, rope_theta=1000000.0, rope_local_base_freq=10000.0)),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_gemma_recipes_are_the_published_models(cli, name):
+    """`minsota show`'s parameter count equals the HF model's built from the published config (on "meta"), and the
+    recipe exports as that config: layer types, window, caps, scalars and RoPE per layer type."""
+    config_class, kwargs = PUBLISHED[name]
+    published = getattr(transformers, config_class)(**kwargs)
+    with torch.device("meta"):
+        theirs = transformers.AutoModelForCausalLM.from_config(published)
+    code, out, _ = cli("show", name)
+    assert code == 0 and f"parameters: {theirs.num_parameters():,}\n" in out
+    ours = hf.hf_config(build_model(load_recipe(name), "meta"))
+    assert type(ours) is type(published)
+    for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
+                "final_logit_softcapping", "head_dim", "rms_norm_eps", "hidden_activation", "tie_word_embeddings"):
+        assert getattr(ours, key) == getattr(published, key), key
+    assert ours.rope_parameters == published.rope_parameters
+
+
+def test_a_layout_no_family_holds_is_refused_naming_why(tokens):
+    layered = {"model.layer_pattern": ["a", "b"], "model.layer_types": {"a": {}, "b": {"feedforward": "geglu"}}}
+    with pytest.raises(UserError, match="cannot export to Hugging Face llama: its layers differ"):
+        hf.hf_config(build_model(load_recipe("tiny", layered), "meta"))
+    gemma = load_recipe("gemma-2-2b", {"model.layer_types.global.attention": {"name": "math", "softcap": 20.0},
+                                       "model.n_layers": 2})
+    with pytest.raises(UserError, match="gemma2: local and global attention differ beyond the window"):
+        hf.hf_config(build_model(gemma, "meta"))
