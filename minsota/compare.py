@@ -13,6 +13,7 @@ diff flattens two resolved recipes (`Recipe.to_dict`) to dotted keys and lists t
 components (and their options) apart from the other hyperparameters.
 """
 
+import itertools
 import json
 import math
 import sys
@@ -283,7 +284,7 @@ def _flatten(recipe: Recipe) -> dict:
 
 def _ranges(indices: list[int]) -> str:
     """0, 2, 4, 6 -> "0-6 step 2"; 0, 1, 2, 4 -> "0-2, 4"."""
-    if len(indices) > 2 and len({b - a for a, b in zip(indices, indices[1:])}) == 1 and indices[1] - indices[0] > 1:
+    if len(indices) > 2 and len({b - a for a, b in itertools.pairwise(indices)}) == 1 and indices[1] - indices[0] > 1:
         return f"{indices[0]}-{indices[-1]} step {indices[1] - indices[0]}"
     runs = []
     for i in indices:

@@ -365,7 +365,7 @@ def _rope_to_hf(positional, family: str) -> dict:
     return {"rope_theta": theta, "rope_scaling": {"rope_type": "linear", "factor": factor} if factor != 1 else None}
 
 
-ATTENTION_OPTIONS = dict(bias=False, qk_norm="none", window=0, softcap=0.0, scale=None)
+ATTENTION_OPTIONS = {"bias": False, "qk_norm": "none", "window": 0, "softcap": 0.0, "scale": None}
 
 
 def _config_to_hf(cfg: ModelConfig, spec: dict, family: str, ffn_dim: int) -> dict:

@@ -27,7 +27,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset)) if gain else None
 
     def forward(self, x):
-        weight = None if self.weight is None else self.weight.float() + self.offset
+        weight = None if self.weight is None else self.weight.float()
+        if self.offset and weight is not None:
+            weight = weight + self.offset
         return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).type_as(x)
 
 

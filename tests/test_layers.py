@@ -107,8 +107,8 @@ def test_show_prints_one_line_per_distinct_layer(cli, local_global):
     assert code == 0
     layout = out.split("layout:\n")[1].split("parameters:")[0].splitlines()
     assert layout == [
-        '  layers 0-1, 3-4 (4): positional = {name = "rope", theta = 10000.0}  '
-        'attention = {name = "sdpa", window = 16}  feedforward = "swiglu"',
+        ('  layers 0-1, 3-4 (4): positional = {name = "rope", theta = 10000.0}  '
+         'attention = {name = "sdpa", window = 16}  feedforward = "swiglu"'),
         '  layer 2: positional = {name = "rope", theta = 1000000.0}  attention = "sdpa"  feedforward = "swiglu"',
         '  layer 5: positional = {name = "rope", theta = 1000000.0}  attention = "sdpa"  feedforward = "geglu"']
     code, out, _ = cli("show", "tiny")

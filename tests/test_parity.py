@@ -31,13 +31,15 @@ POSITIONS = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
 
 # option sets checked beyond each component's defaults
 VARIANTS = {
-    "norm": {"layernorm": [{"bias": False}]},
+    "norm": {"layernorm": [{"bias": False}], "rmsnorm": [{"offset": 1.0, "eps": 1e-6}]},
     "positional": {"rope": [{"use_xpos": True}, {"interpolate_factor": 4.0}, {"theta_rescale_factor": 8.0},
                             {"scaling": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 16},
                             {"scaling": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}]},
-    "attention": {"sdpa": [{"window": 3}, {"bias": True}, {"qk_norm": "head"}, {"qk_norm": "full"}],
-                  "math": [{"window": 3}, {"softcap": 2.0}, {"qk_norm": "full", "bias": True}]},
+    "attention": {"sdpa": [{"window": 3}, {"bias": True}, {"qk_norm": "head"}, {"qk_norm": "full"},
+                           {"scale": 0.2, "window": 3}],
+                  "math": [{"window": 3}, {"softcap": 2.0}, {"qk_norm": "full", "bias": True},
+                           {"scale": 0.2, "softcap": 2.0}]},
     "feedforward": {"geglu": [{"approximate": "tanh"}], "mlp": [{"approximate": "tanh", "bias": True}],
                     "relu2": [{"bias": True}]},
     "block": {"sandwich": [{"pre": False}]},

@@ -3,8 +3,6 @@ objective (an activation-magnitude penalty, as used against activation outliers)
 `ffn_activation_l2`, summed over layers. ``--set 'model.feedforward={name="activation-penalty", coefficient=1e-3}'``.
 """
 
-import torch
-
 from minsota import hookimpl
 from minsota.builtins.feedforward import ACTIVATIONS, GatedFeedForward
 
