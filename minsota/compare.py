@@ -24,7 +24,8 @@ from statistics import median
 from minsota import checkpoint
 from minsota.errors import DivergedError, UserError
 from minsota.model import model_size
-from minsota.recipe import COMPONENT_KEYS, LAYER_TABLES, SECTIONS, Recipe, component, layer_specs, load_recipe
+from minsota.recipe import (COMPONENT_KEYS, LAYER_TABLES, SECTIONS, Recipe, canonical, component, layer_specs,
+                            load_recipe)
 from minsota.stats import mean_std, paired_difference
 
 TRAIN_TAIL = 0.1  # final train loss = mean over the last 10% of steps: one batch's loss is too noisy to rank by
@@ -307,15 +308,16 @@ def format_layout(recipe: Recipe) -> list[str]:
     """The resolved layer layout, one line per distinct layer spec with its layer indices; only the components
     that differ between the lines are shown (all alike: one line)."""
     specs = layer_specs(recipe.model)
+    keys = [{kind: canonical(spec) for kind, spec in layer.items()} for layer in specs]
     groups: dict[str, list[int]] = {}
-    for i, spec in enumerate(specs):
-        groups.setdefault(json.dumps(spec, sort_keys=True), []).append(i)
+    for i, key in enumerate(keys):
+        groups.setdefault(json.dumps(key, sort_keys=True), []).append(i)
     if len(groups) == 1:
         return [f"layers {_ranges(list(range(len(specs))))}: all alike"]
-    varying = [kind for kind in COMPONENT_KEYS if len({json.dumps(s[kind], sort_keys=True) for s in specs}) > 1]
+    varying = [kind for kind in COMPONENT_KEYS if len({key[kind] for key in keys}) > 1]
     lines = []
-    for key, indices in groups.items():
-        spec = json.loads(key)
+    for indices in groups.values():
+        spec = specs[indices[0]]
         parts = "  ".join(f"{kind} = {_inline(spec[kind])}" for kind in varying)
         lines.append(f"layer {indices[0]}: {parts}" if len(indices) == 1 else
                      f"layers {_ranges(indices)} ({len(indices)}): {parts}")

@@ -43,6 +43,12 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 BASE_PREFIXES = {"llama": "model.", "mistral": "model.", "olmo2": "model.", "gpt2": "transformer.",
                  "gemma2": "model.", "gemma3_text": "model."}  # base_model_prefix
+SANDWICH_NORMS = {"attention_norm": "input_layernorm", "attention_out_norm": "post_attention_layernorm",
+                  "ffn_norm": "pre_feedforward_layernorm", "ffn_out_norm": "post_feedforward_layernorm"}
+NORM_NAMES = {  # a block's norms -> HF's, per family
+    "llama": {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+    "olmo2": {"attention_out_norm": "post_attention_layernorm", "ffn_out_norm": "post_feedforward_layernorm"},
+    "gemma2": SANDWICH_NORMS, "gemma3_text": SANDWICH_NORMS}
 HF_LAYER_TYPES = {"sliding_attention": "local", "full_attention": "global"}  # Gemma's layer_types -> ours
 ROPE_SCALINGS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                  "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
@@ -101,11 +107,7 @@ def _rules(cfg: ModelConfig, specs: list[dict], family: str, ffn_dim: int) -> li
     else:
         rules = [Rule("tok_embeddings.weight", ("model.embed_tokens.weight",)),
                  Rule("norm.weight", ("model.norm.weight",))]
-        norms = {"olmo2": {"attention_out_norm": "post_attention_layernorm", "ffn_out_norm": "post_feedforward_layernorm"},
-                 "gemma": {"attention_norm": "input_layernorm", "attention_out_norm": "post_attention_layernorm",
-                           "ffn_norm": "pre_feedforward_layernorm", "ffn_out_norm": "post_feedforward_layernorm"},
-                 }.get("gemma" if family in GEMMA_FAMILIES else family,
-                       {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"})
+        norms = NORM_NAMES.get(family, NORM_NAMES["llama"])
         for i, spec in enumerate(specs):
             ours, theirs = f"layers.{i}.", f"model.layers.{i}."
             kinds = ("weight", "bias") if component(spec["attention"])[1].get("bias") else ("weight",)

@@ -8,7 +8,6 @@ and injected into the block topology (torchtune style), so `forward` is plain te
 
 import functools
 import inspect
-import json
 import math
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 from minsota.errors import UserError
 from minsota.loss import linear_cross_entropy, softcap
 from minsota.plugins import load_plugins
-from minsota.recipe import LayerComponent, ModelConfig, Recipe, component, resolve_layers
+from minsota.recipe import LayerComponent, ModelConfig, Recipe, canonical, component, resolve_layers
 from minsota.state import HIDDEN, make_state
 
 
@@ -216,7 +215,7 @@ def build_model(recipe: Recipe, device: str | torch.device | None = None) -> Dec
 
         def positional(part: LayerComponent, layer: int):
             factory = plugins.registry("positional").get(component(part.spec)[0])
-            key = (json.dumps(part.spec, sort_keys=True), layer if takes_layer(factory) else None)
+            key = (canonical(part.spec), layer if takes_layer(factory) else None)
             if key not in positionals:
                 positionals[key] = build_component(recipe, plugins, "positional", part, layer, cfg)
             return positionals[key]

@@ -185,6 +185,12 @@ def resolve_layers(m: ModelConfig) -> list[dict[str, LayerComponent]]:
     return layers
 
 
+def canonical(spec: Component) -> str:
+    """One text per component whatever its spelling ("sdpa" and {name = "sdpa"} alike): for comparing specs."""
+    name, options = component(spec)
+    return json.dumps([name, options], sort_keys=True)
+
+
 def layer_specs(m: ModelConfig) -> list[dict[str, Component]]:
     """The resolved component specs of every layer (as `recipe.json` stores them)."""
     return [{kind: c.spec for kind, c in layer.items()} for layer in resolve_layers(m)]

@@ -41,25 +41,25 @@ def test_each_example_trains_from_the_command_line(cli, tmp_path, plugin):
         assert all(r["aux_loss"] == r["ffn_activation_l2"] > 0 for r in steps)
 
 
-def test_value_residual_and_x0_start_as_the_plain_block_and_then_differ():
+@pytest.mark.parametrize("plugin, overrides, scalars", [
+    ("value_residual.py", VALUE_RESIDUAL, "mix"), ("x0_mixing.py", {"model.block": "x0-prenorm"}, "lambdas")])
+def test_value_residual_and_x0_are_the_plain_block_at_identity_and_then_differ(plugin, overrides, scalars):
+    """With tiny's weights, λ = 1 (value residual: a layer's own values only) and (λ, μ) = (1, 0) (x0: no
+    embeddings mixed in) give plain tiny's logits; λ = μ = 0.5 brings layer 0's values / x0 in."""
     tokens = torch.randint(0, 256, (2, 32))
-    plain = model_with("x0_mixing.py", {})
-    for plugin, overrides, extra in (("value_residual.py", VALUE_RESIDUAL, "mix"), ("x0_mixing.py",
-                                                                                   {"model.block": "x0-prenorm"},
-                                                                                   "lambdas")):
-        model = model_with(plugin, overrides)
-        missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
-        assert {name.rsplit(".", 1)[-1] for name in missing} == {extra} and not unexpected
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("mix"):
-                    p.fill_(1.0)  # λ = 1: a layer's own values only
-        assert torch.allclose(model(tokens), plain(tokens), atol=1e-6)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(extra):
-                    p.copy_(torch.full_like(p, 0.5))
-        assert not torch.allclose(model(tokens), plain(tokens), atol=1e-3)  # layer 0's values / x0 now count
+    plain, model = model_with(plugin, {}), model_with(plugin, overrides)
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert {name.rsplit(".", 1)[-1] for name in missing} == {scalars} and not unexpected
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mix"):
+                p.fill_(1.0)  # the x0 block starts at (1, 0) by itself
+    assert torch.allclose(model(tokens), plain(tokens), atol=1e-6)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(scalars):
+                p.fill_(0.5)
+    assert not torch.allclose(model(tokens), plain(tokens), atol=1e-3)
 
 
 def test_value_residual_decodes_the_same_with_and_without_the_kv_cache():
