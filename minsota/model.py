@@ -55,8 +55,7 @@ class Decoder(nn.Module):
         object.__setattr__(self, "attentions", list(attentions))  # not registered twice: the blocks own them
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.positional = positional
-        if positionals:
-            self.positionals = nn.ModuleList(positionals)
+        self.positionals = nn.ModuleList(positionals)  # empty when every layer's is the [model] one
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
