@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harness import TOLERANCE, interleaved, parity, size_key, speed, worst
 from minsota import load_plugins, reference
 from minsota.builtins.attention import flex_attend
 from minsota.errors import UserError
+from minsota.loader import load_recipe
 from minsota.model import build_model
-from minsota.recipe import load_recipe
+
+from harness import TOLERANCE, interleaved, parity, size_key, speed, worst
 
 BASELINE = "math"
 BACKENDS = {"sdpa": [SDPBackend.FLASH_ATTENTION]}  # the only SDPA backend each kernel may run on

@@ -15,11 +15,12 @@ batch 16 x 1024; --smoke: dim 64, 4 / 2 heads, batch 2 x 32.
 import pytest
 import torch
 
-from harness import TOLERANCE, interleaved, parity, speed, worst
 from minsota import load_plugins, reference
+from minsota.loader import load_recipe
 from minsota.model import build_model
-from minsota.recipe import load_recipe
 from minsota.state import HIDDEN, make_state
+
+from harness import TOLERANCE, interleaved, parity, speed, worst
 
 SIZES = {  # recipe overrides and the batch
     "smoke": dict(shape={"model.dim": 64, "model.n_heads": 4, "model.n_kv_heads": 2}, batch=2, seq_len=32),

@@ -1,14 +1,15 @@
 """Train step: tokens/s, MFU and peak memory of a whole step, minsota against Hugging Face Llama, in one run.
 
-A step is what `minsota.train` runs for one optimizer step: forward and loss (`Decoder.loss`, its fused
-linear + cross-entropy), backward, gradient clipping, fused AdamW over the trainer's `param_groups`, zero_grad.
+A step is `minsota.step.train_step`, the one the trainer runs: forward and loss (`Decoder.losses`, its fused
+linear + cross-entropy), backward, gradient clipping, the finiteness check, the trainer's own optimizer
+(`minsota.optim.build_optimizer`: fused AdamW over its parameter groups), zero_grad.
 The peer is transformers' `LlamaForCausalLM` (attn_implementation="sdpa") holding the same weights (exported
 by `minsota.hf.save_hf`; nothing is downloaded) and stepped the same way; the first loss of both must agree.
 
 Cases: eager (minsota eager against HF eager) and compile (minsota's loss under torch.compile(fullgraph=True),
 against HF eager and HF compiled). In both, the same model with a plain dict in place of the TensorDict state
 runs in the same rounds: "TD overhead" is how much slower the TensorDict version is. MFU divides model FLOPs
-by the fp32 (CUDA: bf16) matmul rate `minsota.train.peak_flops` measures, re-measured every round. Peak
+by the fp32 (CUDA: bf16) matmul rate `minsota.runtime.peak_flops` measures, re-measured every round. Peak
 memory: CUDA's allocator peak; on CPU the live parameters and optimizer state plus the largest net
 allocation within a step, from the profiler's allocation events.
 
@@ -20,9 +21,10 @@ A layered case runs beside it: gemma-3-1b's layout (local/global layers, QK-norm
 the same sizes, against transformers' Gemma3ForCausalLM. Compiled, two more steps must not recompile.
 """
 
+import itertools
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 from unittest import mock
 
 import pytest
@@ -32,12 +34,16 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import minsota.model
-from harness import TOLERANCE, Setting, interleaved, parity
 from minsota.hf import save_hf
+from minsota.loader import load_recipe
 from minsota.model import build_model
-from minsota.recipe import load_recipe
+from minsota.optim import build_optimizer, build_scaler
+from minsota.runtime import peak_flops
 from minsota.state import DOCUMENT_IDS, EMBEDDINGS, HIDDEN, POSITIONS
-from minsota.train import param_groups, peak_flops
+from minsota.step import train_step
+from minsota.train_state import TrainState
+
+from harness import TOLERANCE, Setting, interleaved, parity
 
 SIZES = {  # recipe overrides
     "smoke": {"model.vocab_size": 512, "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
@@ -58,34 +64,32 @@ def plain_state(hidden, positions, document_ids=None):
 
 @dataclass(frozen=True)
 class Trainee:
-    """A model, the function computing its loss and its optimizer, stepped as `minsota.train` steps (one
+    """A model, the function computing its loss and its optimizer, stepped by the trainer's `train_step` (one
     micro-batch). `dataclasses.replace(trainee, loss_fn=...)` steps the same model and optimizer another way."""
 
-    model: nn.Module
+    state: TrainState
     loss_fn: Callable
-    optimizer: torch.optim.Optimizer
-    grad_clip: float
+    recipe: object
     setting: Setting
 
     @classmethod
     def build(cls, model: nn.Module, loss_fn, recipe, setting: Setting) -> "Trainee":
-        t = recipe.train  # the trainer's groups and hyperparameters; fused AdamW, as the trainer on CPU and CUDA
-        optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
-        return cls(model, loss_fn, optimizer, t.grad_clip, setting)
+        device = next(model.parameters()).device  # the trainer's optimizer and (fp16-only) scaler
+        state = TrainState(model, build_optimizer(model, recipe.train, device), build_scaler(device, None), None)
+        return cls(state, loss_fn, recipe, setting)
 
-    def step(self, batch):
-        with self.setting.autocast():
-            loss = self.loss_fn(*batch)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, batch: dict):
+        self.state.batches = itertools.repeat(batch)
+        t = self.recipe.train
+        train_step(self.state, self.loss_fn, t.lr, device=self.setting.device, grad_clip=t.grad_clip,
+                   autocast=self.setting.autocast())
 
     def live_bytes(self) -> int:
         """Bytes held between steps: parameters, buffers and optimizer state (gradients are freed)."""
-        state = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        model, optimizer = self.state.model, self.state.optimizer
+        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in [*self.model.parameters(), *self.model.buffers(), *state]}
+                    for t in [*model.parameters(), *model.buffers(), *state]}
         return sum(storages.values())
 
 
@@ -138,13 +142,15 @@ def models(request, setting, tmp_path):
     B, T = recipe.train.micro_batch_size, recipe.train.seq_len
     tokens = torch.randint(0, recipe.model.vocab_size, (B, T + 1), device=setting.device)
     positions = torch.arange(T, device=setting.device).expand(B, T)
-    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), positions)
+    batch = {"tokens": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous(), "positions": positions,
+             "document_ids": torch.zeros_like(positions)}  # a micro-batch as minsota.data makes them
     return recipe, model, hf, batch
 
 
 def hf_loss(hf):
-    def loss(tokens, targets, positions):  # targets are already next tokens: HF must not shift them again
-        return hf(input_ids=tokens, labels=targets, shift_labels=targets, position_ids=positions).loss
+    """HF's loss, as the terms `Decoder.losses` returns (`train_step` takes those)."""
+    def loss(tokens, targets, positions, document_ids=None):  # targets are next tokens: HF must not shift them
+        return {"loss": hf(input_ids=tokens, labels=targets, shift_labels=targets, position_ids=positions).loss}
     return loss
 
 
@@ -160,15 +166,16 @@ def on_plain_state(loss_fn):
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_train_step(benchmark, record, setting, models, mode):
     recipe, model, hf, batch = models
-    ours, theirs = Trainee.build(model, model.loss, recipe, setting), Trainee.build(hf, hf_loss(hf), recipe, setting)
+    ours, theirs = Trainee.build(model, model.losses, recipe, setting), Trainee.build(hf, hf_loss(hf), recipe, setting)
     peers = {"hf_eager": theirs}
     if mode == "compile":
-        ours = replace(ours, loss_fn=torch.compile(model.loss, fullgraph=True))  # a graph break fails here
+        ours = replace(ours, loss_fn=torch.compile(model.losses, fullgraph=True))  # a graph break fails here
         peers["hf_compile"] = replace(theirs, loss_fn=hf_loss(torch.compile(hf)))
     peers["plain_state"] = replace(ours, loss_fn=on_plain_state(ours.loss_fn))
     with setting.autocast():  # with autograd on, as in a step: the graph compiled here is the one timed
-        figures = parity(ours.loss_fn(*batch), peers["hf_eager"].loss_fn(*batch), TOLERANCE[setting.dtype],
-                         f"first loss ({mode}) vs HF")
+        inputs = batch["tokens"], batch["targets"], batch["positions"]
+        figures = parity(ours.loss_fn(*inputs)["loss"], peers["hf_eager"].loss_fn(*inputs)["loss"],
+                         TOLERANCE[setting.dtype], f"first loss ({mode}) vs HF")
     rates = []
 
     def measure_matmul():  # the trainer's MFU denominator, uncached: re-measured in every round
@@ -179,7 +186,7 @@ def test_train_step(benchmark, record, setting, models, mode):
     peak, hf_peak = peak_bytes(ours, batch), peak_bytes(peers[f"hf_{mode}"], batch)
     figures |= {"peak_mb": peak / 2**20, "vs_hf_peak": peak / hf_peak}
     if timing:
-        seconds, tokens = timing["ms"] / 1e3, batch[0].numel()
+        seconds, tokens = timing["ms"] / 1e3, batch["tokens"].numel()
         flops = model.flops_per_token(recipe.train.seq_len) * tokens
         figures |= {"ms": timing["ms"], "tokens_per_s": tokens / seconds,
                     "mfu": flops / seconds / statistics.median(rates), "matmul_gflops": statistics.median(rates) / 1e9,

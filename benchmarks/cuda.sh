@@ -7,7 +7,7 @@
 # itself (~124M parameters, batch 16 x 1024) against HF Llama with the same weights.
 #
 # Targets (issue 6): flash >= 4x math at T=4096 (test_kernel[4096-flash-*]); >= 50% bf16 MFU for the train
-# step (MFU against the bf16 matmul rate minsota.train.peak_flops measures). The targets' suites run first,
+# step (MFU against the bf16 matmul rate minsota.runtime.peak_flops measures). The targets' suites run first,
 # so a short budget still records them; results land in $OUT (or benchmarks/cuda-results/) as JSON + log.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,10 +5,10 @@ The public surface: `hookimpl` (for plugins), `override` (replace a registered n
 """
 
 from minsota.hookspecs import hookimpl
-from minsota.registry import Registry, override
-from minsota.plugins import load_plugins
-from minsota.recipe import load_recipe
+from minsota.loader import load_recipe
 from minsota.model import build_model
+from minsota.plugins import load_plugins
+from minsota.registry import Registry, override
 
 __version__ = "0.1.0"
 __all__ = ["hookimpl", "override", "Registry", "load_plugins", "load_recipe", "build_model", "__version__"]

@@ -2,7 +2,7 @@
 
 Layout of a run directory (what `minsota train` writes and `--resume` reads):
 
-    RUN_DIR/recipe.json                 the resolved recipe (`Recipe.to_dict()`); --resume rebuilds from it
+    RUN_DIR/recipe.json                 the resolved recipe (`loader.recipe_record`); --resume rebuilds from it
     RUN_DIR/.lock                       held (flock) by the one trainer writing the run; says its pid and host
     RUN_DIR/metrics.jsonl               one JSON object per optimizer step and per evaluation, appended
     RUN_DIR/checkpoints/step-N/         N = optimizer steps completed

@@ -15,8 +15,9 @@ from datetime import datetime
 from pathlib import Path
 
 from minsota.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGPIPE, UserError
+from minsota.loader import load_recipe, recipe_record
 from minsota.plugins import KINDS, load_plugins, plugin_of
-from minsota.recipe import load_recipe, parse_override
+from minsota.recipe import describe_recipe_file, parse_override
 
 
 def _overrides(args) -> dict:
@@ -27,23 +28,28 @@ def _recipe(args):
     return load_recipe(args.recipe, _overrides(args), args.plugin)
 
 
+def _summary(kind: str, entry) -> str:
+    """A component's summary; a recipe's is the ``description`` its file states."""
+    return describe_recipe_file(entry.factory) if kind == "recipe" else entry.summary
+
+
 def cmd_recipes(args):
     registry = load_plugins(args.plugin).registry("recipe")
     width = max(map(len, registry.list()), default=0)
     for name in registry.list():
-        print(f"{name:<{width}}  {registry.describe(name).summary}")
+        print(f"{name:<{width}}  {_summary('recipe', registry.describe(name))}")
 
 
 def cmd_list(args):
-    plugins = load_plugins(args.plugin)
+    loaded = load_plugins(args.plugin)
     kinds = list(KINDS)
     if args.kind:
         kind = args.kind.removesuffix("s") if args.kind not in KINDS else args.kind
         if kind not in KINDS:
             raise UserError(f"unknown component kind '{args.kind}' (one of: {', '.join(KINDS)})")
         kinds = [kind]
-    rows = [(kind, e.name, e.provider, e.summary) for kind in kinds
-            for e in map(plugins.registry(kind).describe, plugins.registry(kind).list())]
+    rows = [(kind, e.name, e.provider, _summary(kind, e)) for kind in kinds
+            for e in map(loaded.registry(kind).describe, loaded.registry(kind).list())]
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
     for row in rows:
         print("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + f"  {row[3]}")
@@ -55,7 +61,7 @@ def cmd_show(args):
 
     recipe = _recipe(args)
     params, flops = model_size(recipe)  # on "meta": 7B recipes show in a second
-    resolved = recipe.to_dict()
+    resolved = recipe_record(recipe)
     del resolved["layers"]  # as the layout below, one line per distinct layer
     print(json.dumps(resolved, indent=2))
     print("layout:", *format_layout(recipe), sep="\n  ")
@@ -69,7 +75,7 @@ def cmd_plugins(args):
 
 
 def cmd_train(args):
-    from minsota.train import train
+    from minsota.train import resume, train
 
     if args.resume:
         if args.recipe is not None:
@@ -78,8 +84,7 @@ def cmd_train(args):
         if args.out is not None:
             raise UserError(f"--out and --resume are exclusive: the run continues in its own directory "
                             f"({args.resume})")
-        return train(None, Path(args.resume), resume=True, overrides=_overrides(args), plugins=args.plugin,
-                     allow_changes=args.allow_change)
+        return resume(Path(args.resume), _overrides(args), args.plugin, args.allow_change)
     args.recipe = args.recipe or "quickstart"
     recipe = _recipe(args)
     run_dir = Path(args.out) if args.out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -89,13 +94,14 @@ def cmd_train(args):
 def cmd_compare(args):
     from minsota.compare import compare
 
-    return compare([args.base, *args.variants], args.steps, args.seeds, _overrides(args), args.out, args.plugin)
+    return compare([args.base, *args.variants], args.steps, args.seeds, _overrides(args), args.out, args.plugin,
+                   args.budget)
 
 
 def cmd_diff(args):
     from minsota.compare import format_diff
 
-    print(format_diff(load_recipe(args.a, plugins=args.plugin), load_recipe(args.b, plugins=args.plugin)))
+    print(format_diff(load_recipe(args.a, plugin_specs=args.plugin), load_recipe(args.b, plugin_specs=args.plugin)))
 
 
 def cmd_generate(args):
@@ -149,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     overridable = argparse.ArgumentParser(add_help=False)
     overridable.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                              help="override a recipe key (TOML value; a bare word is a string)")
+    for add in (_add_train, _add_catalogue, _add_comparisons, _add_run_tools, _add_bench):  # in `--help`'s order
+        add(sub, common, overridable)
+    return parser
 
+
+def _add_train(sub, common, overridable) -> None:
     p = sub.add_parser("train", parents=[common, overridable], help="train a recipe (default: quickstart)")
     p.add_argument("recipe", nargs="?", help="recipe name or TOML path (default: quickstart; not with --resume)")
     p.add_argument("--out", metavar="RUN_DIR", help="a new run directory (default: runs/RECIPE-TIMESTAMP)")
@@ -160,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a dotted key such as data.source, or a table such as model; repeatable)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_catalogue(sub, common, overridable) -> None:
     p = sub.add_parser("recipes", parents=[common], help="list recipes with a one-line description")
     p.set_defaults(func=cmd_recipes)
     p = sub.add_parser("list", parents=[common], help="list registered components")
@@ -171,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", parents=[common], help="list loaded plugins with distribution and version")
     p.set_defaults(func=cmd_plugins)
 
+
+def _add_comparisons(sub, common, overridable) -> None:
     p = sub.add_parser("compare", parents=[common, overridable],
                        help="train a base and variants over seeds: table with CIs and p-values, plot, JSON")
     p.add_argument("base", help="the baseline recipe (name or TOML path)")
@@ -180,11 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs per recipe, seeds base.train.seed + 0..K-1 (K > 1: confidence intervals, p-values)")
     p.add_argument("--out", metavar="DIR", help="runs and results (default: runs/compare-TIMESTAMP); "
                    "the same DIR again resumes")
+    p.add_argument("--budget", default="tokens", metavar="KIND[=VALUE]",
+                   help="compare validation loss at equal tokens (default), flops (training FLOPs) or time "
+                        "(seconds of training steps); VALUE defaults to the most every run reached")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("diff", parents=[common], help="components and hyperparameters two recipes differ in")
     p.add_argument("a", metavar="A", help="recipe name or TOML path")
     p.add_argument("b", metavar="B", help="recipe name or TOML path")
     p.set_defaults(func=cmd_diff)
+
+
+def _add_run_tools(sub, common, overridable) -> None:
     p = sub.add_parser("generate", parents=[common, overridable], help="sample text from a run (KV cache)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or RUN_DIR/checkpoints/step-N")
     p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
@@ -208,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or RUN_DIR/checkpoints/step-N")
     p.add_argument("out_dir", metavar="OUT_DIR", help="a new directory for config.json and model.safetensors")
     p.set_defaults(func=cmd_export_hf)
+
+
+def _add_bench(sub, common, overridable) -> None:
     p = sub.add_parser("bench", help="run the benchmarks (kernels, blocks, train step vs HF): one summary table")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, each case once: do they run, does parity hold")
     p.add_argument("--save", metavar="NAME", help="store the results as JSON under .benchmarks/ (--benchmark-save)")
@@ -216,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pytest_args", nargs="*", metavar="-- PYTEST_ARGS",
                    help="passed on to pytest after --, e.g. -- -k attention --benchmark-disable")
     p.set_defaults(func=cmd_bench)
-    return parser
 
 
 def _stdout_gone() -> bool:

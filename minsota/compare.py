@@ -9,10 +9,17 @@ initialisation variance, not data-order variance. Runs go seed-major, each recip
 so every recipe's tokens/s is measured interleaved in one process: eager speed drifts ~30% between processes
 (FIELD-NOTES), far more than within one.
 
+Recipes that cost differently per step (MoE, local attention, another optimizer) are compared at an equal budget
+(``--budget``): equal tokens (the default), equal training FLOPs (each model's own ``flops_per_token``) or equal
+training wall-clock time. The validation loss of each run is read off its curve at the budget, interpolating
+linearly between the evaluations around it, never extrapolating: a budget before a run's first evaluation is an
+error (evaluate more often), and a run whose curve ends before an explicit budget is tabled as short of it.
+
 diff flattens two resolved recipes (`Recipe.to_dict`) to dotted keys and lists the keys whose values differ,
 components (and their options) apart from the other hyperparameters.
 """
 
+import bisect
 import itertools
 import json
 import math
@@ -23,13 +30,14 @@ from statistics import median
 
 from minsota import checkpoint
 from minsota.errors import DivergedError, UserError
+from minsota.loader import load_recipe
 from minsota.model import model_size
-from minsota.recipe import (COMPONENT_KEYS, LAYER_TABLES, SECTIONS, Recipe, canonical, component, layer_specs,
-                            load_recipe)
+from minsota.recipe import COMPONENT_KEYS, LAYER_TABLES, SECTIONS, Recipe, canonical, component, layer_specs
 from minsota.stats import mean_std, paired_difference
 
 TRAIN_TAIL = 0.1  # final train loss = mean over the last 10% of steps: one batch's loss is too noisy to rank by
 LEVEL = 0.95  # confidence level of the intervals
+BUDGETS = {"tokens": "tokens", "flops": "training FLOPs", "time": "seconds of training"}  # axis -> its unit
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -48,7 +56,7 @@ def _labels(recipes: list[Recipe]) -> list[str]:
 
 def _run(recipe: Recipe, run_dir: Path) -> int:
     """Train one run, or resume it (the trainer returns at once when it is complete); the trainer's exit code."""
-    from minsota.train import train
+    from minsota.train import resume, train
 
     saved = run_dir / "recipe.json"
     if not saved.exists():
@@ -60,7 +68,7 @@ def _run(recipe: Recipe, run_dir: Path) -> int:
     _, newest = checkpoint.find_resumable(run_dir)
     if newest is not None and newest.name == f"step-{recipe.train.steps}":
         return 0  # complete: skip the trainer's set-up (model, data) just to hear that
-    return train(None, run_dir, resume=True)  # recipe.json lists the recipe's plugins (absolute paths) already
+    return resume(run_dir)  # recipe.json lists the recipe's plugins (absolute paths) already
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -81,28 +89,70 @@ def _tokens(record: dict, recipe: Recipe) -> int:
 # ------------------------------------------------------------------------------------------------ summaries
 
 
-def _summarize(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
-    """One recipe's numbers over its seeds, and its loss curves for the plot."""
+def _curves(recipe: Recipe, run_dir: Path, kind: str, per_token: float) -> dict:
+    """A run's train and validation curves against the budget axis ``kind`` (``per_token`` units per token: 1 for
+    tokens, the model's training FLOPs per token for flops), its final train loss and its steps' speeds.
+
+    Time is the sum of the steps' own durations (evaluation and start-up excluded); step 1 counts as the median
+    step, since it pays one-off costs (allocation, compilation) that are not the recipe's cost per step.
+    """
+    train, evals = read_metrics(run_dir)
+    if not train or not evals:
+        raise UserError(f"{run_dir}: metrics.jsonl has no training or evaluation records")
+    tokens = [_tokens(r, recipe) for r in train]
+    if kind == "time":
+        seconds = [recipe.train.batch_size * recipe.train.seq_len / r["tokens_per_s"] for r in train]
+        seconds[0] = median(seconds[1:] or seconds)
+        axis = list(itertools.accumulate(seconds))
+    else:
+        axis = [t * per_token for t in tokens]
+    steps = [r["step"] for r in train]
+    at = [bisect.bisect_right(steps, r["step"]) - 1 for r in evals]  # the train record of each evaluation's step
+    tail = train[-max(1, math.ceil(TRAIN_TAIL * len(train))):]
+    return {"seed": recipe.train.seed, "run_dir": str(run_dir),
+            "train_loss": sum(r["loss"] for r in tail) / len(tail),
+            "curve": [[x, r["loss"]] for x, r in zip(axis, train)],
+            "val_curve": [[axis[i], r["val_loss"], r["step"]] for i, r in zip(at, evals)],
+            "tokens_per_s": [r["tokens_per_s"] for r in train[1:] or train]}  # step 1 pays one-off costs
+
+
+def read_at(val_curve: list[list[float]], budget: float) -> tuple[float, float] | None:
+    """(validation loss, step) at ``budget`` on a run's curve of [x, loss, step], interpolated linearly between
+    the evaluations around it; None when the curve ends before the budget. Never extrapolates backwards."""
+    xs = [x for x, *_ in val_curve]
+    if budget > xs[-1]:
+        return None
+    i = bisect.bisect_left(xs, budget)
+    if xs[i] == budget:
+        return val_curve[i][1], val_curve[i][2]
+    if i == 0:
+        raise ValueError(xs[0])
+    (x0, y0, s0), (x1, y1, s1) = val_curve[i - 1], val_curve[i]
+    w = (budget - x0) / (x1 - x0)
+    return y0 + w * (y1 - y0), s0 + w * (s1 - s0)
+
+
+def _summarize(label: str, recipes: list[Recipe], runs: list[dict], budget: tuple[str, float]) -> dict:
+    """One recipe's numbers over its seeds at the budget (final train loss, validation loss at the budget), and
+    its curves for the plot; a recipe with a run short of the budget gets no statistics."""
+    kind, value = budget
     params, flops = model_size(recipes[0])
-    runs, speeds = [], []
-    for recipe, run_dir in zip(recipes, run_dirs):
-        train, evals = read_metrics(run_dir)
-        if not train or not evals:
-            raise UserError(f"{run_dir}: metrics.jsonl has no training or evaluation records")
-        tail = train[-max(1, math.ceil(TRAIN_TAIL * len(train))):]
-        speeds += [r["tokens_per_s"] for r in train[1:] or train]  # step 1 pays one-off costs (allocation)
-        runs.append({
-            "seed": recipe.train.seed, "run_dir": str(run_dir),
-            "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": evals[-1]["val_loss"],
-            "curve": [[_tokens(r, recipe), r["loss"]] for r in train],
-            "val_curve": [[_tokens(r, recipe), r["val_loss"]] for r in evals],
-        })
-    return {
-        "recipe": label, "source": recipes[0].source, "parameters": params, "flops_per_token": flops,
-        "tokens_per_s": median(speeds),  # the median shrugs off stragglers
-        **{key: dict(zip(("mean", "std"), mean_std([r[key] for r in runs]))) for key in ("train_loss", "val_loss")},
-        "runs": runs,
-    }
+    row = {"recipe": label, "source": recipes[0].source, "parameters": params, "flops_per_token": flops,
+           "tokens_per_s": median(itertools.chain(*(r.pop("tokens_per_s") for r in runs)))}  # shrugs off stragglers
+    for run in runs:
+        try:
+            reading = read_at(run["val_curve"], value)
+        except ValueError as e:
+            raise UserError(f"{run['run_dir']}: its first evaluation is at {_si(e.args[0])} {BUDGETS[kind]}, after the "
+                            f"budget of {_si(value)}: evaluate more often (--set train.eval_every=N)") from None
+        if reading is None:
+            row.setdefault("short", []).append(run["run_dir"])
+        else:
+            run["val_loss"], run["at_step"] = reading
+    if "short" in row:
+        return row
+    return {**row, **{key: dict(zip(("mean", "std"), mean_std([r[key] for r in runs])))
+                      for key in ("train_loss", "val_loss")}, "runs": runs}
 
 
 def _diverged(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
@@ -145,16 +195,17 @@ def format_table(rows: list[dict]) -> str:
         header.append("p")
     table = [header]
     for i, row in enumerate(rows):
-        if "runs" not in row:
-            runs = len(row["diverged"])
-            table.append([row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), "", "diverged",
+        if "runs" not in row:  # diverged, or short of the budget
+            what, runs = ("diverged", len(row["diverged"])) if "diverged" in row else ("short of budget",
+                                                                                         len(row["short"]))
+            table.append([row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), "", what,
                           f"{runs} run{'s' * (runs > 1)}", "(base)" if i == 0 else "", *([""] * (seeds > 1))])
             continue
         cells = [row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), _si(row["tokens_per_s"]),
                  loss(row["train_loss"]), loss(row["val_loss"])]
         difference = row.get("vs_base", {}).get("val_loss")
         if difference is None:
-            cells += ["(base)" if i == 0 else "(base diverged)"] + ([""] if seeds > 1 else [])
+            cells += ["(base)" if i == 0 else "(base not compared)"] + ([""] if seeds > 1 else [])
         elif seeds > 1:
             cells += [f"{difference['mean']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}]",
                       f"{difference['p_value']:.3g}"]
@@ -167,8 +218,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Loss vs tokens, one colour per recipe: the mean train curve over seeds, shaded between the seeds' min
+def plot(rows: list[dict], path: Path, budget: tuple[str, float] = ("tokens", math.inf)) -> None:
+    """Loss vs the budget's axis (tokens, training FLOPs or seconds), one colour per recipe: the mean train curve over seeds, shaded between the seeds' min
     and max, and the validation losses (dashed, mean ± std); the right panel zooms on the second half of the
     run, where variants separate."""
     import matplotlib
@@ -182,9 +233,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, row in enumerate(rows):
         steps = min(len(r["curve"]) for r in row["runs"])
         curves = np.array([r["curve"][:steps] for r in row["runs"]])  # (seeds, steps, [tokens, loss])
-        tokens, losses = curves[0, :, 0], curves[:, :, 1]
+        tokens, losses = curves[:, :, 0].mean(0), curves[:, :, 1]  # seconds differ per seed: their mean
         evals = np.array([r["val_curve"] for r in row["runs"]])  # (seeds, evaluations, [tokens, loss])
-        val_tokens, val_mean = evals[0, :, 0], evals[:, :, 1].mean(0)
+        val_tokens, val_mean = evals[:, :, 0].mean(0), evals[:, :, 1].mean(0)
         val_std = evals[:, :, 1].std(0, ddof=1) if len(evals) > 1 else np.zeros_like(val_mean)
         for ax in axes:
             ax.plot(tokens, losses.mean(0), color=f"C{i}", lw=1.2, label=row["recipe"])
@@ -198,12 +249,14 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1].set_xlim(left=min(zoom_x))
     axes[1].set_ylim(min(zoom_y) - margin, max(zoom_y) + margin)
     for ax, title in zip(axes, ("whole run", "second half")):
-        ax.set(xlabel="tokens", ylabel="loss", title=title)
+        ax.set(xlabel=BUDGETS[budget[0]], ylabel="loss", title=title)
         ax.grid(alpha=0.3)
+        if math.isfinite(budget[1]):
+            ax.axvline(budget[1], color="k", lw=0.8, ls=":")
     axes[0].legend()
     seeds = len(rows[0]["runs"])
     fig.suptitle(f"train loss (line: mean over {seeds} seed{'s' * (seeds > 1)}, band: min–max); "
-                 "dashed: validation loss, mean ± std")
+                 "dashed: validation loss, mean ± std; dotted: the budget compared at")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -212,14 +265,31 @@ def plot(rows: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- compare
 
 
+def parse_budget(text: str) -> tuple[str, float | None]:
+    """``KIND`` or ``KIND=VALUE`` (``time=600``, ``flops=1e15``) -> (kind, value or None: the most every run reached)."""
+    kind, _, value = text.partition("=")
+    if kind not in BUDGETS:
+        raise UserError(f"--budget {text}: the kind must be one of {', '.join(BUDGETS)}")
+    if not value:
+        return kind, None
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise UserError(f"--budget {text}: the value must be a positive number of {BUDGETS[kind]}")
+    return kind, number
+
+
 def compare(specs: list[str], steps: int | None = None, seeds: int = 1, overrides: dict | None = None,
-            out: Path | None = None, plugins=()) -> int:
-    """Train (or resume) BASE = specs[0] and every variant for ``seeds`` seeds, then report; an exit code."""
+            out: Path | None = None, plugin_specs=(), budget: str = "tokens") -> int:
+    """Train (or resume) BASE = specs[0] and every variant for ``seeds`` seeds, then report at ``budget``."""
     if seeds < 1 or (steps is not None and steps < 1):
         raise UserError("--seeds and --steps must be at least 1")
+    kind, value = parse_budget(budget)
     overrides = {**(overrides or {}), **({"train.steps": steps} if steps else {})}
-    first_seed = load_recipe(specs[0], overrides, plugins).train.seed
-    recipes = [[load_recipe(spec, {**overrides, "train.seed": first_seed + k}, plugins) for k in range(seeds)]
+    first_seed = load_recipe(specs[0], overrides, plugin_specs).train.seed
+    recipes = [[load_recipe(spec, {**overrides, "train.seed": first_seed + k}, plugin_specs) for k in range(seeds)]
                for spec in specs]  # recipes[i][k]: recipe i, seed k
     labels = _labels([r[0] for r in recipes])
     out = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
@@ -238,19 +308,26 @@ def compare(specs: list[str], steps: int | None = None, seeds: int = 1, override
                 print(f"compare: {dirs[k]} stopped with exit code {code}; rerun the same command to resume",
                       file=sys.stderr)
                 return code
-    rows = [_summarize(label, per_seed, dirs) if diverged.isdisjoint(dirs) else
+    curves = {label: [_curves(r, d, kind, model_size(r)[1] if kind == "flops" else 1.0) for r, d in zip(per_seed, dirs)]
+              for label, per_seed, dirs in zip(labels, recipes, run_dirs) if diverged.isdisjoint(dirs)}
+    if value is None:  # the most every run reached: each run's curve ends at or after it
+        value = min((run["val_curve"][-1][0] for runs in curves.values() for run in runs), default=math.inf)
+    rows = [_summarize(label, per_seed, curves[label], (kind, value)) if label in curves else
             _diverged(label, per_seed, [d for d in dirs if d in diverged])
             for label, per_seed, dirs in zip(labels, recipes, run_dirs)]
     _add_differences(rows)
     trained = [row for row in rows if "runs" in row]
     if trained:
-        plot(trained, out / "compare.png")
-    curves = ("curve", "val_curve")  # they stay in each run's metrics.jsonl
-    results = [{**row, "runs": [{k: v for k, v in run.items() if k not in curves} for run in row["runs"]]}
+        plot(trained, out / "compare.png", (kind, value))
+    drop = ("curve", "val_curve")  # they stay in each run's metrics.jsonl
+    results = [{**row, "runs": [{k: v for k, v in run.items() if k not in drop} for run in row["runs"]]}
                if "runs" in row else row for row in rows]
     (out / "compare.json").write_text(json.dumps({"base": labels[0], "level": LEVEL, "test": "paired t (by seed)",
+                                                  "budget": {"kind": kind, "value": value, "unit": BUDGETS[kind]},
                                                   "recipes": results}, indent=2))
     print(format_table(rows))
+    print(f"validation loss at an equal budget of {_si(value)} {BUDGETS[kind]} (--budget {kind}), read off each "
+          f"run's evaluations; train loss: the last {TRAIN_TAIL:.0%} of steps")
     print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}" if trained else f"wrote {out / 'compare.json'}")
     return 0
 

@@ -59,15 +59,16 @@ import threading
 import urllib.error
 import urllib.request
 from collections import deque
-from functools import lru_cache
+from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minsota.errors import UserError
-from minsota.plugins import load_plugins
+from minsota.plugins import LoadedPlugins, load_plugins
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def is_empty(text: str | None) -> bool:
 # ------------------------------------------------------------------------------------- the Hugging Face hub
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hub_answers(timeout: float) -> bool:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     answers = []
@@ -194,12 +195,12 @@ def hf_source(split: str, data_cfg, *args, text_field: str | None = None, **kwar
 SPECS = {"source": ("source", "files"), "tokenizer": ("tokenizer", "hf")}
 
 
-def _route(key: str, spec: str, plugins) -> tuple[str, str, bool]:
+def _route(key: str, spec: str, loaded: LoadedPlugins) -> tuple[str, str, bool]:
     """(registered name, argument, prefixed) of a data.source / data.tokenizer spec: a registered name,
     NAME:ARGUMENT (prefixed), or a path / glob / hub name for the fallback. An unknown name comes back as is,
     for the registry to refuse."""
     kind, fallback = SPECS[key]
-    registry = plugins.registry(kind)
+    registry = loaded.registry(kind)
     if spec in registry:
         return spec, "", False
     prefix, colon, rest = spec.partition(":")
@@ -210,22 +211,22 @@ def _route(key: str, spec: str, plugins) -> tuple[str, str, bool]:
     return spec, "", False
 
 
-def _resolve(key: str, spec: str, plugins):
+def _factory_for(key: str, spec: str, loaded: LoadedPlugins):
     """(factory, argument) of a data.source / data.tokenizer spec (see `_route`)."""
-    name, argument, _ = _route(key, spec, plugins)
+    name, argument, _ = _route(key, spec, loaded)
     try:
-        return plugins.registry(SPECS[key][0]).get(name), argument
+        return loaded.registry(SPECS[key][0]).get(name), argument
     except UserError as e:
         raise UserError(f"{e}; a local path, or hf:NAME for the Hugging Face hub, also works") from None
 
 
-def absolute_spec(key: str, spec: str, plugins) -> str:
+def absolute_spec(key: str, spec: str, loaded: LoadedPlugins) -> str:
     """``spec`` (of data.source or data.tokenizer) with its local path made absolute (``~`` expanded, glob
     characters kept), so a run's recipe.json names the same files from any working directory. A path or glob
     for the ``files`` source always is one; for ``hf`` (the tokenizer's bare path or hub name, or
     ``hf:NAME[:CONFIG]``) only one that exists, so hub names stay. Registered names and other plugins' arguments
     are left as they are."""
-    name, argument, prefixed = _route(key, spec, plugins)
+    name, argument, prefixed = _route(key, spec, loaded)
     if not argument or name not in {"source": ("files", "hf"), "tokenizer": ("hf",)}[key]:
         return spec
     path, colon, rest = argument.partition(":") if prefixed else (argument, "", "")  # hf:NAME:CONFIG
@@ -235,18 +236,19 @@ def absolute_spec(key: str, spec: str, plugins) -> str:
     return f"{name}:{path}{colon}{rest}" if prefixed else path
 
 
-def absolute_local_paths(data_cfg, plugins, keys=("source", "tokenizer")) -> None:
+def absolute_local_paths(data_cfg, loaded: LoadedPlugins, keys=("source", "tokenizer")) -> None:
     """Make the local paths in ``data_cfg``'s ``keys`` (of data.source, data.tokenizer) absolute, in place
-    (`absolute_spec`): `minsota.recipe` calls it as a recipe is resolved."""
+    (`absolute_spec`): `minsota.loader` calls it as a recipe is loaded."""
     for key in keys:
-        setattr(data_cfg, key, absolute_spec(key, getattr(data_cfg, key), plugins))
+        setattr(data_cfg, key, absolute_spec(key, getattr(data_cfg, key), loaded))
 
 
-def _build(recipe, key: str, *args):
+def _build_from_spec(recipe, key: str, *args):
+    """The source or tokenizer ``data.KEY`` names, built; an error names the recipe key."""
     spec = getattr(recipe.data, key)
     where = f"{recipe.where(f'data.{key}')}: data.{key} = '{spec}'"
     try:
-        factory, argument = _resolve(key, spec, load_plugins(recipe.plugins))
+        factory, argument = _factory_for(key, spec, load_plugins(recipe.plugins))
         return factory(argument, recipe.data, *args)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
@@ -254,7 +256,7 @@ def _build(recipe, key: str, *args):
 
 def build_tokenizer(recipe) -> Tokenizer:
     """The recipe's tokenizer; refused when it has more tokens than the model's embedding rows."""
-    tokenizer = _build(recipe, "tokenizer")
+    tokenizer = _build_from_spec(recipe, "tokenizer")
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise UserError(f"{recipe.where('model.vocab_size')}: tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} "
                         f"tokens but model.vocab_size = {recipe.model.vocab_size}")
@@ -309,8 +311,8 @@ def build_source(recipe, split: str = "train") -> Source:
 
     try:
         with _datasets_log_held(held):
-            source = _build(recipe, "source", split)
-            for texts, state in source.blocks(recipe.data.block_docs):
+            source = _build_from_spec(recipe, "source", split)
+            for texts, state in source.blocks(recipe.data.block_docs):  # noqa: B007 (read after the loop)
                 odd = next((t for t in texts if t is not None and not isinstance(t, str)), None)
                 if odd is not None:
                     raise UserError(f"{where}: data.text_field = '{recipe.data.text_field}' holds "

@@ -6,7 +6,16 @@ Every command exits 0 when it succeeds, 1 on an internal error or a failed check
 A `UserError` is printed as one line (no traceback unless MINSOTA_DEBUG=1).
 """
 
+import difflib
+
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 0, 1, 2, 3, 130, 141, 143
+
+
+def did_you_mean(name: str, choices) -> str:
+    """The hint "did you mean 'a', 'b'?" with up to three close matches of ``name`` among ``choices`` ('' when
+    none): for an error message, never a silent pick."""
+    close = difflib.get_close_matches(name, list(choices), n=3)
+    return f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 class UserError(Exception):

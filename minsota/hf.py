@@ -34,8 +34,9 @@ from minsota import checkpoint
 from minsota.data import build_tokenizer
 from minsota.errors import UserError
 from minsota.inference import load_run
+from minsota.loader import recipe_from_dict, recipe_record
 from minsota.model import Decoder, build_model
-from minsota.recipe import ModelConfig, Recipe, TrainConfig, component, layer_specs, recipe_from_dict
+from minsota.recipe import ModelConfig, Recipe, TrainConfig, component, layer_specs
 
 ROTARY_FAMILIES = ("llama", "mistral", "olmo2")
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
@@ -326,7 +327,7 @@ def import_to_run(hf_dir, run_dir) -> Path:
     the checkpoint. `minsota train --resume RUN_DIR` continues from it as a fresh run."""
     run_dir = _empty_target(Path(run_dir))
     recipe, state = read_hf(hf_dir)
-    recipe_dict = recipe.to_dict()
+    recipe_dict = recipe_record(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(run_dir / checkpoint.RECIPE, recipe_dict)
     return checkpoint.save(run_dir / "checkpoints", 0, model=state, recipe=recipe_dict)
@@ -507,10 +508,10 @@ def save_hf(decoder: Decoder, out_dir) -> Path:
     return out_dir
 
 
-def export_run(run_dir, out_dir, plugins=()) -> Path:
+def export_run(run_dir, out_dir, plugin_specs=()) -> Path:
     """Export a run's newest valid checkpoint (or ``RUN_DIR/checkpoints/step-N`` itself) as an HF directory."""
     out_dir = _empty_target(Path(out_dir))
-    recipe, model, _ = load_run(run_dir, plugins=plugins, device="cpu")
+    recipe, model, _ = load_run(run_dir, plugin_specs=plugin_specs, device="cpu")
     save_hf(model, out_dir)
     _export_tokenizer(recipe, out_dir)
     return out_dir

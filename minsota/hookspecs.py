@@ -55,7 +55,7 @@ def minsota_register_norms():
 
 @hookspec
 def minsota_register_positional_encodings():
-    """Positional encodings. ``factory(cfg, **options) -> minsota.model.PositionalEncoding``.
+    """Positional encodings. ``factory(cfg, **options) -> minsota.components.PositionalEncoding``.
 
     One module is built per distinct resolved spec and shared by the layers that have it; the one of
     ``model.positional`` also embeds the tokens (``embed``). It may override
@@ -75,8 +75,11 @@ def minsota_register_attentions():
     positions (B, T) and document_ids (B, T) or None (None: plain causal attention over the window).
     Output projection named ``wo`` receives the residual-scaled init. A kernel that cannot honour an option
     or the positional encoding it is given raises ValueError from the factory, so the recipe is refused
-    before training. Cached decoding (`minsota generate`) sets a ``kv_cache`` attribute on kernels that
-    declare one (see `minsota.inference`); a kernel without it still generates, recomputing the prefix.
+    before training. Cached decoding (`minsota generate`) sets a ``kv_cache`` attribute (a
+    `minsota.components.KVCache`) on kernels that declare one (see `minsota.generation`); a kernel without it
+    still generates, recomputing the prefix. Subclassing `minsota.components.Attention` gives a kernel the
+    shared projections (fused ``wqkv``, ``wo``), QK-norm, the positional encoding and the cache: it then
+    supplies only ``attend(q, k, v, positions, document_ids)``.
     """
 
 

@@ -13,28 +13,12 @@ import math
 import torch
 from torch import nn
 
+from minsota.components import PositionalEncoding, attention_flops
 from minsota.errors import UserError
 from minsota.loss import linear_cross_entropy, softcap
-from minsota.plugins import load_plugins
+from minsota.plugins import LoadedPlugins, load_plugins
 from minsota.recipe import LayerComponent, ModelConfig, Recipe, canonical, component, resolve_layers
 from minsota.state import HIDDEN, make_state
-
-
-class PositionalEncoding(nn.Module):
-    """Base class of positional encodings; the default changes nothing (NoPE)."""
-
-    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Applied to the token embeddings (B, T, D); learned/absolute encodings add here."""
-        return x
-
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """Applied to q (B, H, T, hd) and k (B, KV, T, hd) inside attention; rotary encodings act here."""
-        return q, k
-
-    def bias(self, positions: torch.Tensor, n_heads: int) -> torch.Tensor | None:
-        """An additive attention-score bias (B|1, H, T, T), or None."""
-        return None
-
 
 RESIDUAL_OUTPUTS = ("wo.weight", "w2.weight")  # scaled init: GPT-2 / Megatron 1/sqrt(2·n_layers)
 RESERVED_METRICS = ("step", "loss", "aux_loss", "val_loss", "lr", "grad_norm", "tokens", "epoch", "tokens_per_s",
@@ -154,14 +138,6 @@ class Decoder(nn.Module):
         return 3 * forward if training else forward
 
 
-def attention_flops(n_heads: int, head_dim: int, seq_len: int, window: int = 0) -> float:
-    """Forward FLOPs per token of causal attention's scores and values: 4·hd per visible key and query head, with
-    T/2 keys on average when causal and W − W²/2T under a sliding window of W."""
-    window = min(window or seq_len, seq_len)
-    keys = window - window * window / (2 * seq_len)  # mean over queries of min(i, W) keys, i = 1..T
-    return 4 * n_heads * head_dim * keys
-
-
 def _module_flops(module: nn.Module, seq_len: int, seen: set) -> float:
     """A module's own ``flops_per_token`` where it has one, else 2 per Linear weight, recursively."""
     if hasattr(module, "flops_per_token"):
@@ -183,12 +159,13 @@ def takes_layer(factory) -> bool:
         return False
 
 
-def build_component(recipe: Recipe, plugins, kind: str, part: LayerComponent, layer: int | None, *args, **kwargs):
+def _build_component(recipe: Recipe, loaded: LoadedPlugins, kind: str, part: LayerComponent, layer: int | None,
+                     *args, **kwargs):
     """Build one component from its registry, turning a bad option into one line naming the recipe key it came
     from. A factory that names a ``layer`` parameter gets the 0-based index of the layer it is built for (None
     for the decoder's own: the final norm and the positional encoding that embeds the tokens)."""
     name, options = component(part.spec)
-    factory = plugins.registry(kind).get(name)
+    factory = loaded.registry(kind).get(name)
     if takes_layer(factory):
         kwargs["layer"] = layer
     try:
@@ -206,39 +183,39 @@ def model_size(recipe: Recipe) -> tuple[int, float]:
 def build_model(recipe: Recipe, device: str | torch.device | None = None) -> Decoder:
     """Assemble the decoder a recipe describes (on ``device``; "meta" allocates nothing): one resolved spec per
     layer (`minsota.recipe.resolve_layers`), layers with equal positional specs sharing one module."""
-    plugins = load_plugins(recipe.plugins)
+    loaded = load_plugins(recipe.plugins)
     cfg = recipe.model
     resolved = resolve_layers(cfg)
     with torch.device(device or "cpu"):
         positionals = {}  # one module per distinct positional spec (and layer, for factories that take it)
 
         def positional(part: LayerComponent, layer: int):
-            factory = plugins.registry("positional").get(component(part.spec)[0])
+            factory = loaded.registry("positional").get(component(part.spec)[0])
             key = (canonical(part.spec), layer if takes_layer(factory) else None)
             if key not in positionals:
-                positionals[key] = build_component(recipe, plugins, "positional", part, layer, cfg)
+                positionals[key] = _build_component(recipe, loaded, "positional", part, layer, cfg)
             return positionals[key]
 
         embedding = positional(LayerComponent(cfg.positional, "model.positional"), None)
-        layers, attentions = zip(*(_build_layer(recipe, plugins, layer, i, positional(layer["positional"], i))
+        layers, attentions = zip(*(_build_layer(recipe, loaded, layer, i, positional(layer["positional"], i))
                                    for i, layer in enumerate(resolved)))
         # post-norm blocks already end on a norm: `final_norm = false` leaves the LM head without one
         final = LayerComponent(cfg.norm, "model.norm")
-        norm = build_component(recipe, plugins, "norm", final, None, cfg.dim, cfg) if cfg.final_norm else nn.Identity()
+        norm = _build_component(recipe, loaded, "norm", final, None, cfg.dim, cfg) if cfg.final_norm else nn.Identity()
         others = [m for m in dict.fromkeys(positionals.values()) if m is not embedding]
         specs = [{kind: c.spec for kind, c in layer.items()} for layer in resolved]
         return Decoder(cfg, embedding, list(layers), norm, others, specs, attentions)
 
 
-def _build_layer(recipe: Recipe, plugins, layer: dict[str, LayerComponent], i: int, positional):
+def _build_layer(recipe: Recipe, loaded: LoadedPlugins, layer: dict[str, LayerComponent], i: int, positional):
     """(block, its attention) of layer ``i``, with its norms and feed-forward, from its resolved spec."""
     cfg = recipe.model
 
     def norm(dim: int = cfg.dim):
-        return build_component(recipe, plugins, "norm", layer["norm"], i, dim, cfg)
+        return _build_component(recipe, loaded, "norm", layer["norm"], i, dim, cfg)
 
-    attention = build_component(recipe, plugins, "attention", layer["attention"], i, cfg, positional, norm=norm)
-    feedforward = build_component(recipe, plugins, "feedforward", layer["feedforward"], i, cfg)
-    block = build_component(recipe, plugins, "block", layer["block"], i, cfg, norm=norm, attention=attention,
+    attention = _build_component(recipe, loaded, "attention", layer["attention"], i, cfg, positional, norm=norm)
+    feedforward = _build_component(recipe, loaded, "feedforward", layer["feedforward"], i, cfg)
+    block = _build_component(recipe, loaded, "block", layer["block"], i, cfg, norm=norm, attention=attention,
                             feedforward=feedforward)
     return block, attention

@@ -50,7 +50,9 @@ class PluginInfo:
 
 
 @dataclass
-class Plugins:
+class LoadedPlugins:
+    """One loaded plugin set: the pluggy manager, each plugin's origin, and one Registry per kind."""
+
     manager: pluggy.PluginManager
     infos: dict[str, PluginInfo]
     registries: dict[str, Registry]
@@ -142,7 +144,7 @@ def _register(pm: pluggy.PluginManager, load, info: PluginInfo, infos: dict):
 
 
 @functools.lru_cache(maxsize=8)
-def _load(extra: tuple[str, ...], autoload_disabled: bool) -> Plugins:
+def _load(extra: tuple[str, ...], autoload_disabled: bool) -> LoadedPlugins:
     pm = pluggy.PluginManager("minsota")
     pm.add_hookspecs(hookspecs)
     infos: dict[str, PluginInfo] = {}
@@ -173,19 +175,11 @@ def _load(extra: tuple[str, ...], autoload_disabled: bool) -> Plugins:
             if not isinstance(provided, dict):
                 raise UserError(f"plugin {info.label()}: {hook_name} must return a dict of name -> factory")
             for name, factory in provided.items():
-                registry.register(name, factory, provider=info.name, **_recipe_summary(kind, factory))
-    return Plugins(pm, infos, registries)
+                registry.register(name, factory, provider=info.name)
+    return LoadedPlugins(pm, infos, registries)
 
 
-def _recipe_summary(kind, factory) -> dict:
-    if kind != "recipe":
-        return {}
-    from minsota.recipe import describe_recipe_file
-
-    return {"summary": describe_recipe_file(factory)}
-
-
-def load_plugins(extra=()) -> Plugins:
+def load_plugins(extra=()) -> LoadedPlugins:
     """The plugin set for these local plugin specs (cached: hooks run once per process and set).
 
     Loading is idempotent: a spec repeated, or one file spelt two ways (relative and absolute), is loaded once.

@@ -5,15 +5,18 @@ file) and ``plugins`` (files or modules to load), and the tables ``[model]``, ``
 whose keys and types are the dataclasses below (their comments are the reference). Validation runs
 before anything is built and each error is one line naming the file and the key. Overrides are
 type-checked against the schema, as nanoGPT's configurator checks them against the defaults.
+
+This module is the schema only: it never loads plugins or data. The registries a recipe is validated
+against are handed to it; `minsota.loader` composes plugin loading, the ``extends`` chain and data paths.
 """
 
 import dataclasses
-import difflib
 import json
 import math
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -23,9 +26,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from minsota.errors import UserError
+from minsota.errors import UserError, did_you_mean
+from minsota.registry import Registry
 
-Component = Union[str, dict]  # a registry name, or an inline table {name = "...", option = ...}
+Component = str | dict  # a registry name, or an inline table {name = "...", option = ...}
 
 
 @dataclass
@@ -134,15 +138,11 @@ class Recipe:
         return self.origins.get(key, self.source)
 
     def to_dict(self) -> dict:
-        """The resolved recipe as saved in ``recipe.json``, with the plugins (and versions) it was built with."""
-        from minsota.plugins import load_plugins
-
-        loaded = load_plugins(self.plugins).infos.values()
+        """The resolved recipe as plain data (`minsota.loader.recipe_record` adds the plugins' versions)."""
         return {
             "name": self.name,
             "description": self.description,
             "plugins": list(self.plugins),
-            "loaded_plugins": {i.name: f"{i.distribution} {i.version}".strip() for i in loaded},
             **{section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS},
             "layers": layer_specs(self.model),  # derived from [model]: what each layer was built from
         }
@@ -218,21 +218,18 @@ def describe_recipe_file(path) -> str:
         return ""
 
 
-def find_recipe(name_or_path: str, plugins) -> Path:
-    """A recipe path from a registered name (file stem) or a path to a TOML file."""
+def find_recipe(name_or_path: str, recipes: Registry) -> Path:
+    """A recipe path from a name in the ``recipes`` registry (a file stem) or a path to a TOML file."""
     candidate = Path(name_or_path)
     if name_or_path.endswith(".toml") or candidate.is_file():
         if not candidate.is_file():
             raise UserError(f"{name_or_path}: no such recipe file")
         return candidate
-    registry = plugins.registry("recipe")
-    if name_or_path not in registry:
-        # registry.get words the error: the kind, the name, close matches, how to list them
-        registry.get(name_or_path)
-    return Path(str(registry.get(name_or_path)))
+    # recipes.get words an unknown name's error: the kind, the name, close matches, how to list them
+    return Path(str(recipes.get(name_or_path)))
 
 
-def _read_chain(path: Path, plugins, seen: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+def read_chain(path: Path, recipes: Registry, seen: tuple[Path, ...] = ()) -> tuple[dict, dict]:
     """The merged raw recipe following `extends`, and each dotted key's origin file."""
     resolved = path.resolve()
     if resolved in seen:
@@ -254,10 +251,10 @@ def _read_chain(path: Path, plugins, seen: tuple[Path, ...] = ()) -> tuple[dict,
                 raise UserError(f"{path}: extends = '{parent}': no such file {parent_path}")
         else:
             try:
-                parent_path = find_recipe(parent, plugins)
+                parent_path = find_recipe(parent, recipes)
             except UserError as e:
                 raise UserError(f"{path}: extends = '{parent}': {e}") from None
-        merged, origins = _read_chain(parent_path, plugins, (*seen, resolved))
+        merged, origins = read_chain(parent_path, recipes, (*seen, resolved))
     for key in ("description", "plugins"):
         if key in raw:
             if key == "plugins":
@@ -290,8 +287,8 @@ def _plugin_spec(spec: str, recipe_path: Path) -> str:
 
 
 def _did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    hint = did_you_mean(name, choices)
+    return f" ({hint})" if hint else ""
 
 
 # -------------------------------------------------------------------------------------------- overrides
@@ -387,7 +384,7 @@ _CHOICES = {
 }
 
 
-def _validate(recipe: Recipe, plugins) -> None:
+def _validate(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
     for section, keys in _POSITIVE.items():
         for key in keys:
             value = getattr(getattr(recipe, section), key)
@@ -425,22 +422,22 @@ def _validate(recipe: Recipe, plugins) -> None:
         raise UserError(f"{recipe.where('train.micro_batch_size')}: train.micro_batch_size = {t.micro_batch_size} "
                         f"does not divide train.batch_size = {t.batch_size}")
     for key in COMPONENT_KEYS:
-        _check_component(recipe, plugins, key, getattr(m, key), f"model.{key}")
-    _validate_layers(recipe, plugins)
+        _check_component(recipe, registries, key, getattr(m, key), f"model.{key}")
+    _validate_layers(recipe, registries)
 
 
-def _check_component(recipe: Recipe, plugins, kind: str, spec, dotted: str) -> None:
+def _check_component(recipe: Recipe, registries: Mapping[str, Registry], kind: str, spec, dotted: str) -> None:
     """A component spec names a registered component of its kind (an inline table: with a string name)."""
     if not (isinstance(spec, str) or (isinstance(spec, dict) and isinstance(spec.get("name"), str))):
         raise UserError(f"{recipe.where(dotted)}: {dotted} must be a component name or an inline table with a "
                         f"string 'name', got {spec!r}")
     try:
-        plugins.registry(kind).describe(component(spec)[0])
+        registries[kind].describe(component(spec)[0])
     except UserError as e:
         raise UserError(f"{recipe.where(dotted)}: {dotted}: {e}") from None
 
 
-def _validate_layers(recipe: Recipe, plugins) -> None:
+def _validate_layers(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
     """``layer_pattern``, ``layer_types`` and ``layer_overrides`` name defined types, layers that exist and
     registered components only."""
     m = recipe.model
@@ -476,10 +473,13 @@ def _validate_layers(recipe: Recipe, plugins) -> None:
                 if kind not in COMPONENT_KEYS:
                     raise UserError(f"{recipe.where(f'{prefix}.{kind}')}: unknown key {prefix}.{kind} (a layer table "
                                     f"holds {', '.join(COMPONENT_KEYS)}){_did_you_mean(kind, COMPONENT_KEYS)}")
-                _check_component(recipe, plugins, kind, spec, f"{prefix}.{kind}")
+                _check_component(recipe, registries, kind, spec, f"{prefix}.{kind}")
 
 
-def _resolve(merged: dict, origins: dict, name: str, source: str, override_keys: set, plugins) -> Recipe:
+def build_recipe(merged: dict, origins: dict, name: str, source: str, override_keys: set,
+                 registries: Mapping[str, Registry]) -> Recipe:
+    """The validated `Recipe` of a merged raw recipe (`read_chain`, `apply_overrides`); ``registries`` (kind ->
+    `Registry`) are the components it may name."""
     sections = {s: _build_section(s, merged.get(s, {}), origins, source, override_keys) for s in SECTIONS}
     model: ModelConfig = sections["model"]
     if model.n_kv_heads is None:
@@ -490,7 +490,7 @@ def _resolve(merged: dict, origins: dict, name: str, source: str, override_keys:
         sections["train"].micro_batch_size = sections["train"].batch_size
     recipe = Recipe(name, source, str(merged.get("description", "")), sections["model"], sections["train"],
                     sections["data"], list(merged.get("plugins", [])), origins)
-    _validate(recipe, plugins)
+    _validate(recipe, registries)
     return recipe
 
 
@@ -510,7 +510,7 @@ def _set_nested(table: dict, dotted: str, value) -> None:
     _set_nested(inner, rest, value)
 
 
-def _apply_overrides(merged: dict, origins: dict, overrides: dict | None) -> set:
+def apply_overrides(merged: dict, origins: dict, overrides: dict | None) -> set:
     keys = set()
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
@@ -524,52 +524,3 @@ def _apply_overrides(merged: dict, origins: dict, overrides: dict | None) -> set
         origins[dotted] = f"--set {dotted}"
         keys.add(dotted)
     return keys
-
-
-def load_recipe(name_or_path: str, overrides: dict | None = None, plugins=()) -> Recipe:
-    """Read, inherit, override and validate a recipe (a registered name or a TOML path).
-
-    ``overrides`` maps dotted keys to values, e.g. ``{"model.n_layers": 4}``; ``plugins`` are extra local
-    plugin specs (as ``--plugin``). Raises `UserError` (one line, naming file and key) on any problem.
-    """
-    from minsota.data import absolute_local_paths
-    from minsota.plugins import load_plugins, unique_plugin_specs
-
-    loaded = load_plugins(plugins)
-    path = find_recipe(str(name_or_path), loaded)
-    merged, origins = _read_chain(path, loaded)
-    recipe_plugins = merged.get("plugins", [])
-    if recipe_plugins:  # the recipe brings plugins of its own: components may live there
-        loaded = load_plugins([*plugins, *recipe_plugins])
-    override_keys = _apply_overrides(merged, origins, overrides)
-    name = path.stem
-    recipe = _resolve(merged, origins, name, str(path), override_keys, loaded)
-    recipe.plugins = unique_plugin_specs([*plugins, *recipe_plugins])  # absolute: a resume works from any cwd
-    absolute_local_paths(recipe.data, loaded)  # local data paths too: the same files from any cwd
-    return recipe
-
-
-def recipe_from_dict(data: dict, source: str, overrides: dict | None = None, plugins=()) -> Recipe:
-    """Rebuild a resolved recipe (a run's ``recipe.json``), re-validated, with optional overrides."""
-    from minsota.data import absolute_local_paths
-    from minsota.plugins import load_plugins, unique_plugin_specs
-
-    all_plugins = unique_plugin_specs([*data.get("plugins", []), *plugins])  # --resume RUN --plugin same.py: once
-    loaded = load_plugins(all_plugins)
-    merged = {s: dict(data.get(s, {})) for s in SECTIONS}
-    merged["description"] = data.get("description", "")
-    merged["plugins"] = all_plugins
-    origins: dict[str, str] = {}
-    override_keys = _apply_overrides(merged, origins, overrides)
-    recipe = _resolve(merged, origins, data.get("name", "recipe"), source, override_keys, loaded)
-    # an override's local data path made absolute, as load_recipe does; the saved ones are kept as written
-    absolute_local_paths(recipe.data, loaded, [k for k in ("source", "tokenizer") if f"data.{k}" in override_keys])
-    return recipe
-
-
-def read_recipe_json(path: Path, overrides: dict | None = None, plugins=()) -> Recipe:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read resolved recipe: {e}") from None
-    return recipe_from_dict(data, str(path), overrides, plugins)

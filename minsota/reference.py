@@ -17,8 +17,8 @@ tests/test_parity.py — parametrized over the registries — covers it with no 
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

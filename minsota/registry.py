@@ -4,12 +4,12 @@ Lookups never guess: an unknown name is an error listing up to three close match
 lists them all.
 """
 
-import difflib
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from minsota.errors import UserError
+from minsota.errors import UserError, did_you_mean
 
 
 def override(factory: Callable) -> Callable:
@@ -19,7 +19,8 @@ def override(factory: Callable) -> Callable:
 
 
 def summary_of(obj: Any) -> str:
-    doc = (getattr(obj, "__doc__", None) or "").strip()
+    """The first line of a factory's docstring; a value that is no factory (a recipe's path) has none."""
+    doc = (getattr(obj, "__doc__", None) or "").strip() if callable(obj) else ""
     return doc.splitlines()[0] if doc else ""
 
 
@@ -62,8 +63,8 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            close = difflib.get_close_matches(name, list(self._entries), n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(name, self._entries)
+            hint = f"; {hint}" if hint else ""
             raise UserError(f"unknown {self.kind} '{name}'{hint} (`minsota list {self.kind}` lists them)") from None
 
     def list(self, pattern: str = "*") -> list[str]:

@@ -24,10 +24,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from minsota import hookimpl, reference
-from minsota.model import attention_flops
+from minsota import hookimpl
+from minsota.components import Attention
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -76,59 +75,6 @@ def flex_attend(q, k, v, document_ids, window: int, scale: float | None = None):
     CPU)."""
     mask = block_mask(document_ids, window, q.shape[-2], q.device)
     return _call(flex_attention, q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1], scale=scale)
-
-
-class Attention(nn.Module):
-    """Projections, QK-norm and positional encoding; subclasses supply the kernel (`attend`).
-
-    Cached decoding (`minsota.inference`): while ``kv_cache`` is set, forward appends the new tokens' keys,
-    values and positions to it and attends over all of them, so `attend` gets q (B, H, Tq, hd) for the last
-    Tq of the Tk positions of k and v (B, KV, Tk, hd), and ``positions`` (B, Tk) of the keys. Tq = Tk always
-    in training, which never sets the cache.
-    """
-
-    reference = staticmethod(reference.attention)
-    kv_cache = None  # a minsota.inference.KVCache, only while generating
-
-    def __init__(self, cfg, positional, *, norm, bias: bool = False, qk_norm: str = "none", window: int = 0,
-                 softcap: float = 0.0, scale: float | None = None):
-        super().__init__()
-        if qk_norm not in ("none", "head", "full"):
-            raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {qk_norm!r}")
-        if window < 0 or softcap < 0:
-            raise ValueError("window and softcap must be >= 0")
-        if scale is not None and scale <= 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.qk_norm, self.window, self.softcap = qk_norm, window, softcap
-        self.scale = None if scale is None else float(scale)  # None: the kernels' own 1/sqrt(hd)
-        self.wqkv = nn.Linear(cfg.dim, (H + 2 * KV) * hd, bias=bias)
-        self.wo = nn.Linear(H * hd, cfg.dim, bias=bias)
-        # the features one norm sees: a head, or the whole projection ("full"); (B, T, groups, width) views
-        self.q_width, self.k_width = (H * hd, KV * hd) if qk_norm == "full" else (hd, hd)
-        has_norm = qk_norm != "none"
-        self.q_norm = norm(self.q_width) if has_norm else nn.Identity()
-        self.k_norm = norm(self.k_width) if has_norm else nn.Identity()
-        object.__setattr__(self, "positional", positional)  # shared: the decoder owns (and moves) it
-
-    def forward(self, x, positions, document_ids=None):
-        B, T, _ = x.shape
-        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
-        q = self.q_norm(q.view(B, T, -1, self.q_width)).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_norm(k.view(B, T, -1, self.k_width)).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(B, T, KV, hd).transpose(1, 2)
-        q, k = self.positional.rotate(q, k, positions)
-        if self.kv_cache is not None:  # generating: the earlier tokens' keys and values come from the cache
-            k, v, positions = self.kv_cache.update(k, v, positions)
-        y = self.attend(q, k, v, positions, document_ids)  # (B, H, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, D)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: the projections (2 per weight) and the scores and values over the keys this
-        layer sees (its own window)."""
-        weights = self.wqkv.weight.numel() + self.wo.weight.numel()
-        return 2 * weights + attention_flops(self.n_heads, self.head_dim, seq_len, self.window)
 
 
 class SDPAttention(Attention):

@@ -25,7 +25,7 @@ from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
 from torch import nn
 
 from minsota import hookimpl, reference
-from minsota.model import PositionalEncoding
+from minsota.components import PositionalEncoding
 
 
 def llama3_frequencies(inv_freq, factor: float, low_freq_factor: float, high_freq_factor: float,

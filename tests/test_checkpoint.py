@@ -12,8 +12,8 @@ import torch
 
 from minsota import checkpoint
 from minsota.errors import DivergedError, SaveError, UserError
-from minsota.recipe import load_recipe
-from minsota.train import check_changes
+from minsota.loader import load_recipe
+from minsota.rundir import check_changes
 
 
 def parts(step=1):

@@ -12,8 +12,8 @@ import matplotlib.image
 import pytest
 
 from minsota.cli import main
-from minsota.compare import _tokens, format_table, read_metrics, recipe_diff
-from minsota.recipe import load_recipe, read_recipe_json
+from minsota.compare import _tokens, format_table, read_at, read_metrics, recipe_diff
+from minsota.loader import load_recipe, read_recipe_json
 
 QUICK = ["--steps", "3", "--seeds", "2", *(f"--set=train.{key}" for key in
          ("sample_tokens=0", "eval_batches=1", "batch_size=2", "micro_batch_size=2", "seq_len=32"))]
@@ -180,3 +180,55 @@ def test_a_diverging_variant_is_tabled_not_fatal(tmp_path):
     results = json.loads((tmp_path / "out" / "compare.json").read_text())["recipes"]
     assert len(results[1]["diverged"]) == 2 and "vs_base" not in results[1]
     assert (tmp_path / "out" / "compare.png").is_file()
+
+
+def test_reading_at_a_budget_interpolates_between_evaluations():
+    curve = [[100.0, 3.0, 1], [200.0, 2.0, 2], [400.0, 1.0, 4]]  # [x, val_loss, step]
+    assert read_at(curve, 200.0) == (2.0, 2)
+    assert read_at(curve, 300.0) == (1.5, 3.0)
+    assert read_at(curve, 400.0) == (1.0, 4)
+    assert read_at(curve, 400.5) is None  # the run stopped short of it
+    with pytest.raises(ValueError):
+        read_at(curve, 50.0)  # before the first evaluation: an extrapolation
+
+
+def test_an_explicit_budget_past_the_runs_marks_them_short(compared):
+    args, out_dir, _ = compared
+    code, out, err = invoke(*args, "--budget", "tokens=1e9")
+    assert code == 0, err
+    rows = out.splitlines()[2:5]
+    assert all("short of budget" in row and "2 runs" in row for row in rows)
+    assert "1G tokens (--budget tokens)" in out.splitlines()[5]
+    result = json.loads((out_dir / "compare.json").read_text())
+    assert result["budget"] == {"kind": "tokens", "value": 1e9, "unit": "tokens"}
+    assert all(len(r["short"]) == 2 and "vs_base" not in r for r in result["recipes"])
+    invoke(*args)  # compare.json of the shared comparison as it was
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("steps", "--budget steps: the kind must be one of tokens, flops, time"),
+    ("time=-1", "--budget time=-1: the value must be a positive number of seconds of training"),
+    ("flops=nan", "--budget flops=nan: the value must be a positive number of training FLOPs"),
+    ("tokens=1", "its first evaluation is at 192 tokens, after the budget of 1: evaluate more often"),
+])
+def test_a_bad_budget_is_one_line(compared, budget, message):
+    args, _, _ = compared
+    code, _, err = invoke(*args, "--budget", budget)
+    assert code == 2 and message in err.splitlines()[-1] and err.count("error") == 1, err
+
+
+def test_a_time_budget_reads_a_slower_recipe_at_an_earlier_step(tmp_path):
+    """Equal wall-clock time: the cheap recipe is read at its end, one whose steps cost ~3.5x the matmul FLOPs at an
+    earlier step; equal tokens reads both at their end. (A reading needs a cost ratio between 12/11 and 12.)"""
+    (tmp_path / "wide.toml").write_text('extends = "tiny"\n[model]\ndim = 256\n')
+    args = ["compare", "tiny", tmp_path / "wide.toml", "--steps", "12", "--set=train.eval_every=1",
+            "--set=train.sample_tokens=0", "--set=train.eval_batches=1", "--out", tmp_path / "out"]
+    at_step = {}
+    for budget in ("time", "tokens"):
+        code, out, err = invoke(*args, "--budget", budget)
+        assert code == 0, err
+        result = json.loads((tmp_path / "out" / "compare.json").read_text())
+        at_step[budget] = [run["at_step"] for r in result["recipes"] for run in r["runs"]]
+    assert result["budget"]["kind"] == "tokens" and at_step["tokens"] == [12, 12]
+    fast, slow = at_step["time"]
+    assert fast == 12 and 1 <= slow < 11, at_step  # the same time buys fewer of the costlier steps

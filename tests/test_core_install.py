@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import minsota
+
 from conftest import PLUGINS, REPO
 
 

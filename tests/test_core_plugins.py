@@ -7,8 +7,9 @@ import pytest
 
 import minsota
 from minsota.errors import UserError
-from minsota.recipe import recipe_from_dict
+from minsota.loader import recipe_from_dict, recipe_record
 from minsota.registry import Registry
+
 from conftest import PLUGINS, run
 
 BROKEN = PLUGINS / "broken"
@@ -106,7 +107,7 @@ def test_recipe_can_bring_its_own_plugins(tmp_path, example_on_path):
     (tmp_path / "r.toml").write_text(f'extends = "tiny"\nplugins = ["{example_on_path}"]\n[model]\nnorm = "scalenorm"\n')
     recipe = minsota.load_recipe(tmp_path / "r.toml")
     assert type(minsota.build_model(recipe).norm).__name__ == "ScaleNorm"
-    assert recipe.plugins == ["minsota_example"] and recipe.to_dict()["loaded_plugins"]["minsota_example"] == "local"
+    assert recipe.plugins == ["minsota_example"] and recipe_record(recipe)["loaded_plugins"]["minsota_example"] == "local"
 
 
 def test_list_and_plugins_commands(cli):
@@ -152,7 +153,7 @@ def test_a_plugin_named_twice_is_loaded_once(plugin_file, monkeypatch):
     (plugin_file.parent / "parent.toml").write_text('extends = "tiny"\nplugins = ["myplug.py"]\n')
     (plugin_file.parent / "child.toml").write_text(
         'extends = "parent.toml"\nplugins = ["myplug.py"]\n[model]\nnorm = "scalenorm"\n')
-    recipe = minsota.load_recipe(plugin_file.parent / "child.toml", plugins=["myplug.py"])
+    recipe = minsota.load_recipe(plugin_file.parent / "child.toml", plugin_specs=["myplug.py"])
     assert recipe.plugins == [str(plugin_file.resolve())]
     assert type(minsota.build_model(recipe).norm).__name__ == "ScaleNorm"
     # a run's recipe.json lists it, and `--resume RUN --plugin myplug.py` (compare's resume) names it again

@@ -9,6 +9,7 @@ import pytest
 
 import minsota
 from minsota.recipe import parse_override
+
 from conftest import run
 
 

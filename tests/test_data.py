@@ -21,7 +21,8 @@ import torch
 import minsota
 from minsota.data import _outlive_stop_signals, absolute_spec, build_batches, build_source, build_tokenizer
 from minsota.errors import UserError
-from minsota.recipe import recipe_from_dict
+from minsota.loader import recipe_from_dict
+
 from conftest import SHARED_DATA, run
 
 NEOX = SHARED_DATA / "gpt-neox-20b"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from minsota import checkpoint
+
 from conftest import ENV, losses, records, sets
 
 # 8 sequences per step: 2 micro-batches of 4 in one process, one per rank in two

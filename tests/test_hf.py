@@ -10,8 +10,8 @@ import transformers
 
 from minsota import hf
 from minsota.errors import UserError
+from minsota.loader import load_recipe
 from minsota.model import build_model
-from minsota.recipe import load_recipe
 from minsota.reference import assert_close
 
 VOCAB, T = 101, 24  # an odd vocabulary must survive exactly
@@ -52,7 +52,7 @@ def hf_model(case, directory):
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs)).eval()
     with torch.no_grad():  # norm gains off 1 and biases off 0, so a misplaced one shows
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.3)
     model.save_pretrained(directory)

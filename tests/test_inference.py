@@ -7,7 +7,7 @@ import torch
 
 from minsota import build_model, load_recipe
 from minsota.compare import read_metrics
-from minsota.inference import KVCaches, generate, sample_next
+from minsota.generation import KVCaches, generate, sample_next
 from minsota.train import train
 
 # every positional encoding through sdpa's masked path (xPos: its scales must not depend on how many tokens a

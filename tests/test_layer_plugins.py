@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
+from test_distributed import torchrun
 
 import minsota
-from minsota.inference import generate
+from minsota.generation import generate
+
 from conftest import ENV, PLUGINS, records, sets
-from test_distributed import torchrun
 
 LAYERS = PLUGINS / "layers"
 VALUE_RESIDUAL = {"model.block": "value-residual", "model.attention": "value-residual"}
@@ -25,7 +26,7 @@ SHORT = {"train.steps": 3, "train.eval_batches": 1}
 
 
 def model_with(plugin: str, overrides: dict, **more):
-    recipe = minsota.load_recipe("tiny", {**overrides, **more}, plugins=[str(LAYERS / plugin)])
+    recipe = minsota.load_recipe("tiny", {**overrides, **more}, plugin_specs=[str(LAYERS / plugin)])
     torch.manual_seed(0)
     return minsota.build_model(recipe)
 
@@ -102,7 +103,7 @@ def test_the_examples_compile_with_fullgraph_in_one_layered_model():
     overrides = {**VALUE_RESIDUAL, "model.feedforward": "depth-swiglu", "model.layer_pattern": ["a", "a", "b"],
                  "model.layer_types": {"a": {}, "b": {"block": "x0-prenorm", "attention": "sdpa"}},
                  "model.layer_overrides": {"-1": {"feedforward": {"name": "activation-penalty"}}}}
-    recipe = minsota.load_recipe("tiny", overrides, plugins=[str(LAYERS / p) for p in EXAMPLES])
+    recipe = minsota.load_recipe("tiny", overrides, plugin_specs=[str(LAYERS / p) for p in EXAMPLES])
     model = minsota.build_model(recipe)
     torch.compiler.reset()
     compiled = torch.compile(model.losses, fullgraph=True)

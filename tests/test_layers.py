@@ -7,7 +7,7 @@ import json
 import pytest
 
 import minsota
-from minsota.model import attention_flops
+from minsota.components import attention_flops
 from minsota.recipe import layer_specs
 
 LOCAL_GLOBAL = """extends = "tiny"
@@ -161,5 +161,5 @@ class Seen(MLP):
 def minsota_register_feedforwards():
     return {"seen": Seen}
 ''')
-    recipe = minsota.load_recipe("tiny", {"model.feedforward": "seen"}, plugins=[str(plugin)])
+    recipe = minsota.load_recipe("tiny", {"model.feedforward": "seen"}, plugin_specs=[str(plugin)])
     assert [layer.feed_forward.layer for layer in minsota.build_model(recipe).layers] == [0, 1, 2, 3]

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minsota.loader import load_recipe
 from minsota.loss import linear_cross_entropy, softcap
 from minsota.model import build_model
-from minsota.recipe import load_recipe
 
 TOL = 1e-5  # fp32
 

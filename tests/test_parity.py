@@ -16,8 +16,8 @@ import torch
 import minsota
 from minsota import reference
 from minsota.errors import UserError
+from minsota.loader import load_recipe
 from minsota.reference import assert_close
-from minsota.recipe import load_recipe
 from minsota.state import make_state
 
 FP32, BF16 = 1e-5, 3e-2

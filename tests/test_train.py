@@ -27,10 +27,12 @@ import torch
 
 from minsota import checkpoint
 from minsota.cli import main
+from minsota.loader import load_recipe
 from minsota.model import build_model
+from minsota.optim import lr_at, param_groups
 from minsota.plugins import load_plugins
-from minsota.recipe import TrainConfig, load_recipe
-from minsota.train import lr_at, param_groups
+from minsota.recipe import TrainConfig
+
 from conftest import ENV, losses, records, sets
 
 REPO = Path(__file__).resolve().parents[1]

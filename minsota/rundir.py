@@ -1,0 +1,145 @@
+"""The run directory: who may write it, what a resume finds there and may change, the metrics file, trackers.
+
+Layout and checkpoint format: `minsota.checkpoint`, whose `lock_run` (one trainer per directory) and
+`find_resumable` (the checkpoint a resume continues from) this module drives. Here: taking the lock for the
+process that writes (rank 0), reading a run to resume (its ``recipe.json``, newest valid checkpoint, the
+keys a resume may not change: `GUARDED`), preparing it to be written, ``metrics.jsonl`` and the trackers
+that mirror it (TensorBoard, W&B).
+"""
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+from minsota import checkpoint
+from minsota.errors import UserError
+from minsota.loader import read_recipe_json, recipe_record
+from minsota.recipe import Recipe
+
+# Keys a resumed run may not change unnoticed: they change what the weights mean or what the saved data
+# position points at. `--allow-change KEY` (or a whole table, `--allow-change model`) accepts a change.
+GUARDED = ("model", "data.source", "data.tokenizer", "data.text_field", "data.holdout_every", "train.batch_size",
+           "train.seq_len")
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path, create: bool):
+    """Hold the run directory's lock (`checkpoint.lock_run`) in the process that writes it (rank 0; RANK is
+    set by torchrun, the process group is joined later). A resume of what is no run directory takes none:
+    `find_resumable` then says what it is not."""
+    with contextlib.ExitStack() as stack:
+        if int(os.environ.get("RANK", "0")) == 0 and (create or (run_dir / checkpoint.RECIPE).is_file()):
+            stack.enter_context(checkpoint.lock_run(run_dir, create=create))
+        yield
+
+
+def refuse_existing(run_dir: Path) -> None:
+    """A new run never writes into another run's directory."""
+    if (run_dir / checkpoint.RECIPE).exists():
+        raise UserError(f"{run_dir} holds a run already: continue it with --resume {run_dir}, or choose another --out")
+
+
+def open_resumed(path: Path, overrides: dict | None, plugin_specs, allow_changes) -> tuple[Path, Recipe, dict | None]:
+    """(run directory, its recipe with ``overrides``, the checkpoint to continue from or None) for ``--resume
+    PATH``; a change of a `GUARDED` key is refused unless ``allow_changes`` names it."""
+    run_dir, ckpt_path = checkpoint.find_resumable(path)
+    recipe = read_recipe_json(run_dir / checkpoint.RECIPE, overrides, plugin_specs)
+    if ckpt_path is None:
+        print(f"minsota: warning: {run_dir} has no checkpoint yet; starting it again from step 0", file=sys.stderr)
+        return run_dir, recipe, None
+    ckpt = checkpoint.load(ckpt_path)
+    check_changes(ckpt["recipe"], recipe, ckpt_path, allow_changes)
+    return run_dir, recipe, ckpt
+
+
+def prepare(run_dir: Path, recipe: Recipe, abandon_after: int | None) -> None:
+    """Ready the run directory to be written: what interrupted saves left is cleaned up; when resuming from a
+    named checkpoint (``abandon_after``: its step), the later checkpoints, the branch this resume abandons,
+    are set aside so that a plain resume cannot find them; the resolved recipe is (re)written."""
+    checkpoint.remove_temporary(run_dir / "checkpoints")
+    if abandon_after is not None:
+        checkpoint.set_aside_after(run_dir / "checkpoints", abandon_after)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json(run_dir / checkpoint.RECIPE, recipe_record(recipe))
+
+
+def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
+    """Refuse a resume whose recipe changes a GUARDED key of the checkpoint's, unless allowed; report the rest."""
+    now = json.loads(json.dumps(recipe.to_dict()))
+
+    def covered(key, prefixes):
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    changed = []
+    for section in ("model", "train", "data"):
+        for key in sorted(set(saved[section]) | set(now[section])):
+            old, new, dotted = saved[section].get(key), now[section].get(key), f"{section}.{key}"
+            if old == new:
+                continue
+            if covered(dotted, GUARDED) and not covered(dotted, allowed):
+                raise UserError(f"{dotted} changed from {old!r} to {new!r} since {where}; resuming would "
+                                f"continue a different run (pass --allow-change {dotted} to accept)")
+            changed.append(f"{dotted} {old!r} -> {new!r}")
+    if changed:
+        print(f"minsota: resuming with {', '.join(changed)}", file=sys.stderr)
+
+
+def _not_installed(name: str) -> UserError:
+    return UserError(f"train.trackers asks for {name}, which is not installed (pip install {name})")
+
+
+def check_trackers(recipe: Recipe) -> None:
+    """Refuse a tracker whose package is not installed, before the run directory is written."""
+    for name in recipe.train.trackers:
+        try:
+            missing = importlib.util.find_spec(name) is None  # each tracker is named after its package
+        except (ImportError, ValueError):  # ValueError: imported already, without a spec
+            missing = False
+        if missing:
+            raise _not_installed(name)
+
+
+def open_trackers(recipe: Recipe, run_dir: Path, stack: contextlib.ExitStack) -> list:
+    """A ``track(step, scalars)`` per tracker in ``train.trackers``, closed with ``stack``: TensorBoard event
+    files in RUN_DIR/tensorboard; W&B project "minsota", one W&B run per run directory, continued on resume."""
+    trackers = []
+    for name in recipe.train.trackers:
+        try:
+            if name == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = stack.enter_context(SummaryWriter(str(run_dir / "tensorboard")))
+
+                def track(step, scalars, writer=writer):
+                    for key, value in scalars.items():
+                        writer.add_scalar(key, value, step)
+            else:
+                import wandb
+
+                run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+                run = wandb.init(project="minsota", name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                                 config=recipe_record(recipe))
+                stack.callback(run.finish)
+
+                def track(step, scalars, run=run):
+                    run.log(scalars, step=step)
+        except ImportError:
+            raise _not_installed(name) from None
+        trackers.append(track)
+    return trackers
+
+
+def open_metrics(path: Path):
+    """metrics.jsonl opened for appending; a record a kill cut short is dropped so every line parses."""
+    if path.exists():
+        with open(path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+            if tail and not tail.endswith(b"\n"):
+                f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
+    return open(path, "a")

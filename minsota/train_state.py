@@ -1,0 +1,112 @@
+"""What a checkpoint holds of a training run, and moving it between the live objects and `minsota.checkpoint`.
+
+`TrainState` is the model, optimizer, loss scaler and data position, plus the counters (optimizer steps
+done, steps skipped as non-finite, tokens seen). `save_checkpoint` gathers it (FSDP2 shards included) and
+rank 0 writes it; `restore` loads one back, RNG states too, so a resumed run continues bit for bit.
+"""
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from minsota import checkpoint
+from minsota.errors import UserError
+from minsota.loader import recipe_record
+from minsota.recipe import Recipe
+
+# State dicts by parameter path with whole tensors (FSDP2 shards gathered): to save, on rank 0's CPU only;
+# to load, every rank holds them all
+TO_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+TO_LOAD = StateDictOptions(full_state_dict=True)
+
+
+@dataclass
+class TrainState:
+    """The live objects and counters a checkpoint holds."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: object  # minsota.data.Batches, or any iterator of micro-batches (a benchmark's)
+    step: int = 0  # optimizer steps completed
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    tokens: int = 0  # tokens trained on
+
+
+def rng_state(device: torch.device) -> tuple[dict, dict]:
+    """Every RNG a step may draw from: torch's as tensors, Python's and NumPy's as JSON."""
+    tensors = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors |= {f"cuda:{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return tensors, {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss]}
+
+
+def set_rng_state(tensors: dict, states: dict) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    for name, state in tensors.items():
+        if name.startswith("cuda:") and int(name[5:]) < torch.cuda.device_count():  # resumed elsewhere: skip
+            torch.cuda.set_rng_state(state, name)
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(run_dir, recipe: Recipe, state: TrainState, device: torch.device) -> None:
+    """Checkpoint ``state`` as RUN_DIR/checkpoints/step-N. Every rank takes part in gathering full tensors
+    (FSDP2 shards them); rank 0 writes; every rank raises what the write raised, so none is left waiting in
+    the next step's collectives."""
+    weights, optim = get_state_dict(state.model, state.optimizer, options=TO_SAVE)
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        flat_optim = {f"{name}/{key}": value for name, entry in optim["state"].items() for key, value in entry.items()}
+        rng_tensors, rng_json = rng_state(device)
+        trainer = {"step": state.step, "data": state.batches.state_dict(), "skipped_steps": state.skipped,
+                   "tokens": state.tokens, "scaler": state.scaler.state_dict(), "rng": rng_json}
+        try:
+            checkpoint.save(run_dir / "checkpoints", state.step, model=weights, optimizer=flat_optim, rng=rng_tensors,
+                            trainer=trainer, recipe=recipe_record(recipe), keep=recipe.train.keep_checkpoints)
+        except UserError as e:
+            error = e
+    if dist.is_initialized():
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0)
+        error = outcome[0]
+    if error:
+        raise error
+
+
+def restore(ckpt: dict, state: TrainState) -> None:
+    """Load a checkpoint into ``state``: weights, and unless it is weights-only (e.g. an imported model, which
+    starts a fresh run from its weights) the optimizer, RNG, loss scaler, data position and counters."""
+    try:
+        if ckpt["trainer"] is None:
+            set_model_state_dict(state.model, ckpt["model"], options=TO_LOAD)
+            return
+        optim = get_optimizer_state_dict(state.model, state.optimizer, options=TO_LOAD)  # this recipe's groups
+        optim["state"] = {}
+        for key, value in ckpt["optimizer"].items():
+            name, _, field = key.rpartition("/")
+            optim["state"].setdefault(name, {})[field] = value
+        set_state_dict(state.model, state.optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim,
+                       options=TO_LOAD)
+    except (RuntimeError, KeyError, ValueError) as e:
+        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])  # the cause, not every key
+        raise UserError(f"{ckpt['path']}: does not fit this model: {reason}") from None
+    trainer = ckpt["trainer"]
+    set_rng_state(ckpt["rng"], trainer["rng"])
+    if trainer["scaler"]:  # empty when saved without fp16
+        state.scaler.load_state_dict(trainer["scaler"])
+    state.batches.load_state_dict(trainer["data"])
+    state.step, state.skipped, state.tokens = trainer["step"], trainer["skipped_steps"], trainer["tokens"]
