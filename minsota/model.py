@@ -189,7 +189,7 @@ def build_model(recipe: Recipe, device: str | torch.device | None = None) -> Dec
     with torch.device(device or "cpu"):
         positionals = {}  # one module per distinct positional spec (and layer, for factories that take it)
 
-        def positional(part: LayerComponent, layer: int):
+        def positional(part: LayerComponent, layer: int | None):
             factory = loaded.registry("positional").get(component(part.spec)[0])
             key = (canonical(part.spec), layer if takes_layer(factory) else None)
             if key not in positionals:
