@@ -226,14 +226,15 @@ def _gemma_from_hf(c: dict, family: str) -> dict:
     top = types["full_attention"]
     norm = {"name": "rmsnorm", "eps": c["rms_norm_eps"], "offset": 1.0}
     return {"dim": c["hidden_size"], "n_layers": c["num_hidden_layers"], "n_heads": heads,
-            "n_kv_heads": c.get("num_key_value_heads") or heads, "head_dim": c["head_dim"], "vocab_size": c["vocab_size"],
-            "ffn_dim": c["intermediate_size"], "max_seq_len": c["max_position_embeddings"], "norm": norm,
+            "n_kv_heads": c.get("num_key_value_heads") or heads, "head_dim": c["head_dim"],
+            "vocab_size": c["vocab_size"], "ffn_dim": c["intermediate_size"], "max_seq_len": c["max_position_embeddings"], "norm": norm,
             "positional": top["positional"], "attention": top["attention"],
             "feedforward": {"name": "geglu", "approximate": "tanh"}, "block": "sandwich",
             "tie_embeddings": c.get("tie_word_embeddings", True), "init_std": c.get("initializer_range", 0.02),
             "embed_scale": c["hidden_size"] ** 0.5, "logit_softcap": float(c.get("final_logit_softcapping") or 0.0),
             "layer_pattern": [HF_LAYER_TYPES[t] for t in pattern],
-            "layer_types": {HF_LAYER_TYPES[t]: {k: v for k, v in types[t].items() if v != top[k]} for t in set(pattern)}}
+            "layer_types": {HF_LAYER_TYPES[t]: {k: v for k, v in types[t].items() if v != top[k]}
+                            for t in dict.fromkeys(pattern)}}
 
 
 def _hf_directory(path) -> Path:
@@ -438,18 +439,19 @@ def _gemma_config_to_hf(cfg: ModelConfig, specs: list[dict], family: str, ffn_di
     ropes = {kind: _rope_to_hf(spec["positional"], family) for kind, spec in of_kind.items()}
     scalar = (attention["scale"] or cfg.head_dim**-0.5) ** -2  # scale = query_pre_attn_scalar^-0.5, an integer
     _refuse(abs(scalar - round(scalar)) > 1e-6 * scalar, family, f"attention scale^-2 = {scalar} is not an integer")
-    config = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
-              "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "hidden_size": cfg.dim,
-              "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-              "head_dim": cfg.head_dim, "intermediate_size": ffn_dim, "max_position_embeddings": cfg.max_seq_len,
+    config = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "initializer_range": cfg.init_std, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+              "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+              "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": ffn_dim, "max_position_embeddings": cfg.max_seq_len,
               "rms_norm_eps": norm["eps"], "hidden_activation": "gelu_pytorch_tanh", "layer_types": kinds,
               "sliding_window": attentions.get("sliding_attention", {}).get("window") or None,
               "query_pre_attn_scalar": round(scalar),
-              "attn_logit_softcapping": attention["softcap"] or None, "final_logit_softcapping": cfg.logit_softcap or None}
+              "attn_logit_softcapping": attention["softcap"] or None,
+              "final_logit_softcapping": cfg.logit_softcap or None}
     if family == "gemma2":
         return {**config, **next(iter(ropes.values()))}
-    config["rope_parameters"] = {kind: {"rope_type": "default", "rope_theta": rope["rope_theta"], **(rope["rope_scaling"] or {})}
-                                 for kind, rope in ropes.items()}
+    config["rope_parameters"] = {kind: {"rope_type": "default", "rope_theta": rope["rope_theta"],
+                                        **(rope["rope_scaling"] or {})} for kind, rope in ropes.items()}
     return config
 
 

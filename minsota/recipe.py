@@ -442,7 +442,8 @@ def _validate_layers(recipe: Recipe, registries: Mapping[str, Registry]) -> None
     registered components only."""
     m = recipe.model
     if not all(isinstance(name, str) for name in m.layer_pattern):
-        raise UserError(f"{recipe.where('model.layer_pattern')}: model.layer_pattern must be a list of layer type names")
+        raise UserError(f"{recipe.where('model.layer_pattern')}: model.layer_pattern must be a list of layer "
+                        f"type names")
     if m.layer_pattern and not m.layer_types:
         raise UserError(f"{recipe.where('model.layer_pattern')}: model.layer_pattern needs its types defined as "
                         f"tables ([model.layer_types.NAME]; an empty table is a valid type)")

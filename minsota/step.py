@@ -35,7 +35,8 @@ def train_step(state: TrainState, loss_fn, lr: float, *, device: torch.device, a
     """Run one optimizer step on ``accum`` micro-batches drawn from ``state.batches``.
 
     ``loss_fn`` computes a micro-batch's loss terms (``model.losses``, its DDP wrapper ``loss_module``, or either
-    compiled): the objective is ``loss`` plus ``aux_loss`` when components contribute auxiliary terms; ``grad_clip`` 0 clips nothing; ``document`` passes document ids (document packing);
+    compiled): the objective is ``loss`` plus ``aux_loss`` when components contribute auxiliary terms;
+    ``grad_clip`` 0 clips nothing; ``document`` passes document ids (document packing);
     ``autocast`` is the precision context (none: fp32); ``stop_requested()`` is asked once the micro-batches are done (a signal received during the step counts).
     """
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
