@@ -9,6 +9,7 @@ and injected into the block topology (torchtune style), so `forward` is plain te
 import functools
 import inspect
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -150,6 +151,23 @@ def _module_flops(module: nn.Module, seq_len: int, seen: set) -> float:
     return flops + sum(_module_flops(child, seq_len, seen) for child in module.children())
 
 
+class Spec(NamedTuple):
+    """What the recipe asked a component to be, recorded on the module built (``module.spec``): its registry
+    name, the model config and its options as written. Parity references (`minsota.reference`) restate the math
+    from these, never from values the module computed, so a module that ignores an option disagrees."""
+
+    name: str
+    cfg: ModelConfig
+    options: dict
+
+
+def build_component(factory, name: str, options: dict, cfg: ModelConfig, *args, **kwargs) -> nn.Module:
+    """``factory(*args, **kwargs, **options)`` with its `Spec` recorded."""
+    module = factory(*args, **kwargs, **options)
+    module.spec = Spec(name, cfg, dict(options))
+    return module
+
+
 @functools.cache
 def takes_layer(factory) -> bool:
     """Whether a factory names a ``layer`` parameter (it then gets the 0-based layer index); inspected once."""
@@ -169,7 +187,7 @@ def _build_component(recipe: Recipe, loaded: LoadedPlugins, kind: str, part: Lay
     if takes_layer(factory):
         kwargs["layer"] = layer
     try:
-        return factory(*args, **kwargs, **options)
+        return build_component(factory, name, options, recipe.model, *args, **kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"{recipe.where(part.key)}: {part.key} = '{name}': {e}") from e
 
