@@ -1,6 +1,6 @@
 """Train step: tokens/s, MFU and peak memory of a whole step, minsota against Hugging Face Llama, in one run.
 
-A step is `minsota.step.train_step`, the one the trainer runs: forward and loss (`Decoder.loss`, its fused
+A step is `minsota.step.train_step`, the one the trainer runs: forward and loss (`Decoder.losses`, its fused
 linear + cross-entropy), backward, gradient clipping, the finiteness check, the trainer's own optimizer
 (`minsota.optim.build_optimizer`: fused AdamW over its parameter groups), zero_grad.
 The peer is transformers' `LlamaForCausalLM` (attn_implementation="sdpa") holding the same weights (exported
@@ -16,6 +16,9 @@ allocation within a step, from the profiler's allocation events.
 Sizes: CPU fp32 sota-2024 shrunk to vocab 32000, dim 384, 6 layers, 6 heads / 2 KV, batch 8 x 256 (the
 issue's targets are set there); CUDA sota-2024 itself (~124M parameters) in bf16, batch 16 x 1024; --smoke:
 vocab 512, dim 64, 2 layers, batch 2 x 32.
+
+A layered case runs beside it: gemma-3-1b's layout (local/global layers, QK-norm, sandwich norms, GeGLU) at
+the same sizes, against transformers' Gemma3ForCausalLM. Compiled, two more steps must not recompile.
 """
 
 import itertools
@@ -36,13 +39,13 @@ from minsota.loader import load_recipe
 from minsota.model import build_model
 from minsota.optim import build_optimizer, build_scaler
 from minsota.runtime import peak_flops
-from minsota.state import DOCUMENT_IDS, HIDDEN, POSITIONS
+from minsota.state import DOCUMENT_IDS, EMBEDDINGS, HIDDEN, POSITIONS
 from minsota.step import train_step
 from minsota.train_state import TrainState
 
 from harness import TOLERANCE, Setting, interleaved, parity
 
-SIZES = {  # sota-2024 overrides
+SIZES = {  # recipe overrides
     "smoke": {"model.vocab_size": 512, "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
               "model.n_kv_heads": 2, "model.max_seq_len": 32, "train.seq_len": 32, "train.micro_batch_size": 2},
     "cpu": {"model.vocab_size": 32000, "model.dim": 384, "model.n_layers": 6, "model.n_heads": 6,
@@ -53,7 +56,7 @@ SIZES = {  # sota-2024 overrides
 
 def plain_state(hidden, positions, document_ids=None):
     """The block state as a plain dict of tensors: what the TensorDict is measured against."""
-    state = {HIDDEN: hidden, POSITIONS: positions}
+    state = {HIDDEN: hidden, EMBEDDINGS: hidden, POSITIONS: positions}
     if document_ids is not None:
         state[DOCUMENT_IDS] = document_ids
     return state
@@ -108,14 +111,33 @@ def peak_bytes(trainee: Trainee, batch) -> int:
     return live + highest
 
 
-@pytest.fixture
-def models(setting, tmp_path):
-    """(recipe, minsota Decoder, HF LlamaForCausalLM with the same weights, a batch), fresh for each case."""
-    recipe = load_recipe("sota-2024", SIZES[setting.size_key])
+RECIPES = ["sota-2024", "gemma-3-1b"]
+
+
+def layered(recipe_name: str, overrides: dict) -> dict:
+    """``overrides`` for the layered recipe (Gemma 3's layout: 5 local : 1 global, a RoPE θ each): head_dim from
+    the shape, Gemma's 6·dim feed-forward, the window a quarter of the sequence, the √dim embedding scale
+    Gemma's HF class computes; with fewer than 6 layers (smoke) local and global alternate, so that a global
+    layer is among them."""
+    if recipe_name == "sota-2024":
+        return overrides
+    dim, seq_len = overrides.get("model.dim", 768), overrides.get("train.seq_len", 1024)
+    if overrides.get("model.n_layers", 6) < 6:
+        overrides = {**overrides, "model.layer_pattern": ["local", "global"]}
+    return {**overrides, "model.head_dim": dim // overrides.get("model.n_heads", 12), "model.ffn_dim": 6 * dim,
+            "model.layer_types.local.attention.window": seq_len // 4, "model.embed_scale": dim**0.5,
+            "model.max_seq_len": seq_len}
+
+
+@pytest.fixture(params=RECIPES)
+def models(request, setting, tmp_path):
+    """(recipe, minsota Decoder, the HF model with the same weights, a batch), fresh for each case: Llama for
+    sota-2024, Gemma 3 for the layered gemma-3-1b."""
+    recipe = load_recipe(request.param, layered(request.param, SIZES[setting.size_key]))
     torch.manual_seed(0)
     model = build_model(recipe)  # built and exported on the CPU, then both moved
     transformers.utils.logging.disable_progress_bar()
-    hf = transformers.LlamaForCausalLM.from_pretrained(save_hf(model, tmp_path), attn_implementation="sdpa")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, tmp_path), attn_implementation="sdpa")
     model, hf = model.to(setting.device), hf.to(setting.device)
     B, T = recipe.train.micro_batch_size, recipe.train.seq_len
     tokens = torch.randint(0, recipe.model.vocab_size, (B, T + 1), device=setting.device)
@@ -126,8 +148,9 @@ def models(setting, tmp_path):
 
 
 def hf_loss(hf):
+    """HF's loss, as the terms `Decoder.losses` returns (`train_step` takes those)."""
     def loss(tokens, targets, positions, document_ids=None):  # targets are next tokens: HF must not shift them
-        return hf(input_ids=tokens, labels=targets, shift_labels=targets, position_ids=positions).loss
+        return {"loss": hf(input_ids=tokens, labels=targets, shift_labels=targets, position_ids=positions).loss}
     return loss
 
 
@@ -143,16 +166,16 @@ def on_plain_state(loss_fn):
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_train_step(benchmark, record, setting, models, mode):
     recipe, model, hf, batch = models
-    ours, theirs = Trainee.build(model, model.loss, recipe, setting), Trainee.build(hf, hf_loss(hf), recipe, setting)
+    ours, theirs = Trainee.build(model, model.losses, recipe, setting), Trainee.build(hf, hf_loss(hf), recipe, setting)
     peers = {"hf_eager": theirs}
     if mode == "compile":
-        ours = replace(ours, loss_fn=torch.compile(model.loss, fullgraph=True))  # a graph break fails here
+        ours = replace(ours, loss_fn=torch.compile(model.losses, fullgraph=True))  # a graph break fails here
         peers["hf_compile"] = replace(theirs, loss_fn=hf_loss(torch.compile(hf)))
     peers["plain_state"] = replace(ours, loss_fn=on_plain_state(ours.loss_fn))
     with setting.autocast():  # with autograd on, as in a step: the graph compiled here is the one timed
         inputs = batch["tokens"], batch["targets"], batch["positions"]
-        figures = parity(ours.loss_fn(*inputs), peers["hf_eager"].loss_fn(*inputs), TOLERANCE[setting.dtype],
-                         f"first loss ({mode}) vs HF")
+        figures = parity(ours.loss_fn(*inputs)["loss"], peers["hf_eager"].loss_fn(*inputs)["loss"],
+                         TOLERANCE[setting.dtype], f"first loss ({mode}) vs HF")
     rates = []
 
     def measure_matmul():  # the trainer's MFU denominator, uncached: re-measured in every round
@@ -169,4 +192,8 @@ def test_train_step(benchmark, record, setting, models, mode):
                     "mfu": flops / seconds / statistics.median(rates), "matmul_gflops": statistics.median(rates) / 1e9,
                     "td_overhead": 1 / timing["plain_state"] - 1,
                     **{f"vs_{name}": timing[name] for name in peers if name.startswith("hf_")}}
+    if mode == "compile":  # the next steps reuse the graph: nothing in a step changes a guard
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            ours.step(batch)
+            ours.step(batch)
     record(**figures)

@@ -77,13 +77,17 @@ def cmd_list(args):
 
 
 def cmd_show(args):
+    from minsota.compare import format_layout
     from minsota.loader import recipe_record
     from minsota.memory import summary
     from minsota.model import model_size
 
     recipe = _recipe(args)
     params, flops = model_size(recipe)  # on "meta": 7B recipes show in a second
-    print(json.dumps(recipe_record(recipe), indent=2))
+    resolved = recipe_record(recipe)
+    del resolved["layers"]  # as the layout below, one line per distinct layer
+    print(json.dumps(resolved, indent=2))
+    print("layout:", *format_layout(recipe), sep="\n  ")
     print(f"parameters: {params:,}")
     print(f"FLOPs/token: {flops:.4g} (training, seq_len {recipe.train.seq_len})")
     print(f"memory: {summary(recipe)}")

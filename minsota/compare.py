@@ -32,7 +32,7 @@ from minsota import checkpoint
 from minsota.errors import DivergedError, UserError
 from minsota.loader import load_recipe
 from minsota.model import model_size
-from minsota.recipe import COMPONENT_KEYS, SECTIONS, Recipe, component
+from minsota.recipe import COMPONENT_KEYS, LAYER_TABLES, SECTIONS, Recipe, canonical, component, layer_specs
 from minsota.stats import mean_std, paired_difference
 
 TRAIN_TAIL = 0.1  # final train loss = mean over the last 10% of steps: one batch's loss is too noisy to rank by
@@ -352,18 +352,69 @@ def compare(specs: list[str], steps: int | None = None, seeds: int = 1, override
 
 
 def _flatten(recipe: Recipe) -> dict:
-    """Dotted keys -> values; a component becomes ``model.KEY`` (its name) plus ``model.KEY.OPTION`` per option."""
+    """Dotted keys -> values; a component becomes ``model.KEY`` (its name) plus ``model.KEY.OPTION`` per option,
+    also inside layer tables (``model.layer_types.local.attention.window``)."""
     data = recipe.to_dict()
     flat = {"plugins": data["plugins"]}
+
+    def add_component(prefix: str, value):
+        name, options = component(value)
+        flat[prefix] = name
+        flat.update({f"{prefix}.{option}": v for option, v in options.items()})
+
     for section in SECTIONS:
         for key, value in data[section].items():
             if section == "model" and key in COMPONENT_KEYS:
-                name, options = component(value)
-                flat[f"model.{key}"] = name
-                flat.update({f"model.{key}.{option}": v for option, v in options.items()})
+                add_component(f"model.{key}", value)
+            elif section == "model" and key in LAYER_TABLES:
+                for name, table in value.items():
+                    flat[f"model.{key}.{name}"] = "table"  # it exists (it may be empty)
+                    for kind, spec in table.items():
+                        add_component(f"model.{key}.{name}.{kind}", spec)
             else:
                 flat[f"{section}.{key}"] = value
     return flat
+
+
+def _ranges(indices: list[int]) -> str:
+    """0, 2, 4, 6 -> "0-6 step 2"; 0, 1, 2, 4 -> "0-2, 4"."""
+    if len(indices) > 2 and len({b - a for a, b in itertools.pairwise(indices)}) == 1 and indices[1] - indices[0] > 1:
+        return f"{indices[0]}-{indices[-1]} step {indices[1] - indices[0]}"
+    runs = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _inline(spec) -> str:
+    """A component spec as TOML writes it: "sdpa" or {name = "sdpa", window = 512}."""
+    if isinstance(spec, str):
+        return json.dumps(spec)
+    return "{" + ", ".join(f"{k} = {_inline(v) if isinstance(v, (str, dict)) else json.dumps(v)}"
+                           for k, v in spec.items()) + "}"
+
+
+def format_layout(recipe: Recipe) -> list[str]:
+    """The resolved layer layout, one line per distinct layer spec with its layer indices; only the components
+    that differ between the lines are shown (all alike: one line)."""
+    specs = layer_specs(recipe.model)
+    keys = [{kind: canonical(spec) for kind, spec in layer.items()} for layer in specs]
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(json.dumps(key, sort_keys=True), []).append(i)
+    if len(groups) == 1:
+        return [f"layers {_ranges(list(range(len(specs))))}: all alike"]
+    varying = [kind for kind in COMPONENT_KEYS if len({key[kind] for key in keys}) > 1]
+    lines = []
+    for indices in groups.values():
+        spec = specs[indices[0]]
+        parts = "  ".join(f"{kind} = {_inline(spec[kind])}" for kind in varying)
+        lines.append(f"layer {indices[0]}: {parts}" if len(indices) == 1 else
+                     f"layers {_ranges(indices)} ({len(indices)}): {parts}")
+    return lines
 
 
 def recipe_diff(a: Recipe, b: Recipe) -> list[tuple[str, object, object]]:
@@ -374,7 +425,8 @@ def recipe_diff(a: Recipe, b: Recipe) -> list[tuple[str, object, object]]:
 
 
 def _is_component(key: str) -> bool:
-    return key.startswith("model.") and key.split(".")[1] in COMPONENT_KEYS
+    parts = key.split(".")
+    return parts[0] == "model" and (parts[1] in COMPONENT_KEYS or parts[1] in LAYER_TABLES)
 
 
 def format_diff(a: Recipe, b: Recipe) -> str:
@@ -388,4 +440,8 @@ def format_diff(a: Recipe, b: Recipe) -> str:
         rows += [(title, "", ""), *group] if group else []
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    layout_a, layout_b = format_layout(a), format_layout(b)
+    if layout_a != layout_b:  # the layers that result from the keys above
+        lines += ["layout", f"  {a.name}:", *(f"    {line}" for line in layout_a),
+                  f"  {b.name}:", *(f"    {line}" for line in layout_b)]
     return "\n".join(lines + ([] if differences else ["the resolved recipes are identical"]))

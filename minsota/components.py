@@ -6,7 +6,8 @@ torchtune's ``modules/`` never imports its ``models/``. The hooks that register 
 
   PositionalEncoding   what a positional encoding may change: the embeddings, q and k, the scores' bias
   Attention            the shared projections (fused ``wqkv``, ``wo``), QK-norm and positional encoding;
-                       a kernel subclasses it and supplies ``attend``
+                       a kernel subclasses it and supplies ``attend``; it counts its own FLOPs
+                       (``flops_per_token``, with `attention_flops` for the scores and values)
   KVCache              the cache protocol of cached decoding: while an attention module's ``kv_cache`` is
                        set, its forward appends the new keys and values (``update``) and attends over all
 """
@@ -66,14 +67,17 @@ class Attention(nn.Module):
     kv_cache = None  # a KVCache, only while generating (minsota.generation)
 
     def __init__(self, cfg, positional, *, norm, bias: bool = False, qk_norm: str = "none", window: int = 0,
-                 softcap: float = 0.0):
+                 softcap: float = 0.0, scale: float | None = None):
         super().__init__()
         if qk_norm not in ("none", "head", "full"):
             raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {qk_norm!r}")
         if window < 0 or softcap < 0:
             raise ValueError("window and softcap must be >= 0")
+        if scale is not None and scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qk_norm, self.window, self.softcap = qk_norm, window, softcap
+        self.scale = None if scale is None else float(scale)  # scores q·k·scale; None: the kernels' own 1/sqrt(hd)
         self.wqkv = nn.Linear(cfg.dim, (H + 2 * KV) * hd, bias=bias)
         self.wo = nn.Linear(H * hd, cfg.dim, bias=bias)
         # the features one norm sees: a head, or the whole projection ("full"); (B, T, groups, width) views
@@ -95,3 +99,17 @@ class Attention(nn.Module):
             k, v, positions = self.kv_cache.update(k, v, positions)
         y = self.attend(q, k, v, positions, document_ids)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, D)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: the projections (2 per weight) and the scores and values over the keys this
+        layer sees (its own window)."""
+        weights = self.wqkv.weight.numel() + self.wo.weight.numel()
+        return 2 * weights + attention_flops(self.n_heads, self.head_dim, seq_len, self.window)
+
+
+def attention_flops(n_heads: int, head_dim: int, seq_len: int, window: int = 0) -> float:
+    """Forward FLOPs per token of causal attention's scores and values: 4·hd per visible key and query head, with
+    T/2 keys on average when causal and W − W²/2T under a sliding window of W."""
+    window = min(window or seq_len, seq_len)
+    keys = window - window * window / (2 * seq_len)  # mean over queries of min(i, W) keys, i = 1..T
+    return 4 * n_heads * head_dim * keys

@@ -61,7 +61,7 @@ class LossAsForward(nn.Module):
         self.model = model
 
     def forward(self, *args):
-        return self.model.loss(*args)
+        return self.model.losses(*args)
 
 
 def build_device(parallelism: str) -> torch.device:
@@ -73,7 +73,7 @@ def build_device(parallelism: str) -> torch.device:
 
 
 def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None, device: torch.device):
-    """The module or function computing the training loss: `model.loss` itself, through DDP, or on a model
+    """The module or function computing the training loss: `model.losses` itself, through DDP, or on a model
     sharded by FSDP2 (Zhao et al. 2023, arXiv:2304.11277; weights gathered per unit for compute).
 
     Under FSDP2 rank 0 alone built the weights (its own RNG, as one process would: the same model at every
@@ -86,7 +86,7 @@ def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None, d
     """
     if not dist.is_initialized() or parallelism == "ddp":
         model.to(device)  # from the CPU it was built on (`build_device`)
-        return DistributedDataParallel(LossAsForward(model)) if dist.is_initialized() else model.loss
+        return DistributedDataParallel(LossAsForward(model)) if dist.is_initialized() else model.losses
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's full tensors, before they are sharded
     for layer in model.layers:
@@ -95,8 +95,8 @@ def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None, d
                 fully_shard(component, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     _materialise(model, full, device)
-    register_fsdp_forward_method(model, "loss")  # gather the embeddings and head around loss() as around forward
-    return model.loss
+    register_fsdp_forward_method(model, "losses")  # gather the embeddings and head around it as around forward
+    return model.losses
 
 
 def _materialise(model: nn.Module, full: dict, device: torch.device) -> None:

@@ -1,4 +1,5 @@
-"""Hugging Face import and export for the Llama, Mistral (sliding window), OLMo 2 and GPT-2 families.
+"""Hugging Face import and export for the Llama, Mistral (sliding window), OLMo 2, GPT-2, Gemma 2 and Gemma 3
+(text) families.
 
 `load_hf(dir) -> Decoder` reads ``config.json`` and the safetensors weights of a `save_pretrained` directory
 and maps them onto a minsota recipe; `save_hf(decoder, dir)` writes one that
@@ -11,9 +12,16 @@ Two layout differences are reconciled here, in the converter, and nowhere else:
   gains) maps one layout onto the other: the permutation HF's own convert_llama_weights_to_hf applies.
 - minsota fuses q/k/v into ``wqkv`` and gate/up into ``w13``; GPT-2's Conv1D stores weights transposed.
 Both are described once, as `Rule`s, and applied in either direction.
+
+Gemma's layers differ (sliding-window "local" and full "global" attention; Gemma 3: a RoPE θ of each) and map
+onto ``layer_pattern`` / ``layer_types``; every other Gemma trait is an option of a built-in component: the
+sandwich block, (1 + w) RMSNorm (``offset = 1.0``), tanh-GeGLU, ``embed_scale`` √dim, attention ``scale``
+(query_pre_attn_scalar^-0.5), ``softcap`` (the `math` kernel) and ``logit_softcap``, QK-norm per head. Export
+and family detection read every layer's resolved spec (`Decoder.specs`), never one layer as if for all.
 """
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +36,21 @@ from minsota.errors import UserError
 from minsota.inference import load_run
 from minsota.loader import recipe_from_dict, recipe_record
 from minsota.model import Decoder, build_model
-from minsota.recipe import ModelConfig, Recipe, TrainConfig, component
+from minsota.recipe import ModelConfig, Recipe, TrainConfig, component, layer_specs
 
 ROTARY_FAMILIES = ("llama", "mistral", "olmo2")
+GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
-BASE_PREFIXES = {"llama": "model.", "mistral": "model.", "olmo2": "model.", "gpt2": "transformer."}  # base_model_prefix
+                 "gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+BASE_PREFIXES = {"llama": "model.", "mistral": "model.", "olmo2": "model.", "gpt2": "transformer.",
+                 "gemma2": "model.", "gemma3_text": "model."}  # base_model_prefix
+SANDWICH_NORMS = {"attention_norm": "input_layernorm", "attention_out_norm": "post_attention_layernorm",
+                  "ffn_norm": "pre_feedforward_layernorm", "ffn_out_norm": "post_feedforward_layernorm"}
+NORM_NAMES = {  # a block's norms -> HF's, per family
+    "llama": {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+    "olmo2": {"attention_out_norm": "post_attention_layernorm", "ffn_out_norm": "post_feedforward_layernorm"},
+    "gemma2": SANDWICH_NORMS, "gemma3_text": SANDWICH_NORMS}
+HF_LAYER_TYPES = {"sliding_attention": "local", "full_attention": "global"}  # Gemma's layer_types -> ours
 ROPE_SCALINGS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                  "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                           "attention_factor", "truncate")}
@@ -74,10 +91,9 @@ class Rule:
         return {name: (p.T if self.transpose else p).contiguous() for name, p in zip(self.theirs, parts)}
 
 
-def _rules(cfg: ModelConfig, family: str, ffn_dim: int) -> list[Rule]:
-    """Every tensor of a decoder of this family, minsota name <- HF names."""
+def _rules(cfg: ModelConfig, specs: list[dict], family: str, ffn_dim: int) -> list[Rule]:
+    """Every tensor of a decoder of this family, minsota name <- HF names (``specs``: each layer's components)."""
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    attention = dict(component(cfg.attention)[1])
     if family == "gpt2":
         rules = [Rule("tok_embeddings.weight", ("transformer.wte.weight",)),
                  Rule("positional.wpe.weight", ("transformer.wpe.weight",)),
@@ -92,11 +108,10 @@ def _rules(cfg: ModelConfig, family: str, ffn_dim: int) -> list[Rule]:
     else:
         rules = [Rule("tok_embeddings.weight", ("model.embed_tokens.weight",)),
                  Rule("norm.weight", ("model.norm.weight",))]
-        norms = ({"attention_out_norm": "post_attention_layernorm", "ffn_out_norm": "post_feedforward_layernorm"}
-                 if family == "olmo2" else {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"})
-        kinds = ("weight", "bias") if attention.get("bias") else ("weight",)
-        for i in range(cfg.n_layers):
+        norms = NORM_NAMES.get(family, NORM_NAMES["llama"])
+        for i, spec in enumerate(specs):
             ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+            kinds = ("weight", "bias") if component(spec["attention"])[1].get("bias") else ("weight",)
             rules += [Rule(f"{ours}attention.wqkv.{kind}", tuple(f"{theirs}self_attn.{x}_proj.{kind}" for x in "qkv"),
                            (H * hd, KV * hd, KV * hd), (H, KV, 0)) for kind in kinds]
             rules += [Rule(f"{ours}attention.wo.{kind}", (f"{theirs}self_attn.o_proj.{kind}",)) for kind in kinds]
@@ -104,9 +119,11 @@ def _rules(cfg: ModelConfig, family: str, ffn_dim: int) -> list[Rule]:
                            (f"{theirs}mlp.gate_proj.weight", f"{theirs}mlp.up_proj.weight"), (ffn_dim, ffn_dim)),
                       Rule(f"{ours}feed_forward.w2.weight", (f"{theirs}mlp.down_proj.weight",))]
             rules += [Rule(f"{ours}{mine}.weight", (f"{theirs}{hf_name}.weight",)) for mine, hf_name in norms.items()]
-            if family == "olmo2":  # QK-norm over the whole projections: gains follow their rows
+            # QK-norm gains follow their rows: over the whole projections (OLMo 2) or one head's (Gemma 3)
+            qk_heads = {"olmo2": (H, KV), "gemma3_text": (1, 1)}.get(family)
+            if qk_heads:
                 rules += [Rule(f"{ours}attention.{x}_norm.weight", (f"{theirs}self_attn.{x}_norm.weight",), heads=(h,))
-                          for x, h in (("q", H), ("k", KV))]
+                          for x, h in zip("qk", qk_heads)]
     if not cfg.tie_embeddings:
         rules.append(Rule("output.weight", ("lm_head.weight",)))
     return rules
@@ -154,6 +171,8 @@ def _model_from_hf(c: dict) -> dict:
                 "positional": "learned", "attention": {"name": "sdpa", "bias": True},
                 "feedforward": {"name": "mlp", "approximate": gelu, "bias": True}, "block": "prenorm",
                 "tie_embeddings": c.get("tie_word_embeddings", True), "init_std": c.get("initializer_range", 0.02)}
+    if family in GEMMA_FAMILIES:
+        return _gemma_from_hf(c, family)
     if family not in ROTARY_FAMILIES:
         raise UserError(f"config.json: model_type {family!r} is not supported (one of {', '.join(ARCHITECTURES)})")
     _expect(c, "hidden_act", "silu")
@@ -172,6 +191,50 @@ def _model_from_hf(c: dict) -> dict:
             "norm": {"name": "rmsnorm", "eps": c["rms_norm_eps"]}, "positional": _rope_from_hf(c), "attention": attention,
             "feedforward": "swiglu", "block": {"name": "sandwich", "pre": False} if family == "olmo2" else "prenorm",
             "tie_embeddings": c.get("tie_word_embeddings", False), "init_std": c.get("initializer_range", 0.02)}
+
+
+def _period(items: list) -> list:
+    """The shortest prefix whose repetition is ``items`` (cut at its length): Gemma 3's 5 local : 1 global."""
+    return next(items[:p] for p in range(1, len(items) + 1) if all(x == items[i % p] for i, x in enumerate(items)))
+
+
+def _gemma_from_hf(c: dict, family: str) -> dict:
+    """[model] of a Gemma 2 / Gemma 3 text config: the global layers' components at [model], the local layers'
+    differences in ``layer_types.local``, and HF's ``layer_types`` as the ``layer_pattern`` that cycles to it."""
+    _expect(c, "hidden_activation", "gelu_pytorch_tanh")
+    _expect(c, "attention_bias", False, False)
+    if c.get("use_bidirectional_attention"):
+        raise UserError("config.json: use_bidirectional_attention has no minsota equivalent (it is a decoder)")
+    heads, softcap = c["num_attention_heads"], c.get("attn_logit_softcapping")
+    attention = {"name": "math" if softcap else "sdpa", "scale": c["query_pre_attn_scalar"] ** -0.5}
+    if softcap:
+        attention["softcap"] = float(softcap)
+    if family == "gemma3_text":
+        attention["qk_norm"] = "head"
+    ropes = c.get("rope_parameters") or {}
+    if family == "gemma3_text":  # a RoPE per layer type (local θ 10000, global 1e6 and any scaling)
+        rope = {kind: _rope_from_hf({**c, "rope_parameters": ropes[kind]}) for kind in HF_LAYER_TYPES}
+    else:
+        rope = dict.fromkeys(HF_LAYER_TYPES, _rope_from_hf(c))
+    types = {"full_attention": {"attention": attention, "positional": rope["full_attention"]},
+             "sliding_attention": {"attention": {**attention, "window": c["sliding_window"]},
+                                   "positional": rope["sliding_attention"]}}
+    pattern = _period(list(c["layer_types"]))
+    unknown = set(pattern) - set(HF_LAYER_TYPES)
+    if unknown:
+        raise UserError(f"config.json: layer_types {sorted(unknown)} have no minsota equivalent")
+    top = types["full_attention"]
+    norm = {"name": "rmsnorm", "eps": c["rms_norm_eps"], "offset": 1.0}
+    return {"dim": c["hidden_size"], "n_layers": c["num_hidden_layers"], "n_heads": heads,
+            "n_kv_heads": c.get("num_key_value_heads") or heads, "head_dim": c["head_dim"],
+            "vocab_size": c["vocab_size"], "ffn_dim": c["intermediate_size"], "max_seq_len": c["max_position_embeddings"], "norm": norm,
+            "positional": top["positional"], "attention": top["attention"],
+            "feedforward": {"name": "geglu", "approximate": "tanh"}, "block": "sandwich",
+            "tie_embeddings": c.get("tie_word_embeddings", True), "init_std": c.get("initializer_range", 0.02),
+            "embed_scale": c["hidden_size"] ** 0.5, "logit_softcap": float(c.get("final_logit_softcapping") or 0.0),
+            "layer_pattern": [HF_LAYER_TYPES[t] for t in pattern],
+            "layer_types": {HF_LAYER_TYPES[t]: {k: v for k, v in types[t].items() if v != top[k]}
+                            for t in dict.fromkeys(pattern)}}
 
 
 def _hf_directory(path) -> Path:
@@ -236,9 +299,9 @@ def read_hf(path) -> tuple[Recipe, dict[str, torch.Tensor]]:
         "data": {"tokenizer": str(directory.resolve())} if has_tokenizer else {},  # the checkpoint's own tokenizer
     }, str(directory / "config.json"))
     hf = _with_base_prefix(_read_weights(directory), config["model_type"])
-    ffn_dim = recipe.model.ffn_dim
+    rules = _rules(recipe.model, layer_specs(recipe.model), config["model_type"], recipe.model.ffn_dim)
     try:
-        state = {rule.ours: rule.load(hf) for rule in _rules(recipe.model, config["model_type"], ffn_dim)}
+        state = {rule.ours: rule.load(hf) for rule in rules}
     except KeyError as e:
         raise UserError(f"{directory}: weights lack {e.args[0]} that config.json implies") from None
     if recipe.model.tie_embeddings:
@@ -247,7 +310,7 @@ def read_hf(path) -> tuple[Recipe, dict[str, torch.Tensor]]:
 
 
 def load_hf(path) -> Decoder:
-    """A minsota Decoder with the weights of an HF Llama, Mistral, OLMo 2 or GPT-2 directory."""
+    """A minsota Decoder with the weights of an HF Llama, Mistral, OLMo 2, GPT-2, Gemma 2 or Gemma 3 directory."""
     recipe, state = read_hf(path)
     model = build_model(recipe)
     model.load_state_dict(state, strict=True)
@@ -274,9 +337,10 @@ def import_to_run(hf_dir, run_dir) -> Path:
 # ------------------------------------------------------------------------------------------- export
 
 
-def _options(cfg: ModelConfig, key: str, names: tuple[str, ...], family: str, **allowed) -> dict:
-    """The options of ``model.<key>`` (defaults from ``allowed``), refusing a component or option HF cannot hold."""
-    name, options = component(getattr(cfg, key))
+def _options(spec: dict, key: str, names: tuple[str, ...], family: str, **allowed) -> dict:
+    """The options of a layer's ``key`` component (defaults from ``allowed``), refusing a component or option HF
+    cannot hold."""
+    name, options = component(spec[key])
     if name not in names:
         raise UserError(f"cannot export to Hugging Face {family}: model.{key} = '{name}' (it needs {' or '.join(names)})")
     unknown = [o for o in options if o not in allowed]
@@ -290,9 +354,9 @@ def _refuse(condition: bool, family: str, what: str):
         raise UserError(f"cannot export to Hugging Face {family}: {what}")
 
 
-def _rope_to_hf(cfg: ModelConfig, family: str) -> dict:
+def _rope_to_hf(positional, family: str) -> dict:
     """``rope_theta`` and ``rope_scaling`` config keys (spelt as transformers 4.x wrote them; 5.x reads them too)."""
-    name, options = component(cfg.positional)
+    name, options = component(positional)
     _refuse(name != "rope", family, f"model.positional = '{name}' (it needs rope)")
     options = dict(options)
     theta, scaling = options.pop("theta", 10000.0), options.pop("scaling", None)
@@ -305,16 +369,22 @@ def _rope_to_hf(cfg: ModelConfig, family: str) -> dict:
     return {"rope_theta": theta, "rope_scaling": {"rope_type": "linear", "factor": factor} if factor != 1 else None}
 
 
-def _config_to_hf(cfg: ModelConfig, family: str, ffn_dim: int) -> dict:
-    _refuse(not cfg.final_norm or cfg.logit_softcap, family, "final_norm = false and logit_softcap have no equivalent")
+ATTENTION_OPTIONS = {"bias": False, "qk_norm": "none", "window": 0, "softcap": 0.0, "scale": None}
+
+
+def _config_to_hf(cfg: ModelConfig, spec: dict, family: str, ffn_dim: int) -> dict:
+    """The config of a family whose layers are all alike (``spec``: every layer's components)."""
+    _refuse(not cfg.final_norm or cfg.logit_softcap or cfg.embed_scale != 1, family,
+            "final_norm = false, logit_softcap and embed_scale have no equivalent")
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
               "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    attention = _options(cfg, "attention", ("sdpa", "math"), family, bias=False, qk_norm="none", window=0, softcap=0.0)
-    _refuse(attention["softcap"], family, "attention softcap has no equivalent")
+    attention = _options(spec, "attention", ("sdpa", "math"), family, **ATTENTION_OPTIONS)
+    _refuse(attention["softcap"] or attention["scale"] not in (None, cfg.head_dim**-0.5), family,
+            "attention softcap and scale have no equivalent")
     if family == "gpt2":
-        norm = _options(cfg, "norm", ("layernorm",), family, eps=1e-5, bias=True)
-        ff = _options(cfg, "feedforward", ("mlp",), family, approximate="none", bias=False)
-        _options(cfg, "block", ("prenorm",), family)
+        norm = _options(spec, "norm", ("layernorm",), family, eps=1e-5, bias=True)
+        ff = _options(spec, "feedforward", ("mlp",), family, approximate="none", bias=False)
+        _options(spec, "block", ("prenorm",), family)
         _refuse(not (norm["bias"] and ff["bias"] and attention["bias"]), family, "GPT-2 has biases everywhere")
         _refuse(attention["window"] or attention["qk_norm"] != "none" or cfg.n_kv_heads != cfg.n_heads
                 or cfg.head_dim * cfg.n_heads != cfg.dim, family, "GPT-2 attention is plain multi-head")
@@ -322,9 +392,9 @@ def _config_to_hf(cfg: ModelConfig, family: str, ffn_dim: int) -> dict:
                 "n_positions": cfg.max_seq_len, "layer_norm_epsilon": norm["eps"],
                 "activation_function": "gelu_new" if ff["approximate"] == "tanh" else "gelu",
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-    norm = _options(cfg, "norm", ("rmsnorm",), family, eps=1e-5)
-    _options(cfg, "feedforward", ("swiglu",), family)
-    block = _options(cfg, "block", ("sandwich",) if family == "olmo2" else ("prenorm",), family, pre=True)
+    norm = _options(spec, "norm", ("rmsnorm",), family, eps=1e-5)
+    _options(spec, "feedforward", ("swiglu",), family)
+    block = _options(spec, "block", ("sandwich",) if family == "olmo2" else ("prenorm",), family, pre=True)
     _refuse(family == "olmo2" and block["pre"], family, "OLMo 2 norms only the sublayer outputs (sandwich pre = false)")
     _refuse(attention["qk_norm"] != ("full" if family == "olmo2" else "none"), family,
             f"attention qk_norm = {attention['qk_norm']!r}")
@@ -333,7 +403,7 @@ def _config_to_hf(cfg: ModelConfig, family: str, ffn_dim: int) -> dict:
     _refuse(family == "olmo2" and cfg.head_dim * cfg.n_heads != cfg.dim, family, "OLMo 2 needs head_dim = dim / n_heads")
     config = {**common, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
               "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": ffn_dim, "max_position_embeddings": cfg.max_seq_len,
-              "rms_norm_eps": norm["eps"], "hidden_act": "silu", **_rope_to_hf(cfg, family)}
+              "rms_norm_eps": norm["eps"], "hidden_act": "silu", **_rope_to_hf(spec["positional"], family)}
     if family != "olmo2":
         config["head_dim"] = cfg.head_dim
     if family == "mistral":
@@ -343,33 +413,96 @@ def _config_to_hf(cfg: ModelConfig, family: str, ffn_dim: int) -> dict:
     return config
 
 
-def _family(cfg: ModelConfig) -> str:
-    if component(cfg.positional)[0] == "learned":
+def _gemma_config_to_hf(cfg: ModelConfig, specs: list[dict], family: str, ffn_dim: int) -> dict:
+    """Gemma 2 / 3: each layer is sliding (its attention has a window) or full; what else a layer holds must be
+    the same for all of its kind (Gemma 2: for all layers)."""
+    kinds = ["sliding_attention" if component(s["attention"])[1].get("window") else "full_attention" for s in specs]
+    for key in ("norm", "feedforward", "block", *(("positional",) if family == "gemma2" else ())):
+        _refuse(any(s[key] != specs[0][key] for s in specs), family, f"its layers differ in model.{key}")
+    of_kind = {}
+    for spec, kind in zip(specs, kinds):
+        _refuse(of_kind.setdefault(kind, spec) != spec, family, f"two {kind} layers differ")
+    attentions = {kind: _options(spec, "attention", ("sdpa", "math"), family, **ATTENTION_OPTIONS)
+                  for kind, spec in of_kind.items()}
+    shared = [{k: v for k, v in a.items() if k != "window"} for a in attentions.values()]
+    _refuse(any(a != shared[0] for a in shared), family, "local and global attention differ beyond the window")
+    attention = shared[0]
+    _refuse(attention["bias"] or attention["qk_norm"] != ("head" if family == "gemma3_text" else "none"), family,
+            f"attention bias / qk_norm = {attention['qk_norm']!r}")
+    norm = _options(specs[0], "norm", ("rmsnorm",), family, eps=1e-6, offset=0.0)
+    ff = _options(specs[0], "feedforward", ("geglu",), family, approximate="none")
+    block = _options(specs[0], "block", ("sandwich",), family, pre=True)
+    _refuse(norm["offset"] != 1 or ff["approximate"] != "tanh" or not block["pre"], family,
+            "Gemma has (1 + w) RMSNorm (offset = 1.0), tanh-GeGLU and sandwich norms")
+    _refuse(not cfg.final_norm or not math.isclose(cfg.embed_scale, cfg.dim**0.5, rel_tol=1e-12), family,
+            "it needs the final norm and embed_scale √dim")
+    ropes = {kind: _rope_to_hf(spec["positional"], family) for kind, spec in of_kind.items()}
+    scalar = (attention["scale"] or cfg.head_dim**-0.5) ** -2  # scale = query_pre_attn_scalar^-0.5, an integer
+    _refuse(abs(scalar - round(scalar)) > 1e-6 * scalar, family, f"attention scale^-2 = {scalar} is not an integer")
+    config = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "initializer_range": cfg.init_std, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+              "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+              "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": ffn_dim, "max_position_embeddings": cfg.max_seq_len,
+              "rms_norm_eps": norm["eps"], "hidden_activation": "gelu_pytorch_tanh", "layer_types": kinds,
+              "sliding_window": attentions.get("sliding_attention", {}).get("window") or None,
+              "query_pre_attn_scalar": round(scalar),
+              "attn_logit_softcapping": attention["softcap"] or None,
+              "final_logit_softcapping": cfg.logit_softcap or None}
+    if family == "gemma2":
+        return {**config, **next(iter(ropes.values()))}
+    config["rope_parameters"] = {kind: {"rope_type": "default", "rope_theta": rope["rope_theta"],
+                                        **(rope["rope_scaling"] or {})} for kind, rope in ropes.items()}
+    return config
+
+
+def _layer_family(spec: dict) -> str:
+    """The HF family one layer's components belong to."""
+    if component(spec["positional"])[0] == "learned":
         return "gpt2"
-    if component(cfg.block)[0] == "sandwich":
+    block, options = component(spec["block"])
+    attention = component(spec["attention"])[1]
+    if block == "sandwich" and options.get("pre", True):
+        return "gemma3_text" if attention.get("qk_norm") == "head" else "gemma2"
+    if block == "sandwich":
         return "olmo2"
-    return "mistral" if component(cfg.attention)[1].get("window") else "llama"
+    return "mistral" if attention.get("window") else "llama"
+
+
+def _family(decoder: Decoder) -> str:
+    """The family every layer belongs to; outside Gemma (whose layers differ by design) all layers alike."""
+    families = sorted({_layer_family(spec) for spec in decoder.specs})
+    _refuse(len(families) > 1, " / ".join(families), "its layers belong to different families")
+    family = families[0]
+    _refuse(family not in GEMMA_FAMILIES and any(s != decoder.specs[0] for s in decoder.specs), family,
+            "its layers differ, and this family has one kind of layer")
+    return family
 
 
 def hf_config(decoder: Decoder):
     """The `transformers` config ``decoder`` exports as; UserError naming the recipe key no family can hold."""
     from transformers import AutoConfig
 
-    family = _family(decoder.cfg)
+    family, cfg = _family(decoder), decoder.cfg
+    if family in GEMMA_FAMILIES:
+        config = _gemma_config_to_hf(cfg, decoder.specs, family, _ffn_dim(decoder, family))
+    else:
+        config = _config_to_hf(cfg, decoder.specs[0], family, _ffn_dim(decoder, family))
     return AutoConfig.for_model(family, architectures=[ARCHITECTURES[family]],
-                                dtype=str(decoder.tok_embeddings.weight.dtype).removeprefix("torch."),
-                                **_config_to_hf(decoder.cfg, family, _ffn_dim(decoder)))
+                                dtype=str(decoder.tok_embeddings.weight.dtype).removeprefix("torch."), **config)
 
 
-def _ffn_dim(decoder: Decoder) -> int:
-    return decoder.layers[0].feed_forward.w2.weight.shape[1]  # the built width, whether or not ffn_dim was set
+def _ffn_dim(decoder: Decoder, family: str) -> int:
+    """The built feed-forward width (whether or not ffn_dim was set), the same in every layer: HF has one."""
+    widths = {layer.feed_forward.w2.weight.shape[1] for layer in decoder.layers}
+    _refuse(len(widths) > 1, family, f"its layers' feed-forward widths differ ({sorted(widths)})")
+    return widths.pop()
 
 
 def save_hf(decoder: Decoder, out_dir) -> Path:
     """Write ``decoder`` as an HF directory (config.json + model.safetensors) of the family its recipe matches."""
     config, out_dir = hf_config(decoder), Path(out_dir)
     ours = decoder.state_dict()
-    rules = _rules(decoder.cfg, config.model_type, _ffn_dim(decoder))
+    rules = _rules(decoder.cfg, decoder.specs, config.model_type, _ffn_dim(decoder, config.model_type))
     state = {name: tensor for rule in rules for name, tensor in rule.save(ours[rule.ours]).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out_dir)

@@ -17,6 +17,31 @@ A built module whose class carries a ``reference`` (a plain-tensor restatement; 
 is checked against it by the parity suite, with no test to write. The builder records what the recipe asked
 for on every module it builds (``module.spec``: name, ``cfg``, options as written); a reference restates the
 math from those options, never from values the module computed.
+
+Layers. Components are built once per layer from that layer's resolved spec (`minsota.recipe.resolve_layers`:
+``[model]``, then its ``layer_types`` table, then its ``layer_overrides`` entry). A factory whose signature
+names a ``layer`` parameter is called with ``layer=`` the 0-based index of the layer it is built for (None for
+the decoder's own final norm and token-embedding positional encoding); other factories are called without it.
+
+What any component module may define (the decoder finds them at build time; none is required):
+  ``flops_per_token(seq_len) -> float``   its forward matmul FLOPs per token at that sequence length (a windowed
+      attention counts its window). `Decoder.flops_per_token` sums them per layer; a module without it counts
+      2 per ``nn.Linear`` weight, plus, for an attention that does not count itself, causal scores and values.
+  ``init_weights(std, residual_std)``   initialises the module's own parameters (std = ``model.init_std``,
+      residual_std = std / sqrt(2·n_layers), for projections into the residual stream), called once by the
+      decoder in place of the default rule: normal(std) for matrices, residual_std for those named ``wo``/``w2``,
+      zero biases, other vectors left as the module made them.
+
+Auxiliary losses. A module (norm, attention, feed-forward, block, ...) contributes a named scalar term to the
+training objective by carrying an ``aux_loss_name`` attribute (a class attribute, read at build time) and
+assigning ``self.aux_loss`` a 0-d tensor, already weighted, on every forward call. After the blocks run,
+`Decoder.losses` collects ``aux_loss`` from every module that declared a name (terms of one name, say one per
+MoE layer, are summed). The trainer minimises ``loss + aux_loss``; ``metrics.jsonl`` keeps ``loss`` the LM
+cross-entropy (and ``val_loss``, which has no auxiliary terms), logs ``aux_loss`` (the sum) and each term under
+its name. An attribute rather than a state key because the state's entries all have batch size [B, T], and
+rather than a return value because norms, attentions and feed-forwards stay plain tensor -> tensor modules. It
+compiles with ``fullgraph=True`` (the attribute write is a traced side effect), and it is per micro-batch like
+the LM loss, so gradient accumulation, DDP and FSDP2 average it like the loss.
 """
 
 import pluggy
@@ -34,7 +59,8 @@ def minsota_register_norms():
 def minsota_register_positional_encodings():
     """Positional encodings. ``factory(cfg, **options) -> minsota.components.PositionalEncoding``.
 
-    The module is built once per decoder and shared by every attention layer. It may override
+    One module is built per distinct resolved spec and shared by the layers that have it; the one of
+    ``model.positional`` also embeds the tokens (``embed``). It may override
     ``embed(x, positions)`` (added to token embeddings: learned/absolute), ``rotate(q, k, positions)``
     (q: (B, H, T, hd), k: (B, KV, T, hd); rotary) and ``bias(positions, n_heads)`` (an additive
     (B|1, H, T, T) score bias, e.g. ALiBi). ``positions`` is (B, T) int64: the position of each token
@@ -73,8 +99,10 @@ def minsota_register_blocks():
 
     ``norm()`` returns a fresh norm over cfg.dim (the block decides how many it needs; ``norm(dim)`` over
     another width); ``attention`` and ``feedforward`` are built modules. ``forward(state) -> state`` where
-    state is the `TensorDict` described in `minsota.state`: the block reads ``hidden``, ``positions`` and
-    (if present) ``document_ids``, and writes ``hidden`` once. It never changes the key set.
+    state is the `TensorDict` described in `minsota.state`: the block reads ``hidden``, ``positions``,
+    ``embeddings`` (the first block's input) and (if present) ``document_ids``, and writes ``hidden`` once.
+    It may write further (B, T, ...) keys that later blocks read (value residuals); a key it writes it writes
+    on every call, so the key set is the same every step.
     """
 
 

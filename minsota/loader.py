@@ -63,4 +63,4 @@ def recipe_record(recipe: Recipe) -> dict:
     loaded = load_plugins(recipe.plugins).infos.values()
     return {"name": data["name"], "description": data["description"], "plugins": data["plugins"],
             "loaded_plugins": {i.name: f"{i.distribution} {i.version}".strip() for i in loaded},
-            **{section: data[section] for section in SECTIONS}}
+            **{section: data[section] for section in SECTIONS}, "layers": data["layers"]}

@@ -79,10 +79,10 @@ def _is_norm(module: nn.Module) -> bool:
 def _scores(recipe: Recipe, model: nn.Module, activation_bytes: int) -> int:
     """(B, H, T, T) attention scores and weights, kept for backward by kernels that materialise them."""
     cfg, t = model.cfg, recipe.train
-    dense = component(cfg.attention)[0] == "math" or (recipe.data.packing == "document" and not _cuda(t.device))
-    if not dense:
-        return 0
-    return 2 * cfg.n_layers * t.micro_batch_size * cfg.n_heads * t.seq_len**2 * activation_bytes
+    document = recipe.data.packing == "document" and not _cuda(t.device)
+    # per layer: layers may differ in their attention (model.layer_types)
+    dense = sum(document or component(spec["attention"])[0] == "math" for spec in model.specs)
+    return 2 * dense * t.micro_batch_size * cfg.n_heads * t.seq_len**2 * activation_bytes
 
 
 def _cuda(device: str) -> bool:

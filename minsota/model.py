@@ -6,40 +6,73 @@ and injected into the block topology (torchtune style), so `forward` is plain te
 `layers.N.attention.wqkv`, `feed_forward.w13`, `norm`, `output`) so checkpoint adapters stay short.
 """
 
+import functools
+import inspect
 import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from minsota.components import PositionalEncoding
+from minsota.components import PositionalEncoding, attention_flops
 from minsota.errors import UserError
 from minsota.loss import linear_cross_entropy, softcap
 from minsota.plugins import LoadedPlugins, load_plugins
-from minsota.recipe import ModelConfig, Recipe, component
-from minsota.state import make_state
+from minsota.recipe import LayerComponent, ModelConfig, Recipe, canonical, component, resolve_layers
+from minsota.state import HIDDEN, make_state
 
 RESIDUAL_OUTPUTS = ("wo.weight", "w2.weight")  # scaled init: GPT-2 / Megatron 1/sqrt(2·n_layers)
+RESERVED_METRICS = ("step", "loss", "aux_loss", "val_loss", "lr", "grad_norm", "tokens", "epoch", "tokens_per_s",
+                    "mfu", "skipped")  # metrics.jsonl keys an auxiliary term may not take
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, positional: PositionalEncoding, layers: list[nn.Module], norm: nn.Module):
+    """Embed -> blocks -> final norm -> LM head. ``positional`` is the [model] positional encoding: it embeds
+    the tokens and serves every layer whose resolved positional spec is the same; ``positionals`` holds the
+    other distinct ones (one module per spec). ``specs`` are the resolved per-layer component specs and
+    ``attentions`` each layer's attention module (as built; it lives inside its block)."""
+
+    def __init__(self, cfg: ModelConfig, positional: PositionalEncoding, layers: list[nn.Module], norm: nn.Module,
+                 positionals: list[PositionalEncoding], specs: list[dict], attentions: list[nn.Module]):
         super().__init__()
         self.cfg = cfg
+        self.specs = specs
+        object.__setattr__(self, "attentions", list(attentions))  # not registered twice: the blocks own them
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.positional = positional
+        self.positionals = nn.ModuleList(positionals)  # empty when every layer's is the [model] one
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # found once, here: the modules that contribute auxiliary loss terms (`minsota.hookspecs`, "Auxiliary losses")
+        object.__setattr__(self, "aux_modules", [m for m in self.modules() if getattr(m, "aux_loss_name", None)])
+        for module in self.aux_modules:
+            if module.aux_loss_name in RESERVED_METRICS:
+                raise UserError(f"{type(module).__name__}: aux_loss_name {module.aux_loss_name!r} is taken by a "
+                                f"metric of its own ({', '.join(RESERVED_METRICS)})")
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
+        """A module with ``init_weights(std, residual_std)`` initialises its own parameters; every other one gets
+        normal(0, std), residual output projections (names ending in ``wo.weight``/``w2.weight``) residual_std,
+        biases zero. Parameters are visited in order, so a module's own init runs where its first parameter is."""
         std, residual_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        owners = {}  # parameter -> the outermost module that initialises it
+        for module in self.modules():
+            if hasattr(module, "init_weights"):
+                for p in module.parameters():
+                    owners.setdefault(p, module)
+        done = set()
         for name, p in self.named_parameters():
-            if p.ndim >= 2:
+            owner = owners.get(p)
+            if owner is not None:
+                if owner not in done:
+                    owner.init_weights(std, residual_std)
+                    done.add(owner)
+            elif p.ndim >= 2:
                 nn.init.normal_(p, 0.0, residual_std if name.endswith(RESIDUAL_OUTPUTS) else std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -49,11 +82,14 @@ class Decoder(nn.Module):
         """(B, T) tokens -> (B, T, D) final-normed hidden states."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        hidden = self.positional.embed(self.tok_embeddings(tokens), positions)
+        embeddings = self.tok_embeddings(tokens)
+        if self.cfg.embed_scale != 1:
+            embeddings = embeddings * self.cfg.embed_scale
+        hidden = self.positional.embed(embeddings, positions)
         state = make_state(hidden, positions, document_ids)
         for layer in self.layers:
             state = layer(state)
-        return self.norm(state["hidden"])
+        return self.norm(state[HIDDEN])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) hidden states -> (..., vocab) fp32 logits, soft-capped when the recipe asks."""
@@ -73,21 +109,46 @@ class Decoder(nn.Module):
         return linear_cross_entropy(hidden, self.output.weight, targets.flatten(),
                                     logit_softcap=self.cfg.logit_softcap, z_loss=self.cfg.z_loss)
 
+    def losses(self, tokens, targets, positions=None, document_ids=None) -> dict[str, torch.Tensor]:
+        """What training minimises, by name: ``loss`` (the LM cross-entropy, as `loss`) and, when components
+        contribute auxiliary terms, ``aux_loss`` (their sum, added to the objective) and each term by name
+        (terms of one name, e.g. one per layer, summed). The objective is ``loss + aux_loss``."""
+        losses = {"loss": self.loss(tokens, targets, positions, document_ids)}
+        for module in self.aux_modules:
+            name = module.aux_loss_name
+            losses[name] = losses[name] + module.aux_loss if name in losses else module.aux_loss
+        if self.aux_modules:
+            losses["aux_loss"] = sum(losses[name] for name in dict.fromkeys(m.aux_loss_name for m in self.aux_modules))
+        return losses
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
-        """Matmul FLOPs per token: 2 per weight of every Linear (the LM head included), plus attention scores
-        and values, 4·hd per visible key, query head and layer: T/2 keys on average when causal (2·T·hd), and
-        W − W²/2T under a sliding window of W (the attention's ``window`` option). GQA is counted right because
-        K/V projections are counted at their real size. Training = 3× forward.
-        """
-        linear = {id(m.weight): m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)}
-        window = min(component(self.cfg.attention)[1].get("window") or seq_len, seq_len)
-        keys = window - window * window / (2 * seq_len)  # mean over queries of min(i, W) keys, i = 1..T
-        attention = 4 * self.cfg.n_layers * self.cfg.n_heads * self.cfg.head_dim * keys
-        forward = 2 * sum(linear.values()) + attention
+        """Matmul FLOPs per token, summed per layer. A module with ``flops_per_token(seq_len)`` (forward FLOPs
+        per token) counts itself; for the rest, 2 per weight of every Linear (the LM head included), plus, for a
+        layer whose attention does not count itself, the scores and values: 4·hd per visible key, query head
+        and layer (`attention_flops`; its window from the layer's spec). Training = 3× forward."""
+        seen = set()  # weights counted once (tied embeddings)
+        forward = _module_flops(self.output, seq_len, seen)
+        for layer, attention, spec in zip(self.layers, self.attentions, self.specs):
+            forward += _module_flops(layer, seq_len, seen)
+            if not (hasattr(layer, "flops_per_token") or hasattr(attention, "flops_per_token")):
+                window = component(spec["attention"])[1].get("window") or 0
+                forward += attention_flops(self.cfg.n_heads, self.cfg.head_dim, seq_len, window)
         return 3 * forward if training else forward
+
+
+def _module_flops(module: nn.Module, seq_len: int, seen: set) -> float:
+    """A module's own ``flops_per_token`` where it has one, else 2 per Linear weight, recursively."""
+    if hasattr(module, "flops_per_token"):
+        seen.update(id(p) for p in module.parameters())
+        return float(module.flops_per_token(seq_len))
+    flops = 0.0
+    if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+        seen.add(id(module.weight))
+        flops += 2 * module.weight.numel()
+    return flops + sum(_module_flops(child, seq_len, seen) for child in module.children())
 
 
 class Spec(NamedTuple):
@@ -107,14 +168,28 @@ def build_component(factory, name: str, options: dict, cfg: ModelConfig, *args, 
     return module
 
 
-def _build_component(recipe: Recipe, loaded: LoadedPlugins, kind: str, *args, **kwargs):
-    """Build one component from its registry, turning a bad option into one line naming the recipe key."""
-    name, options = component(getattr(recipe.model, kind))
+@functools.cache
+def takes_layer(factory) -> bool:
+    """Whether a factory names a ``layer`` parameter (it then gets the 0-based layer index); inspected once."""
+    try:
+        return "layer" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without a signature to read
+        return False
+
+
+def _build_component(recipe: Recipe, loaded: LoadedPlugins, kind: str, part: LayerComponent, layer: int | None,
+                     *args, **kwargs):
+    """Build one component from its registry, turning a bad option into one line naming the recipe key it came
+    from. A factory that names a ``layer`` parameter gets the 0-based index of the layer it is built for (None
+    for the decoder's own: the final norm and the positional encoding that embeds the tokens)."""
+    name, options = component(part.spec)
     factory = loaded.registry(kind).get(name)
+    if takes_layer(factory):
+        kwargs["layer"] = layer
     try:
         return build_component(factory, name, options, recipe.model, *args, **kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{recipe.where(f'model.{kind}')}: model.{kind} = '{name}': {e}") from e
+        raise UserError(f"{recipe.where(part.key)}: {part.key} = '{name}': {e}") from e
 
 
 def model_size(recipe: Recipe) -> tuple[int, float]:
@@ -124,20 +199,41 @@ def model_size(recipe: Recipe) -> tuple[int, float]:
 
 
 def build_model(recipe: Recipe, device: str | torch.device | None = None) -> Decoder:
-    """Assemble the decoder a recipe describes (on ``device``; "meta" allocates nothing)."""
+    """Assemble the decoder a recipe describes (on ``device``; "meta" allocates nothing): one resolved spec per
+    layer (`minsota.recipe.resolve_layers`), layers with equal positional specs sharing one module."""
     loaded = load_plugins(recipe.plugins)
     cfg = recipe.model
+    resolved = resolve_layers(cfg)
     with torch.device(device or "cpu"):
-        positional = _build_component(recipe, loaded, "positional", cfg)
+        positionals = {}  # one module per distinct positional spec (and layer, for factories that take it)
 
-        def norm(dim: int = cfg.dim):
-            return _build_component(recipe, loaded, "norm", dim, cfg)
+        def positional(part: LayerComponent, layer: int | None):
+            factory = loaded.registry("positional").get(component(part.spec)[0])
+            key = (canonical(part.spec), layer if takes_layer(factory) else None)
+            if key not in positionals:
+                positionals[key] = _build_component(recipe, loaded, "positional", part, layer, cfg)
+            return positionals[key]
 
-        layers = [
-            _build_component(recipe, loaded, "block", cfg, norm=norm,
-                             attention=_build_component(recipe, loaded, "attention", cfg, positional, norm=norm),
-                             feedforward=_build_component(recipe, loaded, "feedforward", cfg))
-            for _ in range(cfg.n_layers)
-        ]
+        embedding = positional(LayerComponent(cfg.positional, "model.positional"), None)
+        layers, attentions = zip(*(_build_layer(recipe, loaded, layer, i, positional(layer["positional"], i))
+                                   for i, layer in enumerate(resolved)))
         # post-norm blocks already end on a norm: `final_norm = false` leaves the LM head without one
-        return Decoder(cfg, positional, layers, norm() if cfg.final_norm else nn.Identity())
+        final = LayerComponent(cfg.norm, "model.norm")
+        norm = _build_component(recipe, loaded, "norm", final, None, cfg.dim, cfg) if cfg.final_norm else nn.Identity()
+        others = [m for m in dict.fromkeys(positionals.values()) if m is not embedding]
+        specs = [{kind: c.spec for kind, c in layer.items()} for layer in resolved]
+        return Decoder(cfg, embedding, list(layers), norm, others, specs, attentions)
+
+
+def _build_layer(recipe: Recipe, loaded: LoadedPlugins, layer: dict[str, LayerComponent], i: int, positional):
+    """(block, its attention) of layer ``i``, with its norms and feed-forward, from its resolved spec."""
+    cfg = recipe.model
+
+    def norm(dim: int = cfg.dim):
+        return _build_component(recipe, loaded, "norm", layer["norm"], i, dim, cfg)
+
+    attention = _build_component(recipe, loaded, "attention", layer["attention"], i, cfg, positional, norm=norm)
+    feedforward = _build_component(recipe, loaded, "feedforward", layer["feedforward"], i, cfg)
+    block = _build_component(recipe, loaded, "block", layer["block"], i, cfg, norm=norm, attention=attention,
+                            feedforward=feedforward)
+    return block, attention

@@ -13,6 +13,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def _local_plugin(spec: str):
         def load():
             mod_spec = importlib.util.spec_from_file_location(f"minsota_local_{path.stem}", path)
             module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module  # importable by name: torch.compile looks its globals up there
             mod_spec.loader.exec_module(module)
             return module
 

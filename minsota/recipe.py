@@ -11,6 +11,7 @@ against are handed to it; `minsota.loader` composes plugin loading, the ``extend
 """
 
 import dataclasses
+import json
 import math
 import sys
 import types
@@ -52,6 +53,12 @@ class ModelConfig:
     init_std: float = 0.02  # normal(0, init_std); residual output projections (wo, w2) / sqrt(2·n_layers)
     z_loss: float = 0.0  # PaLM's auxiliary log(Z)^2 loss coefficient (1e-4 in PaLM)
     logit_softcap: float = 0.0  # final-logit soft-capping cap·tanh(logits/cap) (Gemma 2); 0 = off
+    embed_scale: float = 1.0  # token embeddings are multiplied by it (Gemma: sqrt(dim)); the LM head is not
+    # Layers that differ (see `resolve_layers`): a layer's components are the ones above, then its type's table,
+    # then its override; each key given replaces that component whole.
+    layer_pattern: list[str] = field(default_factory=list)  # layer type names, cycled over n_layers; [] = all alike
+    layer_types: dict = field(default_factory=dict)  # type name -> {component key: component}; {} is a valid type
+    layer_overrides: dict = field(default_factory=dict)  # "index" (negative from the end) -> {component key: ...}
 
     def ffn_width(self, ratio: float) -> int:
         """``ffn_dim`` if set, else ratio·dim rounded up to ``ffn_multiple_of``."""
@@ -115,6 +122,7 @@ class DataConfig:
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 TOP_LEVEL = {"description": str, "extends": str, "plugins": list}
 COMPONENT_KEYS = ("norm", "positional", "attention", "feedforward", "block")
+LAYER_TABLES = ("layer_types", "layer_overrides")  # merged one level deep through `extends` (a type or index whole)
 
 
 @dataclass
@@ -129,6 +137,12 @@ class Recipe:
     origins: dict[str, str] = field(default_factory=dict, repr=False)  # dotted key -> file that set it
 
     def where(self, key: str) -> str:
+        """The file (or ``--set``) that set a dotted key: a ``--set`` inside it, else it, else the table above it."""
+        inner = [origin for k, origin in self.origins.items() if k.startswith(key + ".") and origin.startswith("--set")]
+        if inner:
+            return inner[-1]
+        while key not in self.origins and "." in key:
+            key = key.rsplit(".", 1)[0]
         return self.origins.get(key, self.source)
 
     def to_dict(self) -> dict:
@@ -138,6 +152,7 @@ class Recipe:
             "description": self.description,
             "plugins": list(self.plugins),
             **{section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS},
+            "layers": layer_specs(self.model),  # derived from [model]: what each layer was built from
         }
 
     def get(self, dotted: str):
@@ -151,6 +166,42 @@ def component(spec: Component) -> tuple[str, dict]:
         return spec, {}
     options = dict(spec)
     return options.pop("name"), options
+
+
+class LayerComponent(typing.NamedTuple):
+    spec: Component
+    key: str  # the dotted recipe key it came from, for error messages ("model.layer_types.local.attention")
+
+
+def resolve_layers(m: ModelConfig) -> list[dict[str, LayerComponent]]:
+    """Each layer's components: [model]'s, then its type's table (``layer_pattern`` cycled), then its
+    ``layer_overrides`` entry (by index; negative counts from the end). A key given replaces the component
+    whole, as an inline table does. Assumes a validated recipe (`_validate_layers`)."""
+    overrides = {int(index) % m.n_layers: index for index in m.layer_overrides}  # layer -> its key ("-1")
+    layers = []
+    for i in range(m.n_layers):
+        layer = {kind: LayerComponent(getattr(m, kind), f"model.{kind}") for kind in COMPONENT_KEYS}
+        tables = []
+        if m.layer_pattern:
+            type_name = m.layer_pattern[i % len(m.layer_pattern)]
+            tables.append((f"model.layer_types.{type_name}", m.layer_types[type_name]))
+        if i in overrides:
+            tables.append((f"model.layer_overrides.{overrides[i]}", m.layer_overrides[overrides[i]]))
+        for prefix, table in tables:
+            layer.update({kind: LayerComponent(spec, f"{prefix}.{kind}") for kind, spec in table.items()})
+        layers.append(layer)
+    return layers
+
+
+def canonical(spec: Component) -> str:
+    """One text per component whatever its spelling ("sdpa" and {name = "sdpa"} alike): for comparing specs."""
+    name, options = component(spec)
+    return json.dumps([name, options], sort_keys=True)
+
+
+def layer_specs(m: ModelConfig) -> list[dict[str, Component]]:
+    """The resolved component specs of every layer (as `recipe.json` stores them)."""
+    return [{kind: c.spec for kind, c in layer.items()} for layer in resolve_layers(m)]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -232,8 +283,14 @@ def read_chain(path: Path, recipes: Registry, seen: tuple[Path, ...] = ()) -> tu
         if not isinstance(table, dict):
             raise UserError(f"{path}: '{section}' must be a table ([{section}])")
         for key, value in table.items():
-            merged[section][key] = value  # component inline tables replace, never merge, the parent's
             origins[f"{section}.{key}"] = str(path)
+            if section == "model" and key in LAYER_TABLES and isinstance(value, dict):
+                # a layer type (or override) is a unit: the child's replaces the parent's of that name whole
+                parent_tables = merged[section].get(key)
+                merged[section][key] = {**(parent_tables if isinstance(parent_tables, dict) else {}), **value}
+                origins.update({f"model.{key}.{name}": str(path) for name in value})
+            else:
+                merged[section][key] = value  # component inline tables replace, never merge, the parent's
     return merged, origins
 
 
@@ -384,11 +441,59 @@ def _validate(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
         raise UserError(f"{recipe.where('train.micro_batch_size')}: train.micro_batch_size = {t.micro_batch_size} "
                         f"does not divide train.batch_size = {t.batch_size}")
     for key in COMPONENT_KEYS:
-        name, _ = component(getattr(m, key))
+        _check_component(recipe, registries, key, getattr(m, key), f"model.{key}")
+    _validate_layers(recipe, registries)
+
+
+def _check_component(recipe: Recipe, registries: Mapping[str, Registry], kind: str, spec, dotted: str) -> None:
+    """A component spec names a registered component of its kind (an inline table: with a string name)."""
+    if not (isinstance(spec, str) or (isinstance(spec, dict) and isinstance(spec.get("name"), str))):
+        raise UserError(f"{recipe.where(dotted)}: {dotted} must be a component name or an inline table with a "
+                        f"string 'name', got {spec!r}")
+    try:
+        registries[kind].describe(component(spec)[0])
+    except UserError as e:
+        raise UserError(f"{recipe.where(dotted)}: {dotted}: {e}") from None
+
+
+def _validate_layers(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
+    """``layer_pattern``, ``layer_types`` and ``layer_overrides`` name defined types, layers that exist and
+    registered components only."""
+    m = recipe.model
+    if not all(isinstance(name, str) for name in m.layer_pattern):
+        raise UserError(f"{recipe.where('model.layer_pattern')}: model.layer_pattern must be a list of layer "
+                        f"type names")
+    if m.layer_pattern and not m.layer_types:
+        raise UserError(f"{recipe.where('model.layer_pattern')}: model.layer_pattern needs its types defined as "
+                        f"tables ([model.layer_types.NAME]; an empty table is a valid type)")
+    for name in m.layer_pattern:
+        if name not in m.layer_types:
+            raise UserError(f"{recipe.where('model.layer_pattern')}: model.layer_pattern: type '{name}' is not defined "
+                            f"in model.layer_types{_did_you_mean(name, m.layer_types)}")
+    seen = {}
+    for index in m.layer_overrides:
+        dotted = f"model.layer_overrides.{index}"
         try:
-            registries[key].describe(name)
-        except UserError as e:
-            raise UserError(f"{recipe.where(f'model.{key}')}: model.{key}: {e}") from None
+            layer = int(index)
+        except ValueError:
+            raise UserError(f"{recipe.where(dotted)}: {dotted}: a layer index must be an integer") from None
+        if not -m.n_layers <= layer < m.n_layers:
+            raise UserError(f"{recipe.where(dotted)}: {dotted}: layer {layer} is out of range for model.n_layers = "
+                            f"{m.n_layers}")
+        if layer % m.n_layers in seen:
+            raise UserError(f"{recipe.where(dotted)}: {dotted} names the same layer as "
+                            f"model.layer_overrides.{seen[layer % m.n_layers]}")
+        seen[layer % m.n_layers] = index
+    for key in LAYER_TABLES:
+        for name, table in getattr(m, key).items():
+            prefix = f"model.{key}.{name}"
+            if not isinstance(table, dict):
+                raise UserError(f"{recipe.where(prefix)}: {prefix} must be a table of components, got {table!r}")
+            for kind, spec in table.items():
+                if kind not in COMPONENT_KEYS:
+                    raise UserError(f"{recipe.where(f'{prefix}.{kind}')}: unknown key {prefix}.{kind} (a layer table "
+                                    f"holds {', '.join(COMPONENT_KEYS)}){_did_you_mean(kind, COMPONENT_KEYS)}")
+                _check_component(recipe, registries, kind, spec, f"{prefix}.{kind}")
 
 
 def build_recipe(merged: dict, origins: dict, name: str, source: str, override_keys: set,
@@ -409,6 +514,22 @@ def build_recipe(merged: dict, origins: dict, name: str, source: str, override_k
     return recipe
 
 
+def _set_nested(table: dict, dotted: str, value) -> None:
+    """Set ``a.b.c`` inside nested tables, copying each table it changes (a parent's stays as read). A component
+    given by name becomes its inline table on the way (``model.attention.window`` on attention = "sdpa")."""
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        table[head] = value
+        return
+    inner = table.get(head, {})
+    if isinstance(inner, str):
+        inner = {"name": inner}
+    if not isinstance(inner, dict):
+        raise ValueError(f"'{head}' is {inner!r}, not a table")
+    table[head] = inner = dict(inner)
+    _set_nested(inner, rest, value)
+
+
 def apply_overrides(merged: dict, origins: dict, overrides: dict | None) -> set:
     keys = set()
     for dotted, value in (overrides or {}).items():
@@ -416,7 +537,10 @@ def apply_overrides(merged: dict, origins: dict, overrides: dict | None) -> set:
         if section not in SECTIONS or not key:
             raise UserError(f"--set {dotted}: expected one of {', '.join(f'{s}.KEY' for s in SECTIONS)}"
                             f"{_did_you_mean(section, SECTIONS)}")
-        merged.setdefault(section, {})[key] = value
+        try:
+            _set_nested(merged.setdefault(section, {}), key, value)
+        except ValueError as e:
+            raise UserError(f"--set {dotted}: {e}") from None
         origins[dotted] = f"--set {dotted}"
         keys.add(dotted)
     return keys

@@ -83,7 +83,7 @@ def linear(layer: nn.Linear, x, bias: bool = False):
 
 def rms_norm(m, x):
     y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + option(m, "eps", 1e-5))
-    return y if m.weight is None else y * m.weight
+    return y if m.weight is None else y * (option(m, "offset", 0.0) + m.weight)
 
 
 def layer_norm(m, x):
@@ -251,7 +251,7 @@ def attention(m, x, positions, document_ids=None):
     """softmax(q·kᵀ/√hd + bias, capped, masked) · v, with every head's K/V picked by index (GQA)."""
     B, T, _ = x.shape
     cfg, bias, qk_norm = spec(m).cfg, option(m, "bias", False), option(m, "qk_norm", "none")
-    window, softcap = option(m, "window", 0), option(m, "softcap", 0.0)
+    window, softcap, scale = option(m, "window", 0), option(m, "softcap", 0.0), option(m, "scale", None)
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     q, k, v = linear(m.wqkv, x, bias).split([H * hd, KV * hd, KV * hd], dim=-1)
     if qk_norm == "head":
@@ -262,7 +262,8 @@ def attention(m, x, positions, document_ids=None):
     positional = of(m.positional)
     q, k = positional.rotate(m.positional, q, k, positions)
     kv_head = torch.arange(H, device=x.device) // (H // KV)  # query head h reads K/V head h // group
-    scores = q @ k[:, kv_head].transpose(-1, -2) / math.sqrt(hd)  # (B, H, T, T)
+    scores = q @ k[:, kv_head].transpose(-1, -2)  # (B, H, T, T)
+    scores = scores * scale if scale else scores / math.sqrt(hd)  # the recipe's scale, else 1/√hd
     score_bias = positional.bias(m.positional, positions, H)
     if score_bias is not None:
         scores = scores + score_bias
@@ -309,7 +310,8 @@ def decoder(model, tokens, positions=None, document_ids=None):
     """(B, T) tokens -> (B, T, vocab) logits of a `minsota.model.Decoder`, from references only."""
     if positions is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    x = of(model.positional).embed(model.positional, model.tok_embeddings.weight[tokens], positions)
+    x = of(model.positional).embed(model.positional, model.tok_embeddings.weight[tokens] * model.cfg.embed_scale,
+                                   positions)
     for layer in model.layers:
         x = call(layer, x, positions, document_ids)
     logits = call(model.norm, x) @ model.output.weight.T

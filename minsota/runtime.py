@@ -82,9 +82,10 @@ def datasheet_flops(device_name: str, dtype: torch.dtype | None) -> float | None
     return next((flops for name, flops in DATASHEET_FLOPS if name in device_name), None)
 
 
-def micro_loss(loss_fn, batch: dict, device: torch.device, document: bool) -> torch.Tensor:
-    """Loss of one micro-batch. Document ids go to the model only under document packing (attention stays
-    inside a document); under causal packing the data's positions simply run 0..T-1 in every window."""
+def micro_loss(loss_fn, batch: dict, device: torch.device, document: bool):
+    """``loss_fn`` (`Decoder.losses`, maybe wrapped: the loss terms by name) on one micro-batch. Document ids go
+    to the model only under document packing (attention stays inside a document); under causal packing the
+    data's positions simply run 0..T-1 in every window."""
     tokens, targets, positions, document_ids = (batch[key].to(device, non_blocking=True) for key in
                                                 ("tokens", "targets", "positions", "document_ids"))
     return loss_fn(tokens, targets, positions, document_ids if document else None)
@@ -96,6 +97,7 @@ def evaluate(model, batches, autocast, device, document) -> float:
     no-grad graph (40-65 s on a CPU)."""
     model.eval()
     with autocast:
-        loss = torch.stack([micro_loss(model.loss, batch, device, document) for batch in batches]).mean()
+        # through `losses`, the method FSDP2 gathers parameters around; the validation loss is its LM loss alone
+        loss = torch.stack([micro_loss(model.losses, batch, device, document)["loss"] for batch in batches]).mean()
     model.train()
     return mean_over_ranks(loss).item()

@@ -276,8 +276,8 @@ def _report(state: TrainState, result, lr: float, elapsed: float, t, log, bar, m
     """A step done: its line in metrics.jsonl, and the progress bar's figures every ``train.log_every`` steps."""
     tokens_per_step = t.batch_size * t.seq_len
     figures = mfu(elapsed)
-    log({"step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": state.tokens,
-         "epoch": state.batches.epoch, "tokens_per_s": tokens_per_step / elapsed, **figures})
+    log({"step": state.step, "loss": result.loss, **result.aux, "lr": lr, "grad_norm": result.grad_norm,
+         "tokens": state.tokens, "epoch": state.batches.epoch, "tokens_per_s": tokens_per_step / elapsed, **figures})
     if state.step % t.log_every == 0 or state.step == t.steps:
         bar.set_postfix_str(f"loss {result.loss:.4f}, lr {lr:.2e}, {tokens_per_step / elapsed:,.0f} tok/s, "
                             f"MFU {figures['mfu']:.1%}", refresh=False)

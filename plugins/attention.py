@@ -10,6 +10,7 @@ Both share one module: a fused ``wqkv`` projection, optional QK-norm, the decode
   window = N         sliding-window attention: each token sees itself and the N-1 tokens before it (Mistral)
   softcap = C        scores become C·tanh(scores/C) before masking (Gemma 2); `math` only, since the fused
                      kernels have no hook on the scores
+  scale = S          scores are q·k·S (default 1/sqrt(head_dim)); Gemma's query_pre_attn_scalar Q is S = Q^-0.5
 Grouped-query attention (Ainslie et al. 2023) by ``cfg.n_kv_heads`` (1 = MQA): SDPA broadcasts K/V with
 ``enable_gqa``, never copying them per query head, except in fp32 on CUDA, where only SDPA's math kernel takes
 GQA: there K/V are expanded so that the memory-efficient kernel runs.
@@ -71,11 +72,12 @@ def block_mask(document_ids, window: int, T: int, device):
     return _call(create_block_mask, mask_mod, B, None, T, T, device=device)
 
 
-def flex_attend(q, k, v, document_ids, window: int, score_mod=None):
+def flex_attend(q, k, v, document_ids, window: int, score_mod=None, scale: float | None = None):
     """Causal attention within documents and the window, with a positional ``score_mod`` (ALiBi's), through
     flex_attention, compiled (CUDA; forward also on CPU)."""
     mask = block_mask(document_ids, window, q.shape[-2], q.device)
-    return _call(flex_attention, q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return _call(flex_attention, q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1],
+                 scale=scale)
 
 
 class SDPAttention(Attention):
@@ -95,14 +97,14 @@ class SDPAttention(Attention):
         fused = q.shape[-2] == T  # the causal and flex paths align queries with keys: not so in cached decoding
         score_mod = self.positional.score_mod(positions)
         if fused and q.is_cuda and flex_attention is not None and (score_mod or document_ids is not None or window):
-            return flex_attend(q, k, v, document_ids, window, score_mod)  # ALiBi's bias too: no dense (T, T)
+            return flex_attend(q, k, v, document_ids, window, score_mod, self.scale)  # ALiBi too: no (T, T) bias
         bias = self.positional.bias(positions, self.n_heads)
         if fused and bias is None and document_ids is None and not window:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=self.scale)
         mask = visible_keys(T, document_ids, window, q.device, q.shape[-2])
         if bias is not None:  # the queries' rows: the newest (all of them but in cached decoding)
             mask = bias[..., -q.shape[-2]:, :].masked_fill(~mask, float("-inf")).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.scale)
 
 
 class MathAttention(Attention):
@@ -112,7 +114,7 @@ class MathAttention(Attention):
         group = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T, hd)
         queries, T = q.shape[-2], k.shape[-2]  # queries are the newest rows (fewer only in cached decoding)
-        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # (B, H, queries, T)
+        scores = q @ k.transpose(-1, -2) * (self.scale or self.head_dim**-0.5)  # (B, H, queries, T)
         bias = self.positional.bias(positions, self.n_heads)
         if bias is not None:
             scores = scores + bias[..., -queries:, :]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minsota
-from minsota.state import DOCUMENT_IDS, HIDDEN, POSITIONS
+from minsota.state import DOCUMENT_IDS, EMBEDDINGS, HIDDEN, POSITIONS
 
 
 def tiny(**overrides):
@@ -68,7 +68,7 @@ def test_decoder_maps_tokens_to_logits_and_blocks_keep_the_key_set():
 
     state = make_state(torch.randn(2, 16, 128), torch.arange(16).expand(2, 16), torch.zeros(2, 16, dtype=torch.long))
     out = model.layers[0](state)
-    assert set(out.keys()) == {HIDDEN, POSITIONS, DOCUMENT_IDS} and out.batch_size == torch.Size([2, 16])
+    assert set(out.keys()) == {HIDDEN, EMBEDDINGS, POSITIONS, DOCUMENT_IDS} and out.batch_size == torch.Size([2, 16])
 
 
 def test_positions_drive_rope_and_document_ids_mask_attention():

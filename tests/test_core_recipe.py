@@ -30,7 +30,7 @@ TINY_MODEL = "[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 256\n"
         ("model.n_heads=3", "model.n_heads = 3 does not divide model.dim = 128"),
         ("model.n_kv_heads=3", "model.n_kv_heads = 3 does not divide model.n_heads = 4"),
         ("model.norm=rmsnrm", "unknown norm 'rmsnrm'; did you mean 'rmsnorm'?"),
-        ("model.nlayers=2", "unknown key model.nlayers (did you mean 'n_layers'?)"),
+        ("model.nlayers=2", "unknown key model.nlayers (did you mean 'n_layers'"),
         ("trian.steps=2", "did you mean 'train'?"),
         ("train.schedule=linear", "train.schedule must be one of cosine, wsd, constant"),
         ("train.micro_batch_size=3", "train.micro_batch_size = 3 does not divide train.batch_size = 8"),

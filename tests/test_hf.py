@@ -17,6 +17,8 @@ from minsota.reference import assert_close
 VOCAB, T = 101, 24  # an odd vocabulary must survive exactly
 ROTARY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1)
+GEMMA = dict(num_hidden_layers=4, head_dim=16, sliding_window=5, query_pre_attn_scalar=20, rms_norm_eps=1e-6,
+             attn_implementation="eager")
 SCALED = dict(max_position_embeddings=64, rope_theta=500000.0)  # toy original context 16 < T: the scaling acts
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", ROTARY),
@@ -30,6 +32,13 @@ CASES = {
     "llama-linear": ("LlamaConfig", "LlamaForCausalLM", {**ROTARY, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "mistral-window": ("MistralConfig", "MistralForCausalLM", {**ROTARY, "sliding_window": 5}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {**ROTARY, "rms_norm_eps": 1e-6}),
+    # Gemma: local/global layers (window 5 < T), soft-capping that acts (caps near the toy scores and logits), a
+    # query_pre_attn_scalar that is not head_dim, head_dim != dim / heads, (1 + w) norms perturbed off 1
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**ROTARY, **GEMMA, "attn_logit_softcapping": 0.5,
+                                                     "final_logit_softcapping": 0.7}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**ROTARY, **GEMMA, "num_hidden_layers": 7, "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32,
                                                     initializer_range=0.1)),
     "gpt2-exact-gelu-untied": ("GPT2Config", "GPT2LMHeadModel", dict(
@@ -177,3 +186,44 @@ def test_real_model_recipes_have_the_real_shapes(recipe_name, parameters):
     with torch.device("meta"):
         theirs = transformers.AutoModelForCausalLM.from_config(hf.hf_config(ours))
     assert theirs.num_parameters() == parameters
+
+
+# The published configs of google/gemma-2-2b and google/gemma-3-1b-pt (their config.json), as transformers builds them
+PUBLISHED = {
+    "gemma-2-2b": ("Gemma2Config", dict(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, sliding_window=4096, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "gemma-3-1b": ("Gemma3TextConfig", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, sliding_window=512, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256, sliding_window_pattern=6, rope_theta=1000000.0, rope_local_base_freq=10000.0)),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_gemma_recipes_are_the_published_models(cli, name):
+    """`minsota show`'s parameter count equals the HF model's built from the published config (on "meta"), and the
+    recipe exports as that config: layer types, window, caps, scalars and RoPE per layer type."""
+    config_class, kwargs = PUBLISHED[name]
+    published = getattr(transformers, config_class)(**kwargs)
+    with torch.device("meta"):
+        theirs = transformers.AutoModelForCausalLM.from_config(published)
+    code, out, _ = cli("show", name)
+    assert code == 0 and f"parameters: {theirs.num_parameters():,}\n" in out
+    ours = hf.hf_config(build_model(load_recipe(name), "meta"))
+    assert type(ours) is type(published)
+    for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
+                "final_logit_softcapping", "head_dim", "rms_norm_eps", "hidden_activation", "tie_word_embeddings"):
+        assert getattr(ours, key) == getattr(published, key), key
+    assert ours.rope_parameters == published.rope_parameters
+
+
+def test_a_layout_no_family_holds_is_refused_naming_why(tokens):
+    layered = {"model.layer_pattern": ["a", "b"], "model.layer_types": {"a": {}, "b": {"feedforward": "geglu"}}}
+    with pytest.raises(UserError, match="cannot export to Hugging Face llama: its layers differ"):
+        hf.hf_config(build_model(load_recipe("tiny", layered), "meta"))
+    gemma = load_recipe("gemma-2-2b", {"model.layer_types.global.attention": {"name": "math", "softcap": 20.0},
+                                       "model.n_layers": 2})
+    with pytest.raises(UserError, match="gemma2: local and global attention differ beyond the window"):
+        hf.hf_config(build_model(gemma, "meta"))

@@ -32,7 +32,7 @@ POSITIONS = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
 
 # option sets checked beyond each component's defaults (each option changes the output on the inputs below)
 VARIANTS = {
-    "norm": {"rmsnorm": [{"eps": 1e-3}], "rmsnorm-noparam": [{"eps": 1e-3}],
+    "norm": {"rmsnorm": [{"eps": 1e-3}, {"offset": 1.0, "eps": 1e-6}], "rmsnorm-noparam": [{"eps": 1e-3}],
              "layernorm": [{"bias": False}, {"eps": 1e-3}]},
     "positional": {"rope": [{"theta": 500.0}, {"use_xpos": True}, {"use_xpos": True, "xpos_scale_base": 16.0},
                             {"interpolate_factor": 4.0}, {"theta_rescale_factor": 8.0},
@@ -41,8 +41,10 @@ VARIANTS = {
                             {"scaling": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
                             {"scaling": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
                              "attention_factor": 1.5, "beta_fast": 8.0}]},
-    "attention": {"sdpa": [{"window": 3}, {"bias": True}, {"qk_norm": "head"}, {"qk_norm": "full"}],
-                  "math": [{"window": 3}, {"softcap": 2.0}, {"qk_norm": "full", "bias": True}]},
+    "attention": {"sdpa": [{"window": 3}, {"bias": True}, {"qk_norm": "head"}, {"qk_norm": "full"},
+                           {"scale": 0.2, "window": 3}],
+                  "math": [{"window": 3}, {"softcap": 2.0}, {"qk_norm": "full", "bias": True},
+                           {"scale": 0.2, "softcap": 2.0}]},
     "feedforward": {"geglu": [{"approximate": "tanh"}], "mlp": [{"approximate": "tanh", "bias": True}],
                     "relu2": [{"bias": True}]},
     "block": {"sandwich": [{"pre": False}]},
