@@ -61,7 +61,8 @@ def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None):
     if not dist.is_initialized():
         return model.losses
     if parallelism == "ddp":
-        return DistributedDataParallel(LossAsForward(model))
+        # buffers are not broadcast from rank 0: every rank's own (an MoE's per-step token counts) must survive
+        return DistributedDataParallel(LossAsForward(model), broadcast_buffers=False)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     for layer in model.layers:
         for component in layer.children():
