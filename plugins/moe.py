@@ -35,6 +35,8 @@ micro-batch (1 = perfectly balanced), which metrics.jsonl logs averaged over MoE
 No expert parallelism: under DDP and FSDP2 every rank holds (or shards) all experts.
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -42,7 +44,51 @@ from torch import nn
 
 from minsota import hookimpl
 
-GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+NATIVE_GROUPED_MM = getattr(F, "grouped_mm", None)
+
+
+# torch's grouped matmul runs fp32 in eager on CPU, but its meta (compile-time) kernel accepts bf16 alone, as the
+# CUDA kernel does. An fp32 grouped matmul therefore goes through these two opaque ops, which compile calls as they
+# are: the product of expert e's rows with b[e] (M, K) x (E, K, N) -> (M, N), and its weight gradient.
+@torch.library.custom_op("minsota::grouped_mm", mutates_args=())
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return NATIVE_GROUPED_MM(a, b, offs=offsets)
+
+
+@torch.library.custom_op("minsota::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, experts: int) -> torch.Tensor:
+    """(E, K, N): expert e's aᵀ·grad over its rows (zero for an expert without tokens)."""
+    return NATIVE_GROUPED_MM(a.t(), grad, offs=offsets)
+
+
+@_grouped_mm.register_fake
+def _(a, b, offsets):
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(a, grad, offsets, experts):
+    return a.new_empty(experts, a.shape[1], grad.shape[1])
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offsets = ctx.saved_tensors
+    grad = grad.contiguous()  # the kernel refuses zero strides (a broadcast gradient)
+    return _grouped_mm(grad, b.transpose(1, 2), offsets), _grouped_mm_weight_grad(a, grad, offsets, b.shape[0]), None
+
+
+def _save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_save)
+
+
+def grouped_mm(a, b, offsets):
+    """(M, K) rows sorted by expert x (E, K, N) -> (M, N); ``offsets`` (E,) int32: the end of each expert's rows."""
+    if a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16:
+        return NATIVE_GROUPED_MM(a, b, offs=offsets)
+    return _grouped_mm(a, b, offsets)
 
 
 def route(m, x):
@@ -116,7 +162,7 @@ class MoE(nn.Module):
         self.groups, self.top_groups, self.balance = groups, top_groups, balance
         self.balance_coef, self.bias_rate, self.z_coef = balance_coef, bias_rate, router_z_loss
         aligned = D % 8 == 0 and I % 8 == 0  # 16-byte rows in fp32 and bf16
-        self.dispatch = "grouped" if dispatch == "grouped" and GROUPED_MM is not None and aligned else "loop"
+        self.dispatch = "grouped" if dispatch == "grouped" and NATIVE_GROUPED_MM is not None and aligned else "loop"
         self.router = nn.Linear(D, E, bias=False)
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))
         self.w2 = nn.Parameter(torch.empty(E, D, I))
@@ -131,6 +177,7 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
         self.aux_loss_name = {"aux": "moe_balance_loss"}.get(balance)
         self.z_loss = RouterZLoss() if router_z_loss else None
+        self.init_weights(cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers))  # usable alone (the decoder re-inits)
 
     @torch.no_grad()
     def init_weights(self, std: float, residual_std: float):
@@ -157,8 +204,11 @@ class MoE(nn.Module):
     def grouped(self, x, counts):
         """Sorted tokens (M, D) -> (M, D): one grouped matmul per weight, expert e taking its ``counts[e]`` rows."""
         offsets = counts.cumsum(0).to(torch.int32)
-        gate, up = GROUPED_MM(x, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # (M, I) each
-        return GROUPED_MM(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
+        device = x.device.type  # autocast has no rule for grouped matmuls: cast to its dtype here
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x, w13, w2 = x.to(dtype), self.w13.to(dtype), self.w2.to(dtype)
+        gate, up = grouped_mm(x, w13.transpose(1, 2), offsets).chunk(2, dim=-1)  # (M, I) each
+        return grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offsets)
 
     def looped(self, x, counts):
         """As `grouped`, one matmul per expert over its slice (data-dependent sizes: eager only)."""
