@@ -29,9 +29,9 @@ class GatedFeedForward(nn.Module):
 
     reference = staticmethod(reference.glu)
 
-    def __init__(self, cfg, activation: str):
+    def __init__(self, cfg, activation: str, hidden: int | None = None):
         super().__init__()
-        hidden = cfg.ffn_width(8 / 3)  # 8/3·dim keeps the parameter count of a 4·dim MLP
+        hidden = hidden or cfg.ffn_width(8 / 3)  # 8/3·dim keeps the parameter count of a 4·dim MLP
         self.activation = activation
         self.w13 = nn.Linear(cfg.dim, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
@@ -57,9 +57,9 @@ class MLP(nn.Module):
         return self.w2(ACTIVATIONS[self.activation](self.w1(x)))
 
 
-def swiglu(cfg) -> GatedFeedForward:
-    """SwiGLU: w2(silu(x·w1) * x·w3), hidden 8/3·dim (Llama, Mistral)."""
-    return GatedFeedForward(cfg, "silu")
+def swiglu(cfg, hidden: int | None = None) -> GatedFeedForward:
+    """SwiGLU: w2(silu(x·w1) * x·w3), hidden 8/3·dim (Llama, Mistral) or ``hidden`` (a layer of its own width)."""
+    return GatedFeedForward(cfg, "silu", hidden)
 
 
 def geglu(cfg, approximate: str = "none") -> GatedFeedForward:

@@ -4,7 +4,7 @@ https://arxiv.org/abs/2412.19437).
 
 Options (keys of the ``model.feedforward`` inline table):
   experts = 8, top_k = 2     routed experts and how many each token reaches (dropless: every token reaches all k)
-  expert_dim                 each routed expert's hidden width (default: the dense width, ``model.ffn_dim``)
+  expert_dim                 each routed expert's hidden width (default: swiglu's, ``model.ffn_dim`` or 8/3·dim)
   shared_experts = 0         always-on experts (DeepSeek, Qwen 2): one SwiGLU of ``shared_experts·shared_dim``
   shared_dim                 a shared expert's width (default: expert_dim)
   score = "softmax"          router scores: softmax over the experts (Mixtral, OLMoE, Qwen) or "sigmoid" (V3)
@@ -157,7 +157,7 @@ class MoE(nn.Module):
         if min(balance_coef, bias_rate, router_z_loss) < 0:
             raise ValueError("balance_coef, bias_rate and router_z_loss must be >= 0")
         E, D = self.n_experts, self.dim = experts, cfg.dim
-        I = self.expert_dim = expert_dim or cfg.ffn_dim  # noqa: E741
+        I = self.expert_dim = expert_dim or cfg.ffn_width(8 / 3)  # noqa: E741  (the dense SwiGLU's width)
         self.top_k, self.score, self.normalize_top_k, self.route_scale = top_k, score, normalize_top_k, route_scale
         self.groups, self.top_groups, self.balance = groups, top_groups, balance
         self.balance_coef, self.bias_rate, self.z_coef = balance_coef, bias_rate, router_z_loss
@@ -171,9 +171,9 @@ class MoE(nn.Module):
             width = shared_experts * (shared_dim or I)
             self.shared = nn.ModuleDict({"w13": nn.Linear(D, 2 * width, bias=False),
                                          "w2": nn.Linear(width, D, bias=False)})
-        # the selection bias (bias balancing; kept at zero otherwise, so Hugging Face's V3 bias always has a home)
-        # and the tokens each expert received since the last optimizer step (not saved: a step starts at zero)
-        self.register_buffer("expert_bias", torch.zeros(E))
+        # the selection bias (saved with bias balancing; zero and unsaved otherwise) and the tokens each expert
+        # received since the last optimizer step (never saved: a step starts at zero)
+        self.register_buffer("expert_bias", torch.zeros(E), persistent=balance == "bias")
         self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
         self.aux_loss_name = {"aux": "moe_balance_loss"}.get(balance)
         self.z_loss = RouterZLoss() if router_z_loss else None
