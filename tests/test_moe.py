@@ -192,3 +192,29 @@ def test_fullgraph_compile_trains_without_recompiles():
     assert model.layers[0].feed_forward.expert_bias.abs().sum() > 0
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_ranks_match_one_with_bias_balancing(tmp_path, parallelism):
+    """MoE (bias balancing, shared expert) and MLA under DDP and FSDP2 (no expert parallelism: every rank holds
+    every expert): the 2-rank run's losses, grad norms and final expert biases equal one process's on the same
+    global batch, which only holds if the bias update sees the token counts of both ranks."""
+    from test_distributed import torchrun
+
+    from minsota import checkpoint
+    recipe = REPO / "tests" / "assets" / "tiny-moe-mla.toml"
+    run = {"train.steps": 4, "train.micro_batch_size": 4, "train.log_every": 1, "train.checkpoint_every": 4,
+           "train.eval_every": 0, "train.sample_tokens": 0}
+    one, two = tmp_path / "one", tmp_path / "two"
+    process = subprocess.run([sys.executable, "-m", "minsota", "train", recipe, "--out", one, *sets(run)], env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    process = torchrun("train", recipe, "--out", two, *sets({**run, "train.parallelism": parallelism}))
+    assert process.returncode == 0, process.stderr
+    for key in ("loss", "grad_norm", "moe_imbalance"):
+        assert [r[key] for r in records(two) if "loss" in r] == pytest.approx(
+            [r[key] for r in records(one) if "loss" in r], rel=1e-4), key
+    biases = [checkpoint.load(run_dir / "checkpoints" / "step-4")["model"] for run_dir in (one, two)]
+    for name in (k for k in biases[0] if k.endswith("expert_bias")):
+        assert biases[0][name].abs().sum() > 0
+        assert torch.allclose(biases[1][name], biases[0][name], atol=1e-6), name
