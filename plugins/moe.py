@@ -49,16 +49,26 @@ NATIVE_GROUPED_MM = getattr(F, "grouped_mm", None)
 
 # torch's grouped matmul runs fp32 in eager on CPU, but its meta (compile-time) kernel accepts bf16 alone, as the
 # CUDA kernel does. An fp32 grouped matmul therefore goes through these two opaque ops, which compile calls as they
-# are: the product of expert e's rows with b[e] (M, K) x (E, K, N) -> (M, N), and its weight gradient.
+# are: the product of expert e's rows with b[e] (M, K) x (E, K, N) -> (M, N), and its weight gradient. Off the CPU
+# (where the kernel is bf16-only) they loop over the experts inside the op, still opaque to compile.
 @torch.library.custom_op("minsota::grouped_mm", mutates_args=())
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return NATIVE_GROUPED_MM(a, b, offs=offsets)
+    if a.device.type == "cpu":
+        return NATIVE_GROUPED_MM(a, b, offs=offsets)
+    return torch.cat([rows @ b[e] for e, rows in enumerate(_by_expert(a, offsets))])
 
 
 @torch.library.custom_op("minsota::grouped_mm_weight_grad", mutates_args=())
 def _grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, experts: int) -> torch.Tensor:
     """(E, K, N): expert e's aᵀ·grad over its rows (zero for an expert without tokens)."""
-    return NATIVE_GROUPED_MM(a.t(), grad, offs=offsets)
+    if a.device.type == "cpu":
+        return NATIVE_GROUPED_MM(a.t(), grad, offs=offsets)
+    return torch.stack([x.t() @ g for x, g in zip(_by_expert(a, offsets), _by_expert(grad, offsets))])
+
+
+def _by_expert(rows: torch.Tensor, offsets: torch.Tensor):
+    ends = offsets.tolist()
+    return rows.tensor_split(ends[:-1])
 
 
 @_grouped_mm.register_fake
