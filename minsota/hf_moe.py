@@ -185,6 +185,10 @@ def config_to_hf(cfg: ModelConfig, specs: list[dict], family: str, rope_to_hf) -
               **rope_to_hf(sparse["positional"], family)}
     expert_dim = moe["expert_dim"] or cfg.ffn_width(8 / 3)
     if family == "deepseek_v3":
+        mscale_all_dim = component(sparse["attention"])[1].get("mscale_all_dim")
+        if mscale_all_dim:  # the softmax correction rides in the rope table, as DeepSeek's config has it
+            _refuse(not common["rope_scaling"], family, "mla mscale_all_dim needs rope scaling = 'yarn'")
+            common["rope_scaling"] = {**common["rope_scaling"], "mscale_all_dim": mscale_all_dim}
         return {**common, **_deepseek_to_hf(cfg, specs, dense, moe, expert_dim)}
     attention = component(sparse["attention"])[1]
     _refuse(set(attention) - {"qk_norm", "window"} or (attention.get("window") and family != "mixtral"), family,
@@ -211,7 +215,6 @@ def _deepseek_to_hf(cfg: ModelConfig, specs: list[dict], dense: list[int], moe: 
             "it routes by sigmoid scores with the correction bias (score = 'sigmoid', balance = 'bias')")
     _refuse(moe["shared_dim"] not in (None, expert_dim), "deepseek_v3", "shared experts of another width")
     mla = component(specs[0]["attention"])[1]
-    _refuse(mla.get("mscale_all_dim"), "deepseek_v3", "mla mscale_all_dim (YaRN's DeepSeek form) is not exported")
     _refuse(any(s["attention"] != specs[0]["attention"] for s in specs), "deepseek_v3", "its attention layers differ")
     return {"num_key_value_heads": cfg.n_heads, "q_lora_rank": mla.get("q_lora_rank") or None,
             "kv_lora_rank": mla.get("kv_lora_rank") or 4 * cfg.head_dim, "qk_rope_head_dim": cfg.head_dim,

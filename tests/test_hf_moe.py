@@ -23,6 +23,9 @@ CASES = {
     "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(BASE, num_experts=6, num_experts_per_tok=2, head_dim=16,
                                                                  moe_intermediate_size=24, norm_topk_prob=True)),
     "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", DEEPSEEK),
+    "deepseek-v3-yarn": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(DEEPSEEK, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0})),  # T = 24 > 16: it acts
     "deepseek-v3-plain-q": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(DEEPSEEK, q_lora_rank=None, n_group=1,
                                                                                 topk_group=1, first_k_dense_replace=0)),
 }
@@ -95,3 +98,16 @@ def test_real_model_recipes_have_the_published_sizes(recipe_name, cli):
     assert model.num_parameters() == expected
     code, out, _ = cli("show", recipe_name)
     assert code == 0 and f"parameters: {expected:,}" in out and "active parameters" in out
+
+
+@pytest.mark.parametrize("feedforward, attention, message", [
+    ({"name": "moe", "score": "sigmoid"}, "sdpa", "mixtral: it routes by softmax"),
+    ({"name": "moe", "shared_experts": 1}, {"name": "sdpa", "qk_norm": "head"}, "qwen3_moe: it routes by softmax"),
+    ({"name": "moe", "balance": "aux"}, "mla", "deepseek_v3: it routes by sigmoid scores"),
+])
+def test_export_refuses_what_the_expert_families_cannot_hold(feedforward, attention, message, tmp_path):
+    from minsota.errors import UserError
+    model = build_model(load_recipe("tiny", {"model.n_layers": 1, "model.feedforward": feedforward,
+                                             "model.attention": attention}))
+    with pytest.raises(UserError, match=message):
+        hf.save_hf(model, tmp_path)
