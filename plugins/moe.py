@@ -126,10 +126,31 @@ def swiglu(x, w13, w2):
     return (F.silu(gate) * up) @ w2.T
 
 
+def reference_route(m, x):
+    """`route` restated: explicit softmax / sigmoid, choices by a descending sort rather than top-k."""
+    logits = x.double() @ m.router.weight.double().T
+    scores = torch.exp(logits - logits.max(-1, keepdim=True).values)
+    scores = scores / scores.sum(-1, keepdim=True) if m.score == "softmax" else 1 / (1 + torch.exp(-logits))
+    choice = scores + m.expert_bias.double() if m.balance == "bias" else scores
+    if m.groups > 1:
+        grouped = choice.reshape(len(x), m.groups, -1)
+        group_score = grouped.sort(-1, descending=True).values[..., :2].sum(-1)  # (N, G): each group's best two
+        kept = group_score.argsort(-1, descending=True)[:, :m.top_groups]
+        hidden = torch.ones_like(group_score, dtype=torch.bool)
+        hidden[torch.arange(len(x))[:, None], kept] = False
+        choice = grouped.masked_fill(hidden[..., None], float("-inf")).reshape(len(x), -1)
+    experts = choice.argsort(-1, descending=True)[:, :m.top_k]
+    weights = scores[torch.arange(len(x))[:, None], experts]
+    if m.normalize_top_k:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return (weights * m.route_scale).to(x.dtype), experts
+
+
 def moe_reference(m, x):
-    """Every token through each of its experts one by one, weighted, from a per-token loop over the routing."""
+    """Every token through each of its experts one by one, weighted, from a restated routing (`reference_route`)."""
     flat = x.reshape(-1, x.shape[-1])
-    _, weights, experts = route(m, flat)
+    with torch.autocast(x.device.type, enabled=False):
+        weights, experts = reference_route(m, flat)
     y = torch.zeros_like(flat)
     for e in range(m.n_experts):
         chosen = (experts == e)  # (N, k)
