@@ -15,7 +15,8 @@ COLUMNS = {  # summary-table column -> heading, in print order
     "ms": "ms", "speedup": "speed-up", "vs": "over", "max_abs_diff": "max|diff|", "mean_abs_diff": "mean|diff|",
     "tokens_per_s": "tok/s", "global_tokens_per_s": "global tok/s", "tokenizer": "tokenizer", "mfu": "MFU", "matmul_gflops": "matmul GF/s", "vs_hf_eager": "x HF eager",
     "vs_hf_compile": "x HF compiled", "td_overhead": "TD overhead", "peak_mb": "peak MB", "vs_hf_peak": "x HF peak",
-    "backend": "backend",
+    "backend": "backend", "vs_dense": "x dense", "mla_bytes": "MLA B/token", "other_bytes": "GQA|full B/token",
+    "cache_ratio": "cache ratio",
 }
 ROWS = pytest.StashKey[list]()
 

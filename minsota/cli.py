@@ -80,7 +80,7 @@ def cmd_show(args):
     from minsota.compare import format_layout
     from minsota.loader import recipe_record
     from minsota.memory import summary
-    from minsota.model import model_size
+    from minsota.model import active_size, model_size
 
     recipe = _recipe(args)
     params, flops = model_size(recipe)  # on "meta": 7B recipes show in a second
@@ -89,6 +89,9 @@ def cmd_show(args):
     print(json.dumps(resolved, indent=2))
     print("layout:", *format_layout(recipe), sep="\n  ")
     print(f"parameters: {params:,}")
+    active = active_size(recipe)
+    if active != params:  # a mixture of experts: a token uses only its experts
+        print(f"active parameters: {active:,} per token")
     print(f"FLOPs/token: {flops:.4g} (training, seq_len {recipe.train.seq_len})")
     print(f"memory: {summary(recipe)}")
 

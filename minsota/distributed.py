@@ -86,7 +86,10 @@ def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None, d
     """
     if not dist.is_initialized() or parallelism == "ddp":
         model.to(device)  # from the CPU it was built on (`build_device`)
-        return DistributedDataParallel(LossAsForward(model)) if dist.is_initialized() else model.losses
+        if not dist.is_initialized():
+            return model.losses
+        # buffers are not broadcast from rank 0: every rank's own (an MoE's per-step token counts) must survive
+        return DistributedDataParallel(LossAsForward(model), broadcast_buffers=False)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's full tensors, before they are sharded
     for layer in model.layers:

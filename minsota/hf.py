@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minsota import checkpoint
+from minsota import checkpoint, hf_moe
 from minsota.data import build_tokenizer
 from minsota.errors import UserError
 from minsota.inference import load_run
@@ -41,9 +41,10 @@ from minsota.recipe import ModelConfig, Recipe, TrainConfig, component, layer_sp
 ROTARY_FAMILIES = ("llama", "mistral", "olmo2")
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                 "gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 **hf_moe.ARCHITECTURES}
 BASE_PREFIXES = {"llama": "model.", "mistral": "model.", "olmo2": "model.", "gpt2": "transformer.",
-                 "gemma2": "model.", "gemma3_text": "model."}  # base_model_prefix
+                 "gemma2": "model.", "gemma3_text": "model.", **dict.fromkeys(hf_moe.ARCHITECTURES, "model.")}  # base_model_prefix
 SANDWICH_NORMS = {"attention_norm": "input_layernorm", "attention_out_norm": "post_attention_layernorm",
                   "ffn_norm": "pre_feedforward_layernorm", "ffn_out_norm": "post_feedforward_layernorm"}
 NORM_NAMES = {  # a block's norms -> HF's, per family
@@ -110,6 +111,9 @@ def _rules(cfg: ModelConfig, specs: list[dict], family: str, ffn_dim: int) -> li
                  Rule("norm.weight", ("model.norm.weight",))]
         norms = NORM_NAMES.get(family, NORM_NAMES["llama"])
         for i, spec in enumerate(specs):
+            if family in hf_moe.ARCHITECTURES:  # experts / latent attention: minsota.hf_moe knows their tensors
+                rules += [r if isinstance(r, hf_moe.Experts) else Rule(*r) for r in hf_moe.layer_rules(cfg, spec, i, family)]
+                continue
             ours, theirs = f"layers.{i}.", f"model.layers.{i}."
             kinds = ("weight", "bias") if component(spec["attention"])[1].get("bias") else ("weight",)
             rules += [Rule(f"{ours}attention.wqkv.{kind}", tuple(f"{theirs}self_attn.{x}_proj.{kind}" for x in "qkv"),
@@ -173,6 +177,8 @@ def _model_from_hf(c: dict) -> dict:
                 "tie_embeddings": c.get("tie_word_embeddings", True), "init_std": c.get("initializer_range", 0.02)}
     if family in GEMMA_FAMILIES:
         return _gemma_from_hf(c, family)
+    if family in hf_moe.ARCHITECTURES:
+        return hf_moe.model_from_hf(c, _rope_from_hf)
     if family not in ROTARY_FAMILIES:
         raise UserError(f"config.json: model_type {family!r} is not supported (one of {', '.join(ARCHITECTURES)})")
     _expect(c, "hidden_act", "silu")
@@ -470,6 +476,8 @@ def _layer_family(spec: dict) -> str:
 
 def _family(decoder: Decoder) -> str:
     """The family every layer belongs to; outside Gemma (whose layers differ by design) all layers alike."""
+    if hf_moe.family(decoder.specs):  # experts or latent attention (DeepSeek's layers differ by design too)
+        return hf_moe.family(decoder.specs)
     families = sorted({_layer_family(spec) for spec in decoder.specs})
     _refuse(len(families) > 1, " / ".join(families), "its layers belong to different families")
     family = families[0]
@@ -483,7 +491,9 @@ def hf_config(decoder: Decoder):
     from transformers import AutoConfig
 
     family, cfg = _family(decoder), decoder.cfg
-    if family in GEMMA_FAMILIES:
+    if family in hf_moe.ARCHITECTURES:
+        config = hf_moe.config_to_hf(cfg, decoder.specs, family, _rope_to_hf)
+    elif family in GEMMA_FAMILIES:
         config = _gemma_config_to_hf(cfg, decoder.specs, family, _ffn_dim(decoder, family))
     else:
         config = _config_to_hf(cfg, decoder.specs[0], family, _ffn_dim(decoder, family))
@@ -493,6 +503,8 @@ def hf_config(decoder: Decoder):
 
 def _ffn_dim(decoder: Decoder, family: str) -> int:
     """The built feed-forward width (whether or not ffn_dim was set), the same in every layer: HF has one."""
+    if family in hf_moe.ARCHITECTURES:  # read per layer by minsota.hf_moe
+        return decoder.cfg.ffn_width(8 / 3)
     widths = {layer.feed_forward.w2.weight.shape[1] for layer in decoder.layers}
     _refuse(len(widths) > 1, family, f"its layers' feed-forward widths differ ({sorted(widths)})")
     return widths.pop()

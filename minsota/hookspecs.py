@@ -32,6 +32,9 @@ What any component module may define (the decoder finds them at build time; none
       decoder in place of the default rule: normal(std) for matrices, residual_std for those named ``wo``/``w2``,
       zero biases, other vectors left as the module made them.
 
+  ``active_parameters() -> int``   the parameters one token uses (a mixture of experts: the router, its top-k and
+      shared experts); `Decoder.active_parameters` counts every other parameter whole, and `minsota show` prints it.
+
 Auxiliary losses. A module (norm, attention, feed-forward, block, ...) contributes a named scalar term to the
 training objective by carrying an ``aux_loss_name`` attribute (a class attribute, read at build time) and
 assigning ``self.aux_loss`` a 0-d tensor, already weighted, on every forward call. After the blocks run,
@@ -42,6 +45,17 @@ its name. An attribute rather than a state key because the state's entries all h
 rather than a return value because norms, attentions and feed-forwards stay plain tensor -> tensor modules. It
 compiles with ``fullgraph=True`` (the attribute write is a traced side effect), and it is per micro-batch like
 the LM loss, so gradient accumulation, DDP and FSDP2 average it like the loss.
+
+Metrics. Likewise a module carrying ``aux_metric_name`` assigns ``self.aux_metric`` (a detached 0-d tensor) on every
+forward: `Decoder.losses` returns it under that name (the mean over the modules of one name), ``metrics.jsonl``
+logs it (the mean over micro-batches and ranks) and nothing minimises it (MoE: ``moe_imbalance``).
+
+After the optimizer step. A module with ``after_optimizer_step(applied: bool)`` is called by the trainer
+(`minsota.step.train_step`, through `Decoder.after_optimizer_step`) once per optimizer step, after the step and
+outside autograd, on every rank in the same module order, so it may run collectives (``torch.distributed``, when
+initialised); ``applied`` is False when a non-finite step was skipped. What it changes lives in buffers: the
+checkpoint saves persistent ones and a resume restores them, so the update resumes exactly. DDP does not broadcast
+buffers from rank 0 (each rank keeps its own, e.g. counts to all-reduce). MoE bias balancing is the built-in use.
 """
 
 import pluggy

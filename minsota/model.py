@@ -48,9 +48,14 @@ class Decoder(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # found once, here: the modules that contribute auxiliary loss terms (`minsota.hookspecs`, "Auxiliary losses")
         object.__setattr__(self, "aux_modules", [m for m in self.modules() if getattr(m, "aux_loss_name", None)])
-        for module in self.aux_modules:
-            if module.aux_loss_name in RESERVED_METRICS:
-                raise UserError(f"{type(module).__name__}: aux_loss_name {module.aux_loss_name!r} is taken by a "
+        # and those that log a metric (`aux_metric_name`) or act after each optimizer step (`after_optimizer_step`)
+        object.__setattr__(self, "metric_modules", [m for m in self.modules() if getattr(m, "aux_metric_name", None)])
+        object.__setattr__(self, "step_modules", [m for m in self.modules() if hasattr(m, "after_optimizer_step")
+                                                  and m is not self])
+        for module, attribute in [*((m, "aux_loss_name") for m in self.aux_modules),
+                                  *((m, "aux_metric_name") for m in self.metric_modules)]:
+            if getattr(module, attribute) in RESERVED_METRICS:
+                raise UserError(f"{type(module).__name__}: {attribute} {getattr(module, attribute)!r} is taken by a "
                                 f"metric of its own ({', '.join(RESERVED_METRICS)})")
         self.reset_parameters()
 
@@ -119,10 +124,33 @@ class Decoder(nn.Module):
             losses[name] = losses[name] + module.aux_loss if name in losses else module.aux_loss
         if self.aux_modules:
             losses["aux_loss"] = sum(losses[name] for name in dict.fromkeys(m.aux_loss_name for m in self.aux_modules))
-        return losses
+        metrics = {}  # logged, never minimised: the mean over the modules of one name
+        for module in self.metric_modules:
+            metrics.setdefault(module.aux_metric_name, []).append(module.aux_metric)
+        return losses | {name: torch.stack(values).mean() for name, values in metrics.items()}
+
+    def after_optimizer_step(self, applied: bool) -> None:
+        """Called by the trainer after every optimizer step (``applied`` False: a non-finite step was skipped) on
+        every rank; runs each module's own ``after_optimizer_step(applied)`` in module order."""
+        for module in self.step_modules:
+            module.after_optimizer_step(applied)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def active_parameters(self) -> int:
+        """The parameters one token uses: a module with ``active_parameters()`` (a mixture of experts) counts
+        its own, every other parameter counts whole (tied ones once)."""
+        seen, active = set(), 0
+        for module in self.modules():
+            if hasattr(module, "active_parameters") and module is not self:
+                active += module.active_parameters()
+                seen.update(id(p) for p in module.parameters())
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                active += p.numel()
+        return active
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Matmul FLOPs per token, summed per layer. A module with ``flops_per_token(seq_len)`` (forward FLOPs
@@ -196,6 +224,11 @@ def model_size(recipe: Recipe) -> tuple[int, float]:
     """(parameters, training FLOPs per token at train.seq_len), built on "meta": nothing allocated."""
     model = build_model(recipe, device="meta")
     return model.num_parameters(), model.flops_per_token(recipe.train.seq_len)
+
+
+def active_size(recipe: Recipe) -> int:
+    """The parameters one token uses (`Decoder.active_parameters`), built on "meta"."""
+    return build_model(recipe, device="meta").active_parameters()
 
 
 def build_model(recipe: Recipe, device: str | torch.device | None = None) -> Decoder:

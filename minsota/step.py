@@ -69,5 +69,7 @@ def train_step(state: TrainState, loss_fn, lr: float, *, device: torch.device, a
     if finite:
         scaler.step(optimizer)
     scaler.update()
+    if hasattr(model, "after_optimizer_step"):  # modules acting on the step: MoE bias balancing (minsota.hookspecs)
+        model.after_optimizer_step(finite)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_value, norm_value, finite, asked_value > 0, aux)

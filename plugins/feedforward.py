@@ -27,9 +27,9 @@ def gelu(approximate: str) -> str:
 class GatedFeedForward(nn.Module):
     """w2(act(x·w1) * x·w3), gate (w1) and up (w3) fused in ``w13``; hidden 8/3·dim rounded up unless ffn_dim."""
 
-    def __init__(self, cfg, activation: str):
+    def __init__(self, cfg, activation: str, hidden: int | None = None):
         super().__init__()
-        hidden = cfg.ffn_width(8 / 3)  # 8/3·dim keeps the parameter count of a 4·dim MLP
+        hidden = hidden or cfg.ffn_width(8 / 3)  # 8/3·dim keeps the parameter count of a 4·dim MLP
         self.activation = activation
         self.w13 = nn.Linear(cfg.dim, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
@@ -57,12 +57,12 @@ class MLP(nn.Module):
 
 
 class SwiGLU(GatedFeedForward):
-    """SwiGLU: w2(silu(x·w1) * x·w3), hidden 8/3·dim (Llama, Mistral)."""
+    """SwiGLU: w2(silu(x·w1) * x·w3), hidden 8/3·dim (Llama, Mistral) or ``hidden`` (a layer of its own width)."""
 
     reference = staticmethod(reference.swiglu)
 
-    def __init__(self, cfg):
-        super().__init__(cfg, "silu")
+    def __init__(self, cfg, hidden: int | None = None):
+        super().__init__(cfg, "silu", hidden)
 
 
 class GEGLU(GatedFeedForward):

@@ -85,6 +85,7 @@ class Rope(PositionalEncoding):
             inv_freq = llama3_frequencies(inv_freq, **scaling_options)
         elif scaling == "yarn":
             inv_freq, self.attention_factor = yarn_frequencies(inv_freq, theta, **scaling_options)
+            self.yarn_factor = scaling_options["factor"]  # DeepSeek's MLA corrects its softmax scale by it
         elif scaling is not None:
             raise ValueError(f"scaling must be 'llama3' or 'yarn', got {scaling!r}")
         self.register_buffer("inv_freq", inv_freq, persistent=False)

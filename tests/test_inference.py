@@ -16,7 +16,8 @@ from minsota.train import train
 # call brings), and each kernel option (the bias with both kernels)
 CASES = [("rope", "sdpa"), ("learned", "sdpa"), ("none", "sdpa"), ("alibi", "sdpa"), ("rope", "math"),
          ({"name": "rope", "use_xpos": True}, "sdpa"),
-         ("rope", {"name": "sdpa", "window": 8}), ("alibi", {"name": "math", "window": 8, "softcap": 5.0})]
+         ("rope", {"name": "sdpa", "window": 8}), ("alibi", {"name": "math", "window": 8, "softcap": 5.0}),
+         ("rope", "mla"), ("alibi", {"name": "mla", "q_lora_rank": 48})]  # mla: the absorbed latent cache
 
 
 def random_model(positional="rope", attention="sdpa"):
