@@ -56,13 +56,17 @@ def cmd_list(args):
 
 
 def cmd_show(args):
-    from minsota.model import model_size
+    from minsota.model import build_model
+    from minsota.optim import build_optimizer, describe_groups
 
     recipe = _recipe(args)
-    params, flops = model_size(recipe)  # on "meta": 7B recipes show in a second
+    model = build_model(recipe, device="meta")  # nothing allocated: 7B recipes show in a second
+    groups = describe_groups(build_optimizer(model, recipe.train, recipe.plugins))
     print(json.dumps(recipe_record(recipe), indent=2))
-    print(f"parameters: {params:,}")
-    print(f"FLOPs/token: {flops:.4g} (training, seq_len {recipe.train.seq_len})")
+    print(f"parameters: {model.num_parameters():,}")
+    print(f"FLOPs/token: {model.flops_per_token(recipe.train.seq_len):.4g} (training, seq_len {recipe.train.seq_len})")
+    print(f"parameter groups: {recipe.train.optimizer if isinstance(recipe.train.optimizer, str) else recipe.train.optimizer['name']}")
+    print("\n".join(f"  {row}" for row in groups))
 
 
 def cmd_plugins(args):

@@ -23,7 +23,7 @@ from minsota.recipe import Recipe
 # Keys a resumed run may not change unnoticed: they change what the weights mean or what the saved data
 # position points at. `--allow-change KEY` (or a whole table, `--allow-change model`) accepts a change.
 GUARDED = ("model", "data.source", "data.tokenizer", "data.text_field", "data.holdout_every", "train.batch_size",
-           "train.seq_len")
+           "train.seq_len", "train.optimizer", "train.param_groups")
 
 
 @contextlib.contextmanager
@@ -53,6 +53,9 @@ def open_resumed(path: Path, overrides: dict | None, plugin_specs, allow_changes
         return run_dir, recipe, None
     ckpt = checkpoint.load(ckpt_path)
     check_changes(ckpt["recipe"], recipe, ckpt_path, allow_changes)
+    if ckpt["trainer"] and ckpt["recipe"]["train"].get("optimizer", "adamw") != recipe.to_dict()["train"]["optimizer"]:
+        print("minsota: warning: train.optimizer changed (allowed): its state starts afresh", file=sys.stderr)
+        ckpt = {**ckpt, "optimizer": {}, "trainer": {**ckpt["trainer"], "optimizer": None}}
     return run_dir, recipe, ckpt
 
 

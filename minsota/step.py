@@ -28,10 +28,11 @@ class StepResult:
     stop: bool  # some rank was asked to stop (a signal): every rank stops after this step
 
 
-def train_step(state: TrainState, loss_fn, lr: float, *, device: torch.device, accum: int = 1,
+def train_step(state: TrainState, loss_fn, lr_scale: float, *, device: torch.device, accum: int = 1,
                grad_clip: float = 0.0, autocast=None, document: bool = False,
                loss_module=None, stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
-    """Run one optimizer step on ``accum`` micro-batches drawn from ``state.batches``.
+    """Run one optimizer step on ``accum`` micro-batches drawn from ``state.batches``, each group's lr its
+    ``initial_lr`` × ``lr_scale`` (the warmup and schedule multiplier, `minsota.optim.lr_multiplier`).
 
     ``loss_fn`` computes a micro-batch's loss (``model.loss``, its DDP wrapper ``loss_module``, or either
     compiled); ``grad_clip`` 0 clips nothing; ``document`` passes document ids (document packing);
@@ -40,7 +41,7 @@ def train_step(state: TrainState, loss_fn, lr: float, *, device: torch.device, a
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     autocast = autocast or contextlib.nullcontext()
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["initial_lr"] * lr_scale
     loss = torch.zeros((), device=device)
     for micro_step in range(accum):
         with gradient_sync(loss_module, model, micro_step == accum - 1):
