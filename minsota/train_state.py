@@ -81,6 +81,8 @@ def split_optimizer_state(optim: dict) -> tuple[dict, dict]:
 def _optimizer_state(ckpt: dict, state: TrainState) -> dict:
     """The checkpoint's optimizer state in the live optimizer's form: tensors and JSON state by parameter path,
     the live groups (this recipe's hyperparameters) with the saved values of the optimizer's own counters."""
+    for p in [p for p, entry in state.optimizer.state.items() if not entry]:  # looked up, never filled (schedule-
+        del state.optimizer.state[p]  # free's train()): DCP then takes the state as built and skips its lazy init
     optim = get_optimizer_state_dict(state.model, state.optimizer, options=TO_LOAD)  # this recipe's groups
     saved = (ckpt["trainer"].get("optimizer") or {"state": {}, "param_groups": []})
     optim["state"] = {name: dict(entry) for name, entry in saved["state"].items()}

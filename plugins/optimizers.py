@@ -32,6 +32,9 @@ def adamw(groups, cfg, fused: bool | None = None):
 class MuonAdamW(torch.optim.AdamW):
     """Muon for the groups with ``algorithm = "muon"``, AdamW for the others; one state, one state dict."""
 
+    def __setstate__(self, state):  # AdamW's reads every parameter's "step"; Muon's parameters have none
+        torch.optim.Optimizer.__setstate__(self, state)
+
     @torch.no_grad()
     def step(self, closure=None):
         from torch.optim._muon import muon  # the functional step behind torch.optim.Muon (torch >= 2.9)
