@@ -41,6 +41,7 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
     assert process.returncode == 0, process.stderr
     one, two = losses(single), losses(run_dir)
     assert two == pytest.approx(one, rel=1e-4)
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-4)
     assert [r["val_loss"] for r in records(run_dir) if "val_loss" in r] == pytest.approx(
         [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4)
     assert len(records(run_dir)) == len(records(single))  # rank 0 alone writes metrics
@@ -67,6 +68,29 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
         assert [r["loss"] for r in tail] == pytest.approx([one[step] for step in (4, 5, 6)], rel=1e-4)
 
 
+def grad_norms(run_dir: Path) -> list[float]:
+    return [r["grad_norm"] for r in records(run_dir) if "grad_norm" in r]
+
+
+# every built-in optimizer under DDP; under FSDP2 those that step shards (muon needs whole matrices: refused)
+OPTIMIZED = [("muon", "ddp", {"train.optimizer": "muon"}), ("lion", "ddp", {"train.optimizer": "lion"}),
+             ("lion", "fsdp", {"train.optimizer": "lion"}),
+             ("schedulefree-adamw", "ddp", {"train.optimizer": "schedulefree-adamw", "train.schedule": "constant"})]
+
+
+@pytest.mark.parametrize("name, parallelism, overrides", OPTIMIZED, ids=[f"{o[0]}-{o[1]}" for o in OPTIMIZED])
+def test_two_ranks_match_one_per_optimizer(tmp_path, name, parallelism, overrides):
+    """The 2-rank run's losses and gradient norms are the 1-rank run's, within 1e-4, for each optimizer."""
+    short = {**RUN, "train.steps": 4, "train.checkpoint_every": 0, **overrides}
+    process = subprocess.run([sys.executable, "-m", "minsota", "train", "tiny", "--out", tmp_path / "one",
+                              *sets(short)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    process = torchrun("train", "tiny", "--out", tmp_path / "two", *sets({**short, "train.parallelism": parallelism}))
+    assert process.returncode == 0, process.stderr
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert grad_norms(tmp_path / "two") == pytest.approx(grad_norms(tmp_path / "one"), rel=1e-4)
+
+
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_compiled_ranks_match_one(single, tmp_path, parallelism):
     """train.compile under DDP (dynamo splits the graph at its gradient buckets) and FSDP2 (per component)."""
@@ -82,11 +106,11 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
     script = tmp_path / "dies.py"
     script.write_text("import os, signal, sys\n"
                       "import minsota.train\n"
-                      "def lr_at(step, t, real=minsota.train.lr_at):\n"
+                      "def lr_multiplier(step, t, schedule, real=minsota.train.lr_multiplier):\n"
                       "    if step == 3 and os.environ['RANK'] == '1':\n"
                       "        os.kill(os.getpid(), signal.SIGKILL)\n"
-                      "    return real(step, t)\n"
-                      "minsota.train.lr_at = lr_at\n"
+                      "    return real(step, t, schedule)\n"
+                      "minsota.train.lr_multiplier = lr_multiplier\n"
                       "from minsota.cli import main\n"
                       "sys.exit(main())\n")
     start = time.monotonic()
