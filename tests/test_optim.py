@@ -102,3 +102,14 @@ def test_a_resume_that_changes_the_optimizer_is_refused_unless_allowed(tmp_path,
 def test_muon_with_fsdp_is_refused_at_recipe_time(cli):
     code, _, err = cli("show", "tiny", *sets({"train.optimizer": "'muon'", "train.parallelism": "fsdp"}))
     assert code == 2 and err.count("\n") == 1 and "train.optimizer: muon" in err and "fsdp" in err, err
+
+
+def test_every_builtin_registers_through_the_hooks_and_lists(cli):
+    code, out, err = cli("list", "optimizers", "--plugin", SIGNUM)
+    assert code == 0, err
+    rows = {line.split()[1]: line.split()[2] for line in out.splitlines()}
+    assert rows == {"adamw": "optimizers", "muon": "optimizers", "lion": "optimizers",
+                    "schedulefree-adamw": "optimizers", "signum": "signum"}
+    code, out, err = cli("list", "schedules")
+    assert code == 0, err
+    assert {line.split()[1] for line in out.splitlines()} == {"cosine", "wsd", "constant", "linear", "inverse-sqrt"}
