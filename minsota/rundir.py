@@ -8,6 +8,7 @@ that mirror it (TensorBoard, W&B).
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 from minsota import checkpoint
 from minsota.errors import UserError
 from minsota.loader import read_recipe_json, recipe_record
-from minsota.recipe import Recipe
+from minsota.recipe import SECTIONS, Recipe
 
 # Keys a resumed run may not change unnoticed: they change what the weights mean or what the saved data
 # position points at. `--allow-change KEY` (or a whole table, `--allow-change model`) accepts a change.
@@ -70,9 +71,17 @@ def prepare(run_dir: Path, recipe: Recipe, abandon_after: int | None) -> None:
     checkpoint.write_json(run_dir / checkpoint.RECIPE, recipe_record(recipe))
 
 
+def _defaults(cls) -> dict:
+    """A recipe table's defaults, as JSON would hold them."""
+    return {f.name: json.loads(json.dumps(f.default if f.default_factory is dataclasses.MISSING else f.default_factory()))
+            for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+            or f.default_factory is not dataclasses.MISSING}
+
+
 def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
     """Refuse a resume whose recipe changes a GUARDED key of the checkpoint's, unless allowed; report the rest."""
     now = json.loads(json.dumps(recipe.to_dict()))
+    defaults = {section: _defaults(cls) for section, cls in SECTIONS.items()}
 
     def covered(key, prefixes):
         return any(key == p or key.startswith(p + ".") for p in prefixes)
@@ -80,7 +89,9 @@ def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
     changed = []
     for section in ("model", "train", "data"):
         for key in sorted(set(saved[section]) | set(now[section])):
-            old, new, dotted = saved[section].get(key), now[section].get(key), f"{section}.{key}"
+            # a key the saved recipe lacks had its default then (a run from before the key existed)
+            old = saved[section].get(key, defaults[section].get(key))
+            new, dotted = now[section].get(key), f"{section}.{key}"
             if old == new:
                 continue
             if covered(dotted, GUARDED) and not covered(dotted, allowed):
