@@ -113,3 +113,24 @@ def test_every_builtin_registers_through_the_hooks_and_lists(cli):
     code, out, err = cli("list", "schedules")
     assert code == 0, err
     assert {line.split()[1] for line in out.splitlines()} == {"cosine", "wsd", "constant", "linear", "inverse-sqrt"}
+
+
+def test_an_optimizer_with_modes_evaluates_checkpoints_and_samples_in_eval_mode(tmp_path, cli, monkeypatch):
+    """The seam: train() before stepping, eval()/train() around each evaluation, checkpoint and sample, and
+    every checkpoint written in eval mode (schedule-free's averaged weights)."""
+    schedulefree = pytest.importorskip("schedulefree")
+    calls = []
+    for mode in ("train", "eval"):
+        real = getattr(schedulefree.AdamWScheduleFree, mode)
+        monkeypatch.setattr(schedulefree.AdamWScheduleFree, mode,
+                            lambda self, real=real, mode=mode: (calls.append(mode), real(self))[1])
+    overrides = {**RUN, "train.steps": 4, "train.sample_tokens": 4, "train.optimizer": "'schedulefree-adamw'",
+                 "train.schedule": "'constant'"}
+    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets(overrides))
+    assert code == 0, err
+    # start; step 2: validate; step 3: checkpoint; step 4: validate, checkpoint, sample
+    assert calls == ["train"] + ["eval", "train"] * 5
+    for step in (3, 4):
+        groups = json.loads((tmp_path / "run" / "checkpoints" / f"step-{step}" / "trainer.json").read_text())
+        assert {g["train_mode"] for g in groups["optimizer"]["param_groups"]} == {False}
+        assert {g["k"] for g in groups["optimizer"]["param_groups"]} == {step}
