@@ -399,9 +399,6 @@ def _validate_train_plugins(recipe: Recipe, registries: Mapping[str, Registry]) 
             raise UserError(f"{where}: train.{key}: {e}") from None
         except (TypeError, ValueError) as e:
             raise UserError(f"{where}: train.{key}: {name}: {e}") from None
-    if component(t.optimizer)[0] == "muon" and t.parallelism == "fsdp":  # torch's Muon has no DTensor support
-        raise UserError(f"{recipe.where('train.optimizer')}: train.optimizer: muon orthogonalises whole matrices and "
-                        f"does not run on the shards of train.parallelism = 'fsdp' (use 'ddp')")
     for i, rule in enumerate(t.param_groups):
         where = recipe.where("train.param_groups")
         if not isinstance(rule, dict) or not isinstance(rule.get("params"), list) or not rule["params"] \

@@ -4,9 +4,10 @@
   CPU and CUDA (22 ms vs foreach 93 ms a step on this CPU).
 - ``muon``: Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/; Liu et al. 2025, "Muon is
   Scalable for LLM Training", arXiv:2502.16982) for role ``matrix``, AdamW for the rest, in one optimizer.
-  The Muon step is torch's own (`torch.optim.Muon`'s functional form: momentum EMA, Nesterov, 5 quintic
-  Newton–Schulz steps in bf16), applied to each logical matrix a fused weight declares in its group's
-  ``splits`` (q, k, v of ``wqkv``; w1, w3 of ``w13``), as modded-nanogpt keeps them separate.
+  The Muon step is `torch.optim.Muon`'s (momentum EMA, Nesterov, 5 quintic Newton–Schulz steps in bf16, its
+  lr adjustment), applied to each logical matrix a fused weight declares in its group's ``splits`` (q, k, v
+  of ``wqkv``; w1, w3 of ``w13``), as modded-nanogpt keeps them separate; under FSDP2 each matrix is
+  gathered whole for it.
 - ``lion``: Lion (Chen et al. 2023, arXiv:2302.06675): the sign of an interpolated momentum.
 - ``schedulefree-adamw``: Schedule-Free AdamW (Defazio et al. 2024, arXiv:2405.15682) from the
   ``schedulefree`` package (``pip install 'minsota[schedulefree]'``); pair it with ``train.schedule =
@@ -15,6 +16,7 @@
 """
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from minsota import hookimpl
 
@@ -37,29 +39,37 @@ class MuonAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.optim._muon import muon  # the functional step behind torch.optim.Muon (torch >= 2.9)
-
         for group in self.param_groups:
             if group["algorithm"] != "muon":
                 continue
-            params, grads, buffers = [], [], []
             for p, splits in zip(group["params"], group["splits"]):
-                if p.grad is None:
-                    continue
-                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                sizes = splits or [p.shape[0]]  # rows of each logical matrix: each is orthogonalised alone
-                params += p.split(sizes)
-                grads += p.grad.split(sizes)
-                buffers += buffer.split(sizes)
-            muon(params, grads, buffers, lr=group["lr"], weight_decay=group["weight_decay"],
-                 momentum=group["momentum"], nesterov=group["nesterov"], ns_coefficients=group["ns_coefficients"],
-                 ns_steps=group["ns_steps"], eps=1e-7, adjust_lr_fn=group["adjust_lr_fn"], has_complex=False)
+                if p.grad is not None:
+                    buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    _muon_step(p, buffer, splits or [p.shape[0]], group)
         everything = self.param_groups
         self.param_groups = [g for g in everything if g["algorithm"] != "muon"]
         try:
             return super().step(closure)
         finally:
             self.param_groups = everything
+
+
+def _muon_step(p: torch.Tensor, buffer: torch.Tensor, sizes: list[int], group: dict) -> None:
+    """`torch.optim.Muon`'s step, op for op (its Newton-Schulz and lr adjustment), one logical matrix (``sizes``:
+    rows) at a time. On an FSDP2 shard (a DTensor) the momentum stays sharded (it is elementwise); the update
+    and the parameter are gathered whole, stepped as one process would, and each rank keeps its own rows."""
+    from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch >= 2.9
+
+    buffer.lerp_(p.grad, 1 - group["momentum"])
+    update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+    sharded = isinstance(p, DTensor)
+    whole, target = (update.full_tensor(), p.full_tensor()) if sharded else (update, p)
+    for part, param in zip(whole.split(sizes), target.split(sizes)):
+        ortho = _zeropower_via_newtonschulz(part, group["ns_coefficients"], group["ns_steps"], 1e-7)
+        param.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay with the unadjusted lr
+        param.add_(ortho, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], part.shape))
+    if sharded:
+        p.to_local().copy_(distribute_tensor(target, p.device_mesh, p.placements, src_data_rank=None).to_local())
 
 
 def muon(groups, cfg, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,

@@ -72,15 +72,19 @@ def grad_norms(run_dir: Path) -> list[float]:
     return [r["grad_norm"] for r in records(run_dir) if "grad_norm" in r]
 
 
-# every built-in optimizer under DDP; under FSDP2 those that step shards (muon needs whole matrices: refused)
-OPTIMIZED = [("muon", "ddp", {"train.optimizer": "muon"}), ("lion", "ddp", {"train.optimizer": "lion"}),
-             ("lion", "fsdp", {"train.optimizer": "lion"}),
-             ("schedulefree-adamw", "ddp", {"train.optimizer": "schedulefree-adamw", "train.schedule": "constant"})]
+# every built-in optimizer under DDP; under FSDP2 AdamW (above), Lion and Muon (which gathers each matrix).
+# The gradient-norm tolerance: 1e-4, but 1e-3 for Muon on FSDP2, whose reduce-scatter leaves last-bit gradient
+# differences that the bf16 Newton-Schulz input rounding amplifies (measured 2.7e-4 by step 3; losses stay 1e-4)
+OPTIMIZED = [("muon", "ddp", {"train.optimizer": "muon"}, 1e-4), ("muon", "fsdp", {"train.optimizer": "muon"}, 1e-3),
+             ("lion", "ddp", {"train.optimizer": "lion"}, 1e-4), ("lion", "fsdp", {"train.optimizer": "lion"}, 1e-4),
+             ("schedulefree-adamw", "ddp", {"train.optimizer": "schedulefree-adamw", "train.schedule": "constant"},
+              1e-4)]
 
 
-@pytest.mark.parametrize("name, parallelism, overrides", OPTIMIZED, ids=[f"{o[0]}-{o[1]}" for o in OPTIMIZED])
-def test_two_ranks_match_one_per_optimizer(tmp_path, name, parallelism, overrides):
-    """The 2-rank run's losses and gradient norms are the 1-rank run's, within 1e-4, for each optimizer."""
+@pytest.mark.parametrize("name, parallelism, overrides, norm_tolerance", OPTIMIZED,
+                         ids=[f"{o[0]}-{o[1]}" for o in OPTIMIZED])
+def test_two_ranks_match_one_per_optimizer(tmp_path, name, parallelism, overrides, norm_tolerance):
+    """The 2-rank run's losses (within 1e-4) and gradient norms are the 1-rank run's, for each optimizer."""
     short = {**RUN, "train.steps": 4, "train.checkpoint_every": 0, **overrides}
     process = subprocess.run([sys.executable, "-m", "minsota", "train", "tiny", "--out", tmp_path / "one",
                               *sets(short)], env=ENV, capture_output=True, text=True, timeout=300)
@@ -88,7 +92,7 @@ def test_two_ranks_match_one_per_optimizer(tmp_path, name, parallelism, override
     process = torchrun("train", "tiny", "--out", tmp_path / "two", *sets({**short, "train.parallelism": parallelism}))
     assert process.returncode == 0, process.stderr
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
-    assert grad_norms(tmp_path / "two") == pytest.approx(grad_norms(tmp_path / "one"), rel=1e-4)
+    assert grad_norms(tmp_path / "two") == pytest.approx(grad_norms(tmp_path / "one"), rel=norm_tolerance)
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])

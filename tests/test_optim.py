@@ -99,11 +99,6 @@ def test_a_resume_that_changes_the_optimizer_is_refused_unless_allowed(tmp_path,
     assert "train.optimizer changed (allowed): its state starts afresh" in err and max(losses(run_dir)) == 5
 
 
-def test_muon_with_fsdp_is_refused_at_recipe_time(cli):
-    code, _, err = cli("show", "tiny", *sets({"train.optimizer": "'muon'", "train.parallelism": "fsdp"}))
-    assert code == 2 and err.count("\n") == 1 and "train.optimizer: muon" in err and "fsdp" in err, err
-
-
 def test_every_builtin_registers_through_the_hooks_and_lists(cli):
     code, out, err = cli("list", "optimizers", "--plugin", SIGNUM)
     assert code == 0, err
