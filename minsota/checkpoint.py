@@ -349,7 +349,31 @@ def verify(path: Path) -> dict:
             raise CorruptCheckpoint(f"{file}: {stat.st_size} bytes, manifest says {expected['bytes']} (truncated?)")
         if _sha256_as_of(str(file), stat.st_size, stat.st_mtime_ns) != expected["sha256"]:
             raise CorruptCheckpoint(f"{file}: sha256 differs from the manifest (corrupted)")
+        _check_readable(file)
     return manifest
+
+
+def _check_readable(file: Path) -> None:
+    """A file that matches the manifest can still be one no reader takes (a faulty writer hashed what it wrote):
+    parse JSON files, and a safetensors file's header and its size, without reading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        if file.suffix == ".json":
+            json.loads(file.read_text(encoding="utf-8"))
+        elif file.suffix == ".safetensors":
+            with safe_open(str(file), "pt") as f:
+                f.metadata()
+    except (SafetensorError, ValueError, OSError) as e:  # ValueError: bad JSON or not UTF-8
+        reason = " ".join(str(e).split())[:200]
+        raise CorruptCheckpoint(f"{file}: matches the manifest but cannot be read ({reason})") from None
+
+
+def does_not_fit(path: Path, error: Exception) -> UserError:
+    """A checkpoint's weights refused by the model built from the recipe: the error names the first mismatch
+    (torch's message starts with a line that only introduces them)."""
+    reason = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])
+    return UserError(f"{path}: does not fit this model: {reason}")
 
 
 def load(path: Path, weights_only: bool = False) -> dict:
@@ -360,7 +384,10 @@ def load(path: Path, weights_only: bool = False) -> dict:
         files = [name for name in files if name not in (OPTIMIZER, RNG, TRAINER)]
 
     def tensors(name):
-        return load_weights(path / name) if name in files else None
+        try:
+            return load_weights(path / name) if name in files else None
+        except SafetensorError as e:  # past the header `verify` reads: the tensors themselves
+            raise CorruptCheckpoint(f"{path / name}: matches the manifest but cannot be read ({e})") from None
 
     def obj(name):
         return json.loads((path / name).read_text()) if name in files else None

@@ -7,6 +7,7 @@ quietly · 143 after SIGTERM. A user error is one line on stderr; MINSOTA_DEBUG=
 
 import argparse
 import json
+import math
 import os
 import select
 import sys
@@ -15,9 +16,27 @@ from datetime import datetime
 from pathlib import Path
 
 from minsota.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGPIPE, UserError
-from minsota.loader import load_recipe, recipe_record
 from minsota.plugins import KINDS, load_plugins, plugin_of
 from minsota.recipe import describe_recipe_file, parse_override
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is a number (nan and inf are refused, as every float argument's)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def path_arg(text: str) -> str:
+    """An argparse type for every path argument: an empty one ('' from an unset shell variable) is a mistake,
+    never the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
 
 
 def _overrides(args) -> dict:
@@ -25,6 +44,8 @@ def _overrides(args) -> dict:
 
 
 def _recipe(args):
+    from minsota.loader import load_recipe  # torch comes with it: inside main's error handling
+
     return load_recipe(args.recipe, _overrides(args), args.plugin)
 
 
@@ -56,6 +77,8 @@ def cmd_list(args):
 
 
 def cmd_show(args):
+    from minsota.loader import recipe_record
+    from minsota.memory import summary
     from minsota.model import build_model
     from minsota.optim import build_optimizer, describe_groups
 
@@ -65,6 +88,7 @@ def cmd_show(args):
     print(json.dumps(recipe_record(recipe), indent=2))
     print(f"parameters: {model.num_parameters():,}")
     print(f"FLOPs/token: {model.flops_per_token(recipe.train.seq_len):.4g} (training, seq_len {recipe.train.seq_len})")
+    print(f"memory: {summary(recipe)}")
     print(f"parameter groups: {recipe.train.optimizer if isinstance(recipe.train.optimizer, str) else recipe.train.optimizer['name']}")
     print("\n".join(f"  {row}" for row in groups))
 
@@ -77,6 +101,8 @@ def cmd_plugins(args):
 def cmd_train(args):
     from minsota.train import resume, train
 
+    if args.allow_change and not args.resume:
+        raise UserError("--allow-change applies to --resume only (a new run has no earlier recipe to differ from)")
     if args.resume:
         if args.recipe is not None:
             raise UserError(f"a recipe ('{args.recipe}') and --resume are exclusive: --resume {args.resume} "
@@ -100,6 +126,7 @@ def cmd_compare(args):
 
 def cmd_diff(args):
     from minsota.compare import format_diff
+    from minsota.loader import load_recipe
 
     print(format_diff(load_recipe(args.a, plugin_specs=args.plugin), load_recipe(args.b, plugin_specs=args.plugin)))
 
@@ -114,6 +141,17 @@ def cmd_generate(args):
 
 
 def cmd_eval(args):
+    given = [option for option, value in (("--batches", args.batches), ("--num-fewshot", args.num_fewshot),
+             ("--limit", args.limit), ("--include-path", args.include_path)) if value is not None]
+    misplaced = [option for option in given if (option == "--batches") == bool(args.tasks)]  # one mode's, in the other
+    if misplaced:
+        what = "is for the validation loss, not" if misplaced[0] == "--batches" else "goes with"
+        raise UserError(f"{misplaced[0]} {what} --tasks")
+    if args.tasks:  # downstream tasks through lm-evaluation-harness (the [eval] extra)
+        from minsota.inference import evaluate_run_tasks
+
+        return print(evaluate_run_tasks(Path(args.run_dir), args.tasks.split(","), args.num_fewshot, args.limit,
+                                        args.batch_size, args.include_path, _overrides(args), args.plugin))
     from minsota.inference import evaluate_run, format_evaluation
 
     print(format_evaluation(evaluate_run(Path(args.run_dir), _overrides(args), args.plugin, args.batches)))
@@ -150,21 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minsota", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
+    common.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE", type=path_arg,
                         help="load a local plugin file or module (repeatable)")
     overridable = argparse.ArgumentParser(add_help=False)
     overridable.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                              help="override a recipe key (TOML value; a bare word is a string)")
     for add in (_add_train, _add_catalogue, _add_comparisons, _add_run_tools, _add_bench):  # in `--help`'s order
         add(sub, common, overridable)
+    for command in sub.choices.values():  # an unknown option gets its command's usage, not the top level's
+        command.set_defaults(parser=command)
     return parser
 
 
 def _add_train(sub, common, overridable) -> None:
     p = sub.add_parser("train", parents=[common, overridable], help="train a recipe (default: quickstart)")
     p.add_argument("recipe", nargs="?", help="recipe name or TOML path (default: quickstart; not with --resume)")
-    p.add_argument("--out", metavar="RUN_DIR", help="a new run directory (default: runs/RECIPE-TIMESTAMP)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint "
+    p.add_argument("--out", metavar="RUN_DIR", type=path_arg, help="a new run directory (default: runs/RECIPE-TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN_DIR", type=path_arg, help="continue a run from its newest valid checkpoint "
                    "(or from RUN_DIR/checkpoints/step-N)")
     p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                    help="with --resume: accept a changed model shape, tokenizer, batch size or data source "
@@ -193,7 +233,7 @@ def _add_comparisons(sub, common, overridable) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps of every run (default: each recipe's own)")
     p.add_argument("--seeds", type=int, default=1,
                    help="runs per recipe, seeds base.train.seed + 0..K-1 (K > 1: confidence intervals, p-values)")
-    p.add_argument("--out", metavar="DIR", help="runs and results (default: runs/compare-TIMESTAMP); "
+    p.add_argument("--out", metavar="DIR", type=path_arg, help="runs and results (default: runs/compare-TIMESTAMP); "
                    "the same DIR again resumes")
     p.add_argument("--budget", default="tokens", metavar="KIND[=VALUE]",
                    help="compare validation loss at equal tokens (default), flops (training FLOPs) or time "
@@ -207,27 +247,34 @@ def _add_comparisons(sub, common, overridable) -> None:
 
 def _add_run_tools(sub, common, overridable) -> None:
     p = sub.add_parser("generate", parents=[common, overridable], help="sample text from a run (KV cache)")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or RUN_DIR/checkpoints/step-N")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=path_arg, help="a run directory, or RUN_DIR/checkpoints/step-N")
     p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--temperature", type=finite_float, default=1.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the likeliest tokens holding P probability")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus: the likeliest tokens holding P probability")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("eval", parents=[common, overridable],
-                       help="validation loss, perplexity (bits/byte for bytes) of a run, e.g. on another data.source")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or RUN_DIR/checkpoints/step-N")
+                       help="validation loss, perplexity (bits/byte for bytes) of a run, e.g. on another data.source; "
+                       "or downstream tasks (--tasks)")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=path_arg, help="a run directory, or RUN_DIR/checkpoints/step-N")
     p.add_argument("--batches", type=int, help="validation micro-batches (default: the recipe's train.eval_batches)")
+    p.add_argument("--tasks", metavar="TASK,...", help="lm-evaluation-harness tasks instead (hellaswag,arc_easy; "
+                   "needs the [eval] extra): prints the harness's table, writes RUN_DIR/eval/step-N-*.json")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="with --tasks: few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="with --tasks: requests per forward")
+    p.add_argument("--include-path", metavar="DIR", type=path_arg, help="with --tasks: a directory of task YAML files (local data)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("import-hf", help="a Hugging Face Llama/Mistral/OLMo 2/GPT-2 directory -> a run directory "
                        "(recipe.json, checkpoints/step-0)")
-    p.add_argument("hf_dir", metavar="HF_DIR", help="a save_pretrained directory (config.json, safetensors)")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a new run directory")
+    p.add_argument("hf_dir", metavar="HF_DIR", type=path_arg, help="a save_pretrained directory (config.json, safetensors)")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=path_arg, help="a new run directory")
     p.set_defaults(func=cmd_import_hf)
     p = sub.add_parser("export-hf", parents=[common], help="a run's newest checkpoint -> a Hugging Face directory")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or RUN_DIR/checkpoints/step-N")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="a new directory for config.json and model.safetensors")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=path_arg, help="a run directory, or RUN_DIR/checkpoints/step-N")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=path_arg, help="a new directory for config.json and model.safetensors")
     p.set_defaults(func=cmd_export_hf)
 
 
@@ -253,7 +300,12 @@ def _stdout_gone() -> bool:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except KeyboardInterrupt:
+        return _interrupted(KeyboardInterrupt())
     try:
         code = args.func(args) or 0
         sys.stdout.flush()  # a pipe's reader gone: found here, not at interpreter exit
@@ -269,10 +321,17 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"minsota: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        return EXIT_SIGINT
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     except Exception:
         return _internal_error()
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    """Ctrl-C outside the training loop (which checkpoints instead): one line, saying what was left (the trainer
+    puts that in the exception), exit 130."""
+    print(f"\nminsota: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+    return EXIT_SIGINT
 
 
 def _internal_error() -> int:

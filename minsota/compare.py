@@ -81,6 +81,13 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 
+def task_scores(run_dir: Path) -> dict[str, float]:
+    """The newest score of each downstream task metric a run logged (``tasks/TASK/METRIC``, train.eval_tasks)."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {key: value for r in records for key, value in r.items() if key.startswith("tasks/")}
+
+
 def _tokens(record: dict, recipe: Recipe) -> int:
     """Tokens seen by a record's step: train records carry them; evaluation records ({step, val_loss}) do not."""
     return record.get("tokens", record["step"] * recipe.train.batch_size * recipe.train.seq_len)
@@ -113,7 +120,8 @@ def _curves(recipe: Recipe, run_dir: Path, kind: str, per_token: float) -> dict:
             "train_loss": sum(r["loss"] for r in tail) / len(tail),
             "curve": [[x, r["loss"]] for x, r in zip(axis, train)],
             "val_curve": [[axis[i], r["val_loss"], r["step"]] for i, r in zip(at, evals)],
-            "tokens_per_s": [r["tokens_per_s"] for r in train[1:] or train]}  # step 1 pays one-off costs
+            "tokens_per_s": [r["tokens_per_s"] for r in train[1:] or train],  # step 1 pays one-off costs
+            "tasks": task_scores(run_dir)}
 
 
 def read_at(val_curve: list[list[float]], budget: float) -> tuple[float, float] | None:
@@ -151,8 +159,11 @@ def _summarize(label: str, recipes: list[Recipe], runs: list[dict], budget: tupl
             run["val_loss"], run["at_step"] = reading
     if "short" in row:
         return row
+    tasks = [key for key in runs[0]["tasks"] if all(key in r["tasks"] for r in runs)]  # what every seed scored
     return {**row, **{key: dict(zip(("mean", "std"), mean_std([r[key] for r in runs])))
-                      for key in ("train_loss", "val_loss")}, "runs": runs}
+                      for key in ("train_loss", "val_loss")},
+            "tasks": {key: dict(zip(("mean", "std"), mean_std([r["tasks"][key] for r in runs]))) for key in tasks},
+            "runs": runs}
 
 
 def _diverged(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
@@ -183,8 +194,10 @@ def _si(value: float) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The comparison as aligned text; the difference columns say variant − base (negative: variant better)."""
+    """The comparison as aligned text; the difference columns say variant − base (negative: variant better);
+    then one column per downstream task metric (train.eval_tasks), its final score."""
     seeds = max(len(row.get("runs", [])) for row in rows)
+    tasks = list(dict.fromkeys(key for row in rows for key in row.get("tasks", {})))
 
     def loss(stat):
         return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if seeds > 1 else "")
@@ -193,13 +206,15 @@ def format_table(rows: list[dict]) -> str:
     if seeds > 1:
         header[-1] += f" [{LEVEL:.0%} CI]"
         header.append("p")
+    header += [key.removeprefix("tasks/") for key in tasks]
     table = [header]
     for i, row in enumerate(rows):
         if "runs" not in row:  # diverged, or short of the budget
             what, runs = ("diverged", len(row["diverged"])) if "diverged" in row else ("short of budget",
                                                                                          len(row["short"]))
             table.append([row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), "", what,
-                          f"{runs} run{'s' * (runs > 1)}", "(base)" if i == 0 else "", *([""] * (seeds > 1))])
+                          f"{runs} run{'s' * (runs > 1)}", "(base)" if i == 0 else "", *([""] * (seeds > 1)),
+                          *([""] * len(tasks))])
             continue
         cells = [row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), _si(row["tokens_per_s"]),
                  loss(row["train_loss"]), loss(row["val_loss"])]
@@ -211,6 +226,7 @@ def format_table(rows: list[dict]) -> str:
                       f"{difference['p_value']:.3g}"]
         else:
             cells.append(f"{difference['mean']:+.4f}")
+        cells += [loss(row["tasks"][key]) if key in row.get("tasks", {}) else "" for key in tasks]
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]

@@ -471,8 +471,10 @@ class Batches:
     def _start(self):
         p = self._position
         blocks = TokenizedBlocks(self.source, self.tokenizer, self.block_docs, p["epoch"], p["source"])
+        # its own generator: starting an iterator draws a worker seed, which from the global RNG would shift
+        # what training draws next (dropout) on every (re)start, so a resumed run would no longer repeat
         self._loader = iter(DataLoader(blocks, batch_size=None, num_workers=self.num_workers,
-                                       worker_init_fn=_outlive_stop_signals))
+                                       worker_init_fn=_outlive_stop_signals, generator=torch.Generator()))
         self._blocks = deque()  # blocks not yet fully consumed: epoch, source state at their start, length, empty
         self._tokens = torch.empty(0, dtype=torch.int64)  # their tokens, concatenated
         self._starts = torch.empty(0, dtype=torch.bool)

@@ -55,8 +55,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 
 @torch.no_grad()
 def generate(model: Decoder, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stop_id: int | None = None, use_cache: bool = True) -> list[int]:
-    """Up to ``max_new_tokens`` ids sampled after ``prompt`` (not empty), stopping before ``stop_id``.
+             top_p: float = 1.0, seed: int = 0, stop_id: int | None = None, use_cache: bool = True,
+             stop=None) -> list[int]:
+    """Up to ``max_new_tokens`` ids sampled after ``prompt`` (not empty), stopping before ``stop_id``, or after
+    the token for which ``stop(new_ids)`` is true (a stop string, say).
 
     The model reads a window of at most ``max_seq_len`` tokens with positions from 0; when the window is full
     it restarts from its newest half, as nanoGPT crops its context.
@@ -79,4 +81,6 @@ def generate(model: Decoder, prompt: list[int], max_new_tokens: int, temperature
                 break
             ids.append(next_id)
             new.append(next_id)
+            if stop is not None and stop(new):
+                break
     return new

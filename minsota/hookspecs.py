@@ -14,7 +14,9 @@ a factory rejects options it does not know by raising TypeError or ValueError, w
 one line naming the recipe key and component.
 
 A built module whose class carries a ``reference`` (a plain-tensor restatement; see `minsota.reference`)
-is checked against it by the parity suite, with no test to write.
+is checked against it by the parity suite, with no test to write. The builder records what the recipe asked
+for on every module it builds (``module.spec``: name, ``cfg``, options as written); a reference restates the
+math from those options, never from values the module computed.
 """
 
 import pluggy

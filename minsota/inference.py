@@ -35,7 +35,7 @@ def load_run(path: Path, overrides: dict | None = None, plugin_specs=(), device=
     try:
         model.load_state_dict(saved["model"])
     except RuntimeError as e:
-        raise UserError(f"{newest}: does not fit this model: {str(e).strip().splitlines()[0]}") from None
+        raise checkpoint.does_not_fit(newest, e) from None
     return recipe, model.eval(), saved["step"]
 
 
@@ -82,3 +82,19 @@ def sample_text(path: Path, prompt: str, max_new_tokens: int = 200, temperature:
     ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]  # after EOS: the start of a document, as in training
     new = generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_id=tokenizer.eos_id)
     return prompt + tokenizer.decode(new)
+
+
+def evaluate_run_tasks(path: Path, tasks: list[str], num_fewshot: int | None = None, limit: int | None = None,
+                       batch_size: int = 8, include_path: str | None = None, overrides: dict | None = None,
+                       plugin_specs=()) -> str:
+    """``minsota eval RUN_DIR --tasks ...``: lm-evaluation-harness tasks (`minsota.harness`, the optional [eval]
+    extra, imported only here) on a run's newest checkpoint or RUN_DIR/checkpoints/step-N; task names are checked
+    before the model is loaded."""
+    from minsota import harness
+
+    manager = harness.task_manager(include_path)
+    names = harness.task_names(manager, tasks)
+    recipe, model, step = load_run(path, overrides, plugin_specs)
+    path = Path(path)
+    run_dir = path.parent.parent if checkpoint.STEP_DIR.fullmatch(path.name) else path
+    return harness.report_run(recipe, model, step, run_dir, names, manager, num_fewshot, limit, batch_size)

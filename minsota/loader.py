@@ -51,8 +51,8 @@ def recipe_from_dict(data: dict, source: str, overrides: dict | None = None, plu
 
 def read_recipe_json(path: Path, overrides: dict | None = None, plugin_specs=()) -> Recipe:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
         raise UserError(f"{path}: cannot read resolved recipe: {e}") from None
     return recipe_from_dict(data, str(path), overrides, plugin_specs)
 

@@ -7,6 +7,7 @@ and injected into the block topology (torchtune style), so `forward` is plain te
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -89,12 +90,29 @@ class Decoder(nn.Module):
         return 3 * forward if training else forward
 
 
+class Spec(NamedTuple):
+    """What the recipe asked a component to be, recorded on the module built (``module.spec``): its registry
+    name, the model config and its options as written. Parity references (`minsota.reference`) restate the math
+    from these, never from values the module computed, so a module that ignores an option disagrees."""
+
+    name: str
+    cfg: ModelConfig
+    options: dict
+
+
+def build_component(factory, name: str, options: dict, cfg: ModelConfig, *args, **kwargs) -> nn.Module:
+    """``factory(*args, **kwargs, **options)`` with its `Spec` recorded."""
+    module = factory(*args, **kwargs, **options)
+    module.spec = Spec(name, cfg, dict(options))
+    return module
+
+
 def _build_component(recipe: Recipe, loaded: LoadedPlugins, kind: str, *args, **kwargs):
     """Build one component from its registry, turning a bad option into one line naming the recipe key."""
     name, options = component(getattr(recipe.model, kind))
     factory = loaded.registry(kind).get(name)
     try:
-        return factory(*args, **kwargs, **options)
+        return build_component(factory, name, options, recipe.model, *args, **kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"{recipe.where(f'model.{kind}')}: model.{kind} = '{name}': {e}") from e
 

@@ -102,8 +102,12 @@ def unique_plugin_specs(specs) -> list[str]:
 def _local_plugin(spec: str):
     path = Path(spec)
     if _is_file_spec(spec):
+        if path.is_dir():
+            raise UserError(f"--plugin {spec}: is a directory; give a plugin's .py file or an importable module name")
         if not path.is_file():
             raise UserError(f"--plugin {spec}: no such file")
+        if path.suffix != ".py":  # importlib has no loader for it: say what a plugin file is
+            raise UserError(f"--plugin {spec}: not a Python file (a plugin file ends in .py)")
 
         def load():
             mod_spec = importlib.util.spec_from_file_location(f"minsota_local_{path.stem}", path)

@@ -95,6 +95,13 @@ class TrainConfig:
     sample_tokens: int = 64  # generated at the end so a user sees what the model learned; 0 = off
     parallelism: str = "none"  # none | ddp | fsdp (under torchrun)
     trackers: list[str] = field(default_factory=list)  # also log to "tensorboard" (RUN_DIR/tensorboard), "wandb"
+    check_memory: bool = True  # refuse a run whose estimated memory (minsota.memory) exceeds the device's
+    # Downstream tasks of lm-evaluation-harness (pip install -e ".[eval]"), e.g. ["hellaswag", "arc_easy"]: each
+    # task's main metric goes to metrics.jsonl (tasks/TASK/METRIC) and the trackers; minsota.harness
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_every: int = 0  # steps between task evaluations; 0: only at the end
+    eval_tasks_limit: int = 0  # examples per task (the harness's --limit); 0: all
+    eval_tasks_path: str = ""  # a directory of task YAML files (the harness's --include-path): tasks on local files
 
     def warmup_count(self) -> int:
         """Warmup in optimizer steps (``warmup_steps`` may be a fraction of ``steps``)."""
@@ -162,9 +169,12 @@ def component(spec: Component) -> tuple[str, dict]:
 
 def _read_toml(path: Path) -> dict:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 by definition
+        raise UserError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); TOML recipes "
+                        f"must be UTF-8") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:  # its message carries "(at line L, column C)"
@@ -174,14 +184,16 @@ def _read_toml(path: Path) -> dict:
 def describe_recipe_file(path) -> str:
     """The ``description`` of a recipe file ('' if it has none or cannot be read)."""
     try:
-        return str(tomllib.loads(Path(str(path)).read_text()).get("description", ""))
-    except (OSError, tomllib.TOMLDecodeError):
+        return str(tomllib.loads(Path(str(path)).read_text(encoding="utf-8")).get("description", ""))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return ""
 
 
 def find_recipe(name_or_path: str, recipes: Registry) -> Path:
     """A recipe path from a name in the ``recipes`` registry (a file stem) or a path to a TOML file."""
     candidate = Path(name_or_path)
+    if candidate.is_dir() and name_or_path not in recipes:
+        raise UserError(f"{name_or_path}: is a directory, not a recipe file (give a .toml file or a recipe name)")
     if name_or_path.endswith(".toml") or candidate.is_file():
         if not candidate.is_file():
             raise UserError(f"{name_or_path}: no such recipe file")
@@ -295,9 +307,15 @@ def _coerce(section: str, key: str, value, hints: dict, where: str, raw_text: bo
         raise UserError(f"{where}: {section}.{key} must be {_type_name(hint)}, got {value!r}")
     if hint is float:
         value = float(value)
-    if (section, key) in {*(("model", k) for k in COMPONENT_KEYS), *(("train", k) for k in TRAIN_PLUGIN_KEYS)} \
-            and isinstance(value, dict) and not isinstance(value.get("name"), str):
-        raise UserError(f"{where}: {section}.{key} inline table needs a string 'name'")
+    if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf literals
+        raise UserError(f"{where}: {section}.{key} must be a finite number, got {value}")
+    plugin_keys = COMPONENT_KEYS if section == "model" else TRAIN_PLUGIN_KEYS if section == "train" else ()
+    if key in plugin_keys and isinstance(value, dict):
+        if not isinstance(value.get("name"), str):
+            raise UserError(f"{where}: {section}.{key} inline table needs a string 'name'")
+        for option, v in value.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{where}: {section}.{key}.{option} must be a finite number, got {v}")
     return value
 
 
@@ -327,7 +345,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "model": ("init_std", "z_loss", "logit_softcap"),
     "train": ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every", "max_bad_steps",
-              "sample_tokens", "min_lr_ratio", "decay_fraction", "eps", "seed"),
+              "sample_tokens", "min_lr_ratio", "decay_fraction", "eps", "seed", "eval_tasks_every", "eval_tasks_limit"),
     "data": ("num_workers",),
 }
 _CHOICES = {

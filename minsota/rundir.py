@@ -13,11 +13,12 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from minsota import checkpoint
-from minsota.errors import UserError
+from minsota.errors import UserError, did_you_mean
 from minsota.loader import read_recipe_json, recipe_record
 from minsota.recipe import SECTIONS, Recipe
 
@@ -81,6 +82,7 @@ def _defaults(cls) -> dict:
 def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
     """Refuse a resume whose recipe changes a GUARDED key of the checkpoint's, unless allowed; report the rest."""
     now = json.loads(json.dumps(recipe.to_dict()))
+    check_allowed(allowed, now)
     defaults = {section: _defaults(cls) for section, cls in SECTIONS.items()}
 
     def covered(key, prefixes):
@@ -100,6 +102,28 @@ def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
             changed.append(f"{dotted} {old!r} -> {new!r}")
     if changed:
         print(f"minsota: resuming with {', '.join(changed)}", file=sys.stderr)
+
+
+def check_allowed(allowed, recipe: dict) -> None:
+    """Refuse an --allow-change KEY that names no table or key of the recipe (a typo would allow nothing)."""
+    keys = [*("model", "train", "data"), *(f"{s}.{k}" for s in ("model", "train", "data") for k in recipe[s])]
+    for key in allowed:
+        if key not in keys:
+            hint = did_you_mean(key, keys)
+            raise UserError(f"--allow-change {key}: no such recipe key (a table such as model, or a key such as "
+                            f"data.source){'; ' + hint if hint else ''}")
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """Remove what a new run wrote before its first step (recipe.json, an empty metrics.jsonl, ...), so that
+    neither a half-made run directory nor a refused `--out` is left behind by a Ctrl-C during start-up."""
+    metrics = run_dir / "metrics.jsonl"
+    if checkpoint.checkpoints(run_dir / "checkpoints") or (metrics.exists() and metrics.stat().st_size):
+        return  # it has trained: never the case during start-up, but nothing trained is deleted
+    for name in (checkpoint.RECIPE, "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "tensorboard", "wandb"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def _not_installed(name: str) -> UserError:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minsota import checkpoint, rundir
+from minsota import checkpoint, memory, rundir
 from minsota.data import build_batches, build_tokenizer
 from minsota.distributed import init_distributed, parallelize
 from minsota.errors import DivergedError
@@ -77,9 +77,17 @@ def train(recipe: Recipe, run_dir: Path) -> int:
     """Train ``recipe`` into the new run directory ``run_dir``; returns the exit code. The process that writes
     the run directory (rank 0) holds its lock (`rundir.lock`) until it returns."""
     run_dir = Path(run_dir)
-    with rundir.lock(run_dir, create=True):
-        rundir.refuse_existing(run_dir)
-        return _run(recipe, run_dir, None, abandon_after=None)
+    try:
+        with rundir.lock(run_dir, create=True):
+            rundir.refuse_existing(run_dir)
+            try:
+                return _run(recipe, run_dir, None, abandon_after=None)
+            except KeyboardInterrupt:  # the loop checkpoints on SIGINT: this is start-up
+                if int(os.environ.get("RANK", "0")) == 0:
+                    rundir.discard_unstarted(run_dir)  # before the lock is released, and lock_run removes what it made
+                raise
+    except KeyboardInterrupt:
+        raise _interrupted_start_up("the new run left nothing behind: the same command starts it again") from None
 
 
 def resume(path: Path, overrides: dict | None = None, plugin_specs=(), allow_changes=()) -> int:
@@ -88,9 +96,18 @@ def resume(path: Path, overrides: dict | None = None, plugin_specs=(), allow_cha
     The lock is held from before the checkpoint to resume is read."""
     path = Path(path)
     named = bool(checkpoint.STEP_DIR.fullmatch(path.name))
-    with rundir.lock(path.parent.parent if named else path, create=False):
-        run_dir, recipe, ckpt = rundir.open_resumed(path, overrides, plugin_specs, allow_changes)
-        return _run(recipe, run_dir, ckpt, abandon_after=ckpt["step"] if named else None)
+    where = path.parent.parent if named else path
+    try:
+        with rundir.lock(where, create=False):
+            run_dir, recipe, ckpt = rundir.open_resumed(path, overrides, plugin_specs, allow_changes)
+            return _run(recipe, run_dir, ckpt, abandon_after=ckpt["step"] if named else None)
+    except KeyboardInterrupt:
+        raise _interrupted_start_up(f"{where} is unchanged: continue it with minsota train --resume {where}") from None
+
+
+def _interrupted_start_up(then: str) -> KeyboardInterrupt:
+    """A Ctrl-C that reached the trainer before its loop (which checkpoints on SIGINT itself), in one line."""
+    return KeyboardInterrupt(f"during start-up, before the first step; {then}")
 
 
 def _seed(seed: int, device: torch.device) -> None:
@@ -107,11 +124,17 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     """Assemble the run (model, optimizer, data), restore ``ckpt`` into it, then `_loop`."""
     rundir.check_trackers(recipe)
     t = recipe.train
+    tasks = None
+    if t.eval_tasks:  # lm-evaluation-harness tasks (the optional [eval] extra): refused now if it cannot run them
+        from minsota.harness import TaskEvaluator
+
+        tasks = TaskEvaluator(recipe)
     rank, world, device = init_distributed(recipe, resolve_device(t.device))
     main = rank == 0  # the one process that writes the run directory and talks to the user
     dtype = autocast_dtype(t.precision, device)
     _seed(t.seed, device)
 
+    memory.check(recipe, device, dtype, world)  # before anything is allocated
     model = build_model(recipe, device)
     loss_module = parallelize(model, t.parallelism, dtype)
     state = TrainState(model, build_optimizer(model, t, recipe.plugins), build_scaler(device, dtype), batches=None)
@@ -145,9 +168,19 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
                           document=document, loss_module=loss_module, stop_requested=stop_requested)
 
     # evaluation, checkpoints and samples see the optimizer's evaluation weights (`minsota.optim.eval_mode`)
-    def validate() -> float:
-        with eval_mode(state.optimizer):
-            return evaluate(model, val_batches, autocast, device, document)
+    def validate(final: bool) -> dict:
+        """What is due after this step: the validation loss every `eval_every` steps, the downstream tasks every
+        `eval_tasks_every` steps, and both at the end."""
+        loss_due = final or (t.eval_every and state.step % t.eval_every == 0)
+        tasks_due = tasks and (final or (t.eval_tasks_every and state.step % t.eval_tasks_every == 0))
+        record = {}
+        if loss_due or tasks_due:  # only then: a mode switch may move weights (schedule-free)
+            with eval_mode(state.optimizer):
+                if loss_due:
+                    record["val_loss"] = evaluate(model, val_batches, autocast, device, document)
+                if tasks_due:
+                    record |= tasks(model, tokenizer, autocast)
+        return record
 
     def save() -> None:
         with eval_mode(state.optimizer):
@@ -193,11 +226,8 @@ def _loop(recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save
                 _skip(state, result, lr, t, log, main)
             bar.update()
 
-            if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps:
-                val_loss = validate()
-                log({"step": state.step, "val_loss": val_loss})
-                if main:
-                    tqdm.write(f"step {state.step}: val_loss {val_loss:.4f}", file=sys.stderr)
+            if state.step < t.steps:
+                _evaluated(state.step, validate(final=False), log, main)
             if stop:
                 state.batches.close()  # the data workers end with the step they served, before the checkpoint
             if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or stop:
@@ -209,15 +239,24 @@ def _loop(recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save
                 print(f"minsota: stopped at step {state.step}; continue with: minsota train --resume {run_dir}",
                       file=sys.stderr)
             return 128 + (signals[0] if signals else signal.SIGTERM)  # 130 after SIGINT, 143 after SIGTERM
-        val_loss = validate()
-        log({"step": state.step, "val_loss": val_loss})
+        final = validate(final=True)
+        log({"step": state.step, **final})
         if saved_step != state.step:
             save()
         if main:
-            print(f"minsota: done: step {state.step}, val_loss {val_loss:.4f}; run in {run_dir}", file=sys.stderr)
+            figures = ", ".join(f"{key} {value:.4f}" for key, value in final.items())
+            print(f"minsota: done: step {state.step}, {figures}; run in {run_dir}", file=sys.stderr)
         if sample:
             sample()
     return 0
+
+
+def _evaluated(step: int, record: dict, log, main: bool) -> None:
+    """Log an evaluation's figures (none: nothing was due) and show them above the progress bar."""
+    if record:
+        log({"step": step, **record})
+        if main:
+            tqdm.write(f"step {step}: {', '.join(f'{k} {v:.4f}' for k, v in record.items())}", file=sys.stderr)
 
 
 def _logger(recipe: Recipe, run_dir: Path, stack: contextlib.ExitStack, main: bool):

@@ -131,8 +131,7 @@ def restore(ckpt: dict, state: TrainState) -> None:
         set_state_dict(state.model, state.optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim,
                        options=TO_LOAD)
     except (RuntimeError, KeyError, ValueError) as e:
-        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])  # the cause, not every key
-        raise UserError(f"{ckpt['path']}: does not fit this model: {reason}") from None
+        raise checkpoint.does_not_fit(ckpt["path"], e) from None
     trainer = ckpt["trainer"]
     set_rng_state(ckpt["rng"], trainer["rng"])
     if trainer["scaler"]:  # empty when saved without fp16

@@ -38,6 +38,9 @@ def files(spec: str, data_cfg, split: str):
         found = sorted(str(p) for p in path.rglob("*") if p.is_file() and _builder(str(p)))
     else:
         found = sorted(glob.glob(str(path), recursive=True))
+    if not found and path.is_dir():
+        raise UserError(f"directory '{spec}' holds no file of a supported type ({', '.join(f'*{s}' for s in BUILDERS)}, "
+                        f"optionally {'/'.join(sorted(COMPRESSIONS))}-compressed)")
     if not found:
         raise UserError(f"no files match '{spec}' (for a Hugging Face hub dataset write hf:NAME)")
     kinds = {_builder(f) for f in found}

@@ -27,8 +27,6 @@ def gelu(approximate: str) -> str:
 class GatedFeedForward(nn.Module):
     """w2(act(x·w1) * x·w3), gate (w1) and up (w3) fused in ``w13``; hidden 8/3·dim rounded up unless ffn_dim."""
 
-    reference = staticmethod(reference.glu)
-
     def __init__(self, cfg, activation: str):
         super().__init__()
         hidden = cfg.ffn_width(8 / 3)  # 8/3·dim keeps the parameter count of a 4·dim MLP
@@ -45,8 +43,6 @@ class GatedFeedForward(nn.Module):
 class MLP(nn.Module):
     """w2(act(x·w1)); hidden 4·dim rounded up unless ffn_dim is set."""
 
-    reference = staticmethod(reference.mlp)
-
     def __init__(self, cfg, activation: str, bias: bool = False):
         super().__init__()
         hidden = cfg.ffn_width(4)
@@ -58,26 +54,45 @@ class MLP(nn.Module):
         return self.w2(ACTIVATIONS[self.activation](self.w1(x)))
 
 
-def swiglu(cfg) -> GatedFeedForward:
+# One class per component, so each carries the reference that restates its own activation from its options.
+
+
+class SwiGLU(GatedFeedForward):
     """SwiGLU: w2(silu(x·w1) * x·w3), hidden 8/3·dim (Llama, Mistral)."""
-    return GatedFeedForward(cfg, "silu")
+
+    reference = staticmethod(reference.swiglu)
+
+    def __init__(self, cfg):
+        super().__init__(cfg, "silu")
 
 
-def geglu(cfg, approximate: str = "none") -> GatedFeedForward:
+class GEGLU(GatedFeedForward):
     """GEGLU: w2(gelu(x·w1) * x·w3), hidden 8/3·dim; exact GELU or approximate = "tanh" (Gemma)."""
-    return GatedFeedForward(cfg, gelu(approximate))
+
+    reference = staticmethod(reference.geglu)
+
+    def __init__(self, cfg, approximate: str = "none"):
+        super().__init__(cfg, gelu(approximate))
 
 
-def mlp(cfg, approximate: str = "none", bias: bool = False) -> MLP:
+class GELUMLP(MLP):
     """GELU MLP: w2(gelu(x·w1)), hidden 4·dim; exact GELU or approximate = "tanh" (GPT-2); optional biases."""
-    return MLP(cfg, gelu(approximate), bias)
+
+    reference = staticmethod(reference.gelu_mlp)
+
+    def __init__(self, cfg, approximate: str = "none", bias: bool = False):
+        super().__init__(cfg, gelu(approximate), bias)
 
 
-def relu2(cfg, bias: bool = False) -> MLP:
+class ReLU2MLP(MLP):
     """Squared-ReLU MLP (Primer): w2(relu(x·w1)²), hidden 4·dim."""
-    return MLP(cfg, "relu2", bias)
+
+    reference = staticmethod(reference.relu2_mlp)
+
+    def __init__(self, cfg, bias: bool = False):
+        super().__init__(cfg, "relu2", bias)
 
 
 @hookimpl
 def minsota_register_feedforwards():
-    return {"swiglu": swiglu, "geglu": geglu, "mlp": mlp, "relu2": relu2}
+    return {"swiglu": SwiGLU, "geglu": GEGLU, "mlp": GELUMLP, "relu2": ReLU2MLP}

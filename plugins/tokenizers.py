@@ -38,10 +38,17 @@ def _load_transformers_tokenizer(spec: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(spec).expanduser()
-    if path.is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(path))
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path))
+    if path.exists():
+        try:
+            if path.is_file():
+                return PreTrainedTokenizerFast(tokenizer_file=str(path))
+            return AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # the libraries raise anything (even bare Exception) for a file they cannot read
+            cause = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+            raise UserError(f"'{spec}' is not a tokenizer (give a tokenizer.json file or a directory holding a "
+                            f"Hugging Face tokenizer): {cause}") from None
+    if path.is_absolute() or spec.startswith(("~", "./", "../")) or spec.endswith(".json"):  # a path, not a hub name
+        raise UserError(f"'{spec}': no such file or directory")
     online = hub_reachable()
     try:
         return AutoTokenizer.from_pretrained(spec, local_files_only=not online)  # offline: the cache may hold it

@@ -52,3 +52,8 @@ def cli(capsys):
         return code, out.out, out.err
 
     return invoke
+
+
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    """step -> gradient norm (before clipping): a constant gradient factor that AdamW hides shows here."""
+    return {r["step"]: r["grad_norm"] for r in records(run_dir) if "grad_norm" in r}

@@ -6,6 +6,7 @@ One comparison (6 runs of 3 steps) is shared by the module's tests; the resume t
 import contextlib
 import io
 import json
+import math
 import shutil
 
 import matplotlib.image
@@ -51,6 +52,42 @@ def test_table_names_each_recipe_with_statistics(compared):
     assert "(base)" in rows[0]
     for row in rows[1:]:
         assert "±" in row and "[" in row  # mean ± std over seeds, a confidence interval
+
+
+def metrics(run_dir):
+    """(train losses, final validation loss) of a run, read straight from its metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r][-1]
+
+
+def test_figures_are_those_of_the_runs(compared):
+    """Every statistic in the table and in compare.json, recomputed from the runs' own metrics. With two seeds
+    the paired t-test has one degree of freedom, whose t is Cauchy: quantile tan(π(q - ½)), two-sided
+    p = 1 - (2/π)·atan|t| — closed forms, independent of minsota.stats' continued fraction."""
+    _, out_dir, out = compared
+    rows = {line.split()[0]: line for line in out.splitlines()[2:5]}
+    recipes = json.loads((out_dir / "compare.json").read_text())["recipes"]
+    val = {name: [metrics(out_dir / name / f"seed-{k}")[1] for k in (0, 1)] for name in rows}
+    for r in recipes:
+        name = r["recipe"]
+        train_tail = [metrics(out_dir / name / f"seed-{k}")[0][-1] for k in (0, 1)]  # 3 steps: the tail is 1 step
+        for key, values in (("train_loss", train_tail), ("val_loss", val[name])):
+            mean, std = sum(values) / 2, abs(values[0] - values[1]) / math.sqrt(2)
+            assert r[key]["mean"] == pytest.approx(mean, rel=1e-12) and r[key]["std"] == pytest.approx(std, rel=1e-9)
+            assert f"{mean:.4f} ± {std:.4f}" in rows[name], (key, rows[name])
+        if name == "tiny":
+            continue
+        d = [v - b for v, b in zip(val[name], val["tiny"])]
+        mean, standard_error = sum(d) / 2, abs(d[0] - d[1]) / 2
+        half_width = math.tan(math.pi * (0.975 - 0.5)) * standard_error
+        p = 1 - 2 / math.pi * math.atan(abs(mean) / standard_error)
+        got = r["vs_base"]["val_loss"]
+        assert got["mean"] == pytest.approx(mean, rel=1e-9)
+        assert got["ci_low"] == pytest.approx(mean - half_width, rel=1e-6)
+        assert got["ci_high"] == pytest.approx(mean + half_width, rel=1e-6)
+        assert got["p_value"] == pytest.approx(p, rel=1e-6)
+        assert f"{mean:+.4f} [{mean - half_width:+.4f}, {mean + half_width:+.4f}]" in rows[name]
+        assert rows[name].split()[-1] == f"{p:.3g}"
 
 
 def test_png_is_a_readable_plot(compared):

@@ -11,7 +11,7 @@ import pytest
 
 from minsota import checkpoint
 
-from conftest import ENV, losses, records, sets
+from conftest import ENV, grad_norms, losses, records, sets
 
 # 8 sequences per step: 2 micro-batches of 4 in one process, one per rank in two
 RUN = {"train.steps": 6, "train.micro_batch_size": 4, "train.checkpoint_every": 3, "train.eval_batches": 2,
@@ -41,7 +41,7 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
     assert process.returncode == 0, process.stderr
     one, two = losses(single), losses(run_dir)
     assert two == pytest.approx(one, rel=1e-4)
-    assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-4)
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-4)  # averaged over ranks, not summed
     assert [r["val_loss"] for r in records(run_dir) if "val_loss" in r] == pytest.approx(
         [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4)
     assert len(records(run_dir)) == len(records(single))  # rank 0 alone writes metrics
@@ -57,7 +57,8 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
     process = torchrun("train", "--resume", resumed / "checkpoints" / "step-3")
     assert process.returncode == 0, process.stderr
     again = [r for r in records(resumed)[len(records(run_dir)):] if "loss" in r]
-    assert [(r["step"], r["loss"]) for r in again] == [(step, two[step]) for step in (4, 5, 6)]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in again] == [
+        (step, two[step], grad_norms(run_dir)[step]) for step in (4, 5, 6)]
 
     if parallelism == "fsdp":  # and at another world size: one process continues the sharded run
         alone_dir = Path(shutil.copytree(run_dir, tmp_path / "alone"))
@@ -66,10 +67,7 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
         assert process.returncode == 0, process.stderr
         tail = [r for r in records(alone_dir)[len(records(run_dir)):] if "loss" in r]
         assert [r["loss"] for r in tail] == pytest.approx([one[step] for step in (4, 5, 6)], rel=1e-4)
-
-
-def grad_norms(run_dir: Path) -> list[float]:
-    return [r["grad_norm"] for r in records(run_dir) if "grad_norm" in r]
+        assert [r["grad_norm"] for r in tail] == pytest.approx([grad_norms(single)[s] for s in (4, 5, 6)], rel=1e-4)
 
 
 # every built-in optimizer under DDP; under FSDP2 AdamW (above), Lion and Muon (which gathers each matrix).
@@ -103,6 +101,9 @@ def test_compiled_ranks_match_one(single, tmp_path, parallelism):
     process = torchrun("train", "tiny", "--out", run_dir, *sets(overrides))
     assert process.returncode == 0, process.stderr
     assert losses(run_dir) == pytest.approx(losses(single), rel=1e-4)
+    # compiled kernels fuse and reorder the sums: gradient norms agreed within 3.3e-4 here (FSDP2, step 4), the
+    # losses within 1e-4; a gradient summed over ranks rather than averaged is off by 100%
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-3)
 
 
 def test_a_rank_that_dies_ends_the_job(tmp_path):

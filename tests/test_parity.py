@@ -17,6 +17,7 @@ import minsota
 from minsota import reference
 from minsota.errors import UserError
 from minsota.loader import load_recipe
+from minsota.model import build_component
 from minsota.reference import assert_close
 from minsota.state import make_state
 
@@ -29,13 +30,17 @@ B, T = 2, 12
 DOCUMENTS = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])  # a packed row and a plain one
 POSITIONS = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
 
-# option sets checked beyond each component's defaults
+# option sets checked beyond each component's defaults (each option changes the output on the inputs below)
 VARIANTS = {
-    "norm": {"layernorm": [{"bias": False}]},
-    "positional": {"rope": [{"use_xpos": True}, {"interpolate_factor": 4.0}, {"theta_rescale_factor": 8.0},
+    "norm": {"rmsnorm": [{"eps": 1e-3}], "rmsnorm-noparam": [{"eps": 1e-3}],
+             "layernorm": [{"bias": False}, {"eps": 1e-3}]},
+    "positional": {"rope": [{"theta": 500.0}, {"use_xpos": True}, {"use_xpos": True, "xpos_scale_base": 16.0},
+                            {"interpolate_factor": 4.0}, {"theta_rescale_factor": 8.0},
                             {"scaling": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 16},
-                            {"scaling": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}]},
+                            {"scaling": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+                            {"scaling": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                             "attention_factor": 1.5, "beta_fast": 8.0}]},
     "attention": {"sdpa": [{"window": 3}, {"bias": True}, {"qk_norm": "head"}, {"qk_norm": "full"}],
                   "math": [{"window": 3}, {"softcap": 2.0}, {"qk_norm": "full", "bias": True}]},
     "feedforward": {"geglu": [{"approximate": "tanh"}], "mlp": [{"approximate": "tanh", "bias": True}],
@@ -75,21 +80,24 @@ def skip_without_reference(module):
 
 def norm_factory(name="rmsnorm"):
     factory = PLUGINS.registry("norm").get(name)
-    return lambda dim=CFG.dim: factory(dim, CFG)
+    return lambda dim=CFG.dim: build_component(factory, name, {}, CFG, dim, CFG)
 
 
-def build(kind, name, options, plugins=PLUGINS):
+def build(kind, name, options, plugins=PLUGINS, positional="rope"):
+    """A component as the model builder makes it (its `Spec` recorded), parameters off their initial values."""
     factory = plugins.registry(kind).get(name)
     torch.manual_seed(0)
     if kind == "norm":
-        module = factory(CFG.dim, CFG, **options)
+        module = build_component(factory, name, options, CFG, CFG.dim, CFG)
     elif kind == "attention":
-        module = factory(CFG, build("positional", "rope", {}), norm=norm_factory(), **options)
+        module = build_component(factory, name, options, CFG, CFG, build("positional", positional, {}),
+                                 norm=norm_factory())
     elif kind == "block":
-        module = factory(CFG, norm=norm_factory(), attention=build("attention", "sdpa", {"qk_norm": "head"}),
-                         feedforward=build("feedforward", "swiglu", {}), **options)
+        module = build_component(factory, name, options, CFG, CFG, norm=norm_factory(),
+                                 attention=build("attention", "sdpa", {"qk_norm": "head"}),
+                                 feedforward=build("feedforward", "swiglu", {}))
     else:
-        module = factory(CFG, **options)
+        module = build_component(factory, name, options, CFG, CFG)
     with torch.no_grad():  # off their identity inits, so gains and biases matter
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.5)
@@ -102,7 +110,9 @@ def hidden(*shape, scale=1.0):
 
 
 def check_norm(module, what):
-    x = hidden(B, T, CFG.dim, scale=3.0)
+    """Rows of RMS 3e-4 to 3 (log-spaced): the small ones are where eps decides the output."""
+    x = hidden(B, T, CFG.dim) * torch.logspace(-3.5, 0.5, B * T).view(B, T, 1)
+    x = x.detach().requires_grad_()
     check(lambda: module(x), lambda: reference.call(module, x), [x], module, what)
 
 
@@ -155,7 +165,7 @@ def test_attention(name, options, documents):
 @pytest.mark.parametrize("positional", PLUGINS.registry("positional").list())
 @pytest.mark.parametrize("name", PLUGINS.registry("attention").list())
 def test_attention_with_each_positional_encoding(name, positional):
-    module = PLUGINS.registry("attention").get(name)(CFG, build("positional", positional, {}), norm=norm_factory())
+    module = build("attention", name, {}, positional=positional)
     skip_without_reference(module)
     x = hidden(B, T, CFG.dim)
     check(lambda: module(x, POSITIONS, DOCUMENTS), lambda: reference.call(module, x, POSITIONS, DOCUMENTS),
@@ -204,6 +214,59 @@ def test_parity_catches_a_wrong_plugin_component(tmp_path):
     assert "off-by-a-fraction" in [case.values[0] for case in cases("norm", plugins)]
     with pytest.raises(AssertionError, match=r"max abs diff .* mean abs diff"):
         check_norm(build("norm", "off-by-a-fraction", {}, plugins), "off-by-a-fraction")
+
+
+IGNORES_AN_OPTION = """
+import torch
+from minsota import hookimpl
+from minsota.builtins.norms import RMSNorm
+from minsota.builtins.positional import Rope
+
+class FixedEps(RMSNorm):
+    def __init__(self, dim, cfg, eps=1e-5):
+        super().__init__(dim, cfg)  # eps dropped: always the default
+
+class NoNTK(Rope):
+    def __init__(self, cfg, theta_rescale_factor=1.0, **options):
+        super().__init__(cfg, **options)  # theta_rescale_factor dropped
+
+@hookimpl
+def minsota_register_norms():
+    return {"fixed-eps": FixedEps}
+
+@hookimpl
+def minsota_register_positional_encodings():
+    return {"no-ntk": NoNTK}
+"""
+
+
+@pytest.mark.parametrize("kind, name, options", [("norm", "fixed-eps", {"eps": 1e-3}),
+                                                 ("positional", "no-ntk", {"theta_rescale_factor": 8.0})])
+def test_parity_catches_a_component_that_ignores_an_option(tmp_path, kind, name, options):
+    """The reference restates the math from the recipe's options, not from the module: a module that drops
+    an option it accepts disagrees (with the option at its default, it agrees)."""
+    plugin = tmp_path / "ignores_an_option.py"
+    plugin.write_text(IGNORES_AN_OPTION)
+    plugins = minsota.load_plugins([str(plugin)])
+
+    def run(module):
+        if kind == "norm":
+            return check_norm(module, name)
+        q, k = hidden(B, CFG.n_heads, T, CFG.head_dim), hidden(B, CFG.n_kv_heads, T, CFG.head_dim)
+
+        def flat(parts):
+            return torch.cat([x.flatten() for x in parts])
+
+        check(lambda: flat(module.rotate(q, k, POSITIONS)),
+              lambda: flat(reference.rope_rotate(module, q, k, POSITIONS)), [q, k], module, name)
+
+    for opts, fails in (({}, False), (options, True)):
+        module = build(kind, name, opts, plugins)
+        if fails:
+            with pytest.raises(AssertionError, match="max abs diff"):
+                run(module)
+        else:
+            run(module)
 
 
 def test_rope_is_exact_in_bf16_far_from_the_origin():

@@ -33,7 +33,7 @@ from minsota.optim import ROLES, build_schedule, lr_multiplier, param_groups
 from minsota.plugins import load_plugins
 from minsota.recipe import TrainConfig, parse_override
 
-from conftest import ENV, losses, records, sets
+from conftest import ENV, PLUGINS, losses, records, sets
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "assets" / "losses" / "tiny.json"
@@ -324,6 +324,20 @@ def test_second_signal_exits_at_once(tmp_path):
     checkpoint.verify(run_dir / "checkpoints" / "step-1")
 
 
+def test_resume_restores_the_rng_with_dropout(tmp_path, cli):
+    """Dropout draws from torch's RNG every step: the resumed steps repeat bit for bit only if the RNG state
+    saved with the checkpoint is restored (the same seed again would give the masks of step 1 instead)."""
+    run_dir = tmp_path / "run"
+    dropout = ["--plugin", PLUGINS / "dropout.py", *sets({**SHORT, "model.feedforward": "swiglu-dropout"})]
+    code, _, err = cli("train", "tiny", "--out", run_dir, *dropout)
+    assert code == 0, err
+    uninterrupted, logged = losses(run_dir), len(records(run_dir))
+    code, _, err = cli("train", "--resume", run_dir / "checkpoints" / "step-3")
+    assert code == 0, err
+    again = [r for r in records(run_dir)[logged:] if "loss" in r]
+    assert [(r["step"], r["loss"]) for r in again] == [(step, uninterrupted[step]) for step in range(4, 9)]
+
+
 def test_disk_full_keeps_the_previous_checkpoint(finished_run):
     def limit_file_size():  # files over 4 MB fail with EFBIG (Python ignores SIGXFSZ): the optimizer state does
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
@@ -401,7 +415,7 @@ def test_skipped_step_changes_nothing(tmp_path, cli):
 def test_never_checkpoints_a_non_finite_tensor(tmp_path, cli):
     run_dir = tmp_path / "run"
     code, _, err = cli("train", "tiny", "--out", run_dir, *sets({**SHORT, "train.checkpoint_every": 1,
-                                                                  "train.lr": "inf"}))
+                                                                  "train.lr": 1e39}))  # finite, but not in fp32
     assert code == 3 and "step 1: refusing to checkpoint a non-finite tensor" in err
     assert not (run_dir / "checkpoints").exists()
 
@@ -423,7 +437,6 @@ def test_weights_only_checkpoint_starts_a_run_from_those_weights(finished_run, t
 
 
 def test_tensorboard_receives_the_metrics(tmp_path, cli):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
