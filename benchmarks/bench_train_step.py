@@ -75,13 +75,13 @@ class Trainee:
     @classmethod
     def build(cls, model: nn.Module, loss_fn, recipe, setting: Setting) -> "Trainee":
         device = next(model.parameters()).device  # the trainer's optimizer and (fp16-only) scaler
-        state = TrainState(model, build_optimizer(model, recipe.train, device), build_scaler(device, None), None)
+        state = TrainState(model, build_optimizer(model, recipe.train), build_scaler(device, None), None)
         return cls(state, loss_fn, recipe, setting)
 
     def step(self, batch: dict):
         self.state.batches = itertools.repeat(batch)
         t = self.recipe.train
-        train_step(self.state, self.loss_fn, t.lr, device=self.setting.device, grad_clip=t.grad_clip,
+        train_step(self.state, self.loss_fn, 1.0, device=self.setting.device, grad_clip=t.grad_clip,
                    autocast=self.setting.autocast())
 
     def live_bytes(self) -> int:

@@ -9,7 +9,8 @@ Layout of a run directory (what `minsota train` writes and `--resume` reads):
         model.safetensors               weights by module path (`layers.0.attention.wqkv.weight`), as trained
                                         (fp32); tensors sharing storage (tied embeddings) are stored once and
                                         listed in the metadata entry "aliases" ({alias: stored name})
-        optimizer.safetensors           AdamW state, "{parameter path}/{exp_avg|exp_avg_sq|step}"
+        optimizer.safetensors           the optimizer's tensor state, "{parameter path}/{key}" (AdamW: exp_avg,
+                                        exp_avg_sq, step); its other state and param groups are in trainer.json
         rng.safetensors                 torch RNG states: "cpu", "cuda:I"
         trainer.json                    step, data position, Python/NumPy RNG, loss-scaler and skipped-step counts
         recipe.json                     the resolved recipe this checkpoint was trained with

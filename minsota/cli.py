@@ -17,7 +17,7 @@ from pathlib import Path
 
 from minsota.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGPIPE, UserError
 from minsota.plugins import KINDS, load_plugins, plugin_of
-from minsota.recipe import describe_recipe_file, parse_override
+from minsota.recipe import component, describe_recipe_file, parse_override
 
 
 def finite_float(text: str) -> float:
@@ -80,10 +80,12 @@ def cmd_show(args):
     from minsota.compare import format_layout
     from minsota.loader import recipe_record
     from minsota.memory import summary
-    from minsota.model import active_size, model_size
+    from minsota.model import active_size, build_model, model_size
+    from minsota.optim import build_optimizer, describe_groups
 
     recipe = _recipe(args)
     params, flops = model_size(recipe)  # on "meta": 7B recipes show in a second
+    groups = describe_groups(build_optimizer(build_model(recipe, device="meta"), recipe.train, recipe.plugins))
     resolved = recipe_record(recipe)
     del resolved["layers"]  # as the layout below, one line per distinct layer
     print(json.dumps(resolved, indent=2))
@@ -94,6 +96,8 @@ def cmd_show(args):
         print(f"active parameters: {active:,} per token")
     print(f"FLOPs/token: {flops:.4g} (training, seq_len {recipe.train.seq_len})")
     print(f"memory: {summary(recipe)}")
+    print(f"parameter groups: {component(recipe.train.optimizer)[0]}")
+    print("\n".join(f"  {row}" for row in groups))
 
 
 def cmd_plugins(args):

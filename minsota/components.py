@@ -80,6 +80,7 @@ class Attention(nn.Module):
         self.scale = None if scale is None else float(scale)  # scores q·k·scale; None: the kernels' own 1/sqrt(hd)
         self.wqkv = nn.Linear(cfg.dim, (H + 2 * KV) * hd, bias=bias)
         self.wo = nn.Linear(H * hd, cfg.dim, bias=bias)
+        self.param_splits = {"wqkv.weight": [H * hd, KV * hd, KV * hd]}  # q, k, v: Muon orthogonalises each
         # the features one norm sees: a head, or the whole projection ("full"); (B, T, groups, width) views
         self.q_width, self.k_width = (H * hd, KV * hd) if qk_norm == "full" else (hd, hd)
         has_norm = qk_norm != "none"

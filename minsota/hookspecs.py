@@ -89,7 +89,10 @@ def minsota_register_attentions():
     ``norm(dim)`` returns a fresh norm of the recipe's kind over ``dim`` features (for QK-norm; a kernel
     without one ignores it). ``forward(x, positions, document_ids) -> y`` with x, y: (B, T, cfg.dim),
     positions (B, T) and document_ids (B, T) or None (None: plain causal attention over the window).
-    Output projection named ``wo`` receives the residual-scaled init. A kernel that cannot honour an option
+    Output projection named ``wo`` receives the residual-scaled init. A module whose weight fuses several
+    logical matrices declares them in ``param_splits = {"wqkv.weight": [rows_q, rows_k, rows_v]}`` (its own
+    parameter names -> row counts along dim 0): matrix optimizers such as Muon then orthogonalise each part
+    alone (`minsota.components.Attention` declares q, k, v). A kernel that cannot honour an option
     or the positional encoding it is given raises ValueError from the factory, so the recipe is refused
     before training. Cached decoding (`minsota generate`) sets a ``kv_cache`` attribute (a
     `minsota.components.KVCache`) on kernels that declare one (see `minsota.generation`); a kernel without it
@@ -103,7 +106,9 @@ def minsota_register_attentions():
 def minsota_register_feedforwards():
     """Feed-forward networks. ``factory(cfg, **options) -> nn.Module`` mapping (B, T, cfg.dim) -> (B, T, cfg.dim).
 
-    The output projection named ``w2`` receives the residual-scaled init.
+    The output projection named ``w2`` receives the residual-scaled init. Fused weights declare their
+    logical matrices in ``param_splits`` as for attention (the gated feed-forwards: ``{"w13.weight":
+    [hidden, hidden]}``, gate and up).
     """
 
 
@@ -153,4 +158,38 @@ def minsota_register_tokenizers():
     (appended after each document) and ``encode(str) -> list[int]`` (no special tokens added),
     ``decode(ids) -> str``. It must be picklable: DataLoader workers use it. Optional:
     ``save_pretrained(directory)`` writing files `transformers.AutoTokenizer` loads, which `export-hf` calls.
+    """
+
+
+@hookspec
+def minsota_register_optimizers():
+    """Optimizers. ``factory(groups, cfg, **options) -> torch.optim.Optimizer`` (one object, even when it steps
+    several algorithms inside: Muon for matrices, AdamW for the rest).
+
+    ``groups`` is a list of param-group dicts (`minsota.optim.param_groups`): ``params``, ``names`` (as in
+    ``model.named_parameters()``), ``role`` ("matrix": 2-D weights inside the layers, "embedding": token and
+    position embeddings, a tied LM head included, "head": an untied LM head, "vector": everything else),
+    ``lr`` (``train.lr`` × ``lr_scale``), ``lr_scale``, ``weight_decay`` and ``splits`` (per tensor, the rows
+    of each logical matrix it fuses, or None). The factory may change a group's ``lr`` (its base: each step
+    sets ``lr = initial_lr × schedule multiplier``) or add keys. ``cfg`` is the resolved
+    `minsota.recipe.TrainConfig`; ``**options`` the keys of ``train.optimizer``'s inline table. Unknown options
+    are refused at recipe time (the factory's signature); a bad value raises ValueError, reported naming
+    ``train.optimizer``.
+
+    Checkpoints save the whole ``state_dict()``: tensors as safetensors, everything else (ints, floats,
+    nested dicts, strings) as JSON. Optional seams: ``train()``/``eval()`` methods, called before stepping
+    and around evaluation, checkpoints and sampling (schedule-free); ``group_state_keys``, the param-group
+    entries the optimizer itself updates while training (schedule-free's ``k``), restored on resume (the
+    rest of a group comes from the recipe).
+    """
+
+
+@hookspec
+def minsota_register_schedules():
+    """Learning-rate schedules. ``factory(cfg, **options) -> multiplier(step) -> float``.
+
+    The multiplier scales every group's base lr (groups keep their ratios) at optimizer step ``step``
+    (0-based) after the trainer's warmup, which all schedules share (``cfg.warmup_count()`` steps). ``cfg`` is
+    the resolved `minsota.recipe.TrainConfig`. The factory is called when the recipe is validated, so a
+    ValueError for a bad option is reported naming ``train.schedule``.
     """

@@ -33,6 +33,8 @@ KINDS = {
     "recipe": "minsota_register_recipes",
     "source": "minsota_register_data_sources",
     "tokenizer": "minsota_register_tokenizers",
+    "optimizer": "minsota_register_optimizers",
+    "schedule": "minsota_register_schedules",
 }
 
 

@@ -11,6 +11,7 @@ against are handed to it; `minsota.loader` composes plugin loading, the ``extend
 """
 
 import dataclasses
+import inspect
 import json
 import math
 import sys
@@ -77,8 +78,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the schedule decays to min_lr_ratio·lr
     warmup_steps: int | float = 0.03  # steps, or a fraction of `steps` when < 1
     warmup_shape: str = "linear"  # linear | cosine | none
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: Component = "cosine"  # cosine | wsd | constant | linear | inverse-sqrt | a plugin's (`minsota list schedules`)
     decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
+    optimizer: Component = "adamw"  # adamw | muon | lion | schedulefree-adamw | a plugin's; options inline
+    # [[train.param_groups]]: {params = ["glob", ...], lr_scale = x, weight_decay = y}; the first match wins
+    param_groups: list[dict] = field(default_factory=list)
     weight_decay: float = 0.1  # applied to matrices only, never to norms, gains or biases
     decay_embeddings: bool = False
     beta1: float = 0.9
@@ -107,6 +111,12 @@ class TrainConfig:
     eval_tasks_limit: int = 0  # examples per task (the harness's --limit); 0: all
     eval_tasks_path: str = ""  # a directory of task YAML files (the harness's --include-path): tasks on local files
 
+    def warmup_count(self) -> int:
+        """Warmup in optimizer steps (``warmup_steps`` may be a fraction of ``steps``)."""
+        if self.warmup_shape == "none":
+            return 0
+        return self.warmup_steps if isinstance(self.warmup_steps, int) else round(self.warmup_steps * self.steps)
+
 
 @dataclass
 class DataConfig:
@@ -123,6 +133,8 @@ SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 TOP_LEVEL = {"description": str, "extends": str, "plugins": list}
 COMPONENT_KEYS = ("norm", "positional", "attention", "feedforward", "block")
 LAYER_TABLES = ("layer_types", "layer_overrides")  # merged one level deep through `extends` (a type or index whole)
+TRAIN_PLUGIN_KEYS = {"optimizer": "optimizer", "schedule": "schedule"}  # train key -> registry kind
+GROUP_RULE_KEYS = {"params": list, "lr_scale": float, "weight_decay": float}
 
 
 @dataclass
@@ -355,9 +367,10 @@ def _coerce(section: str, key: str, value, hints: dict, where: str, raw_text: bo
         value = float(value)
     if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf literals
         raise UserError(f"{where}: {section}.{key} must be a finite number, got {value}")
-    if section == "model" and key in COMPONENT_KEYS and isinstance(value, dict):
+    plugin_keys = COMPONENT_KEYS if section == "model" else TRAIN_PLUGIN_KEYS if section == "train" else ()
+    if key in plugin_keys and isinstance(value, dict):
         if not isinstance(value.get("name"), str):
-            raise UserError(f"{where}: model.{key} inline table needs a string 'name'")
+            raise UserError(f"{where}: {section}.{key} inline table needs a string 'name'")
         for option, v in value.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"{where}: {section}.{key}.{option} must be a finite number, got {v}")
@@ -395,7 +408,6 @@ _NON_NEGATIVE = {
 }
 _CHOICES = {
     "train.warmup_shape": ("linear", "cosine", "none"),
-    "train.schedule": ("cosine", "wsd", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.parallelism": ("none", "ddp", "fsdp"),
     "train.activation_checkpointing": ("none", "full", "selective"),
@@ -443,6 +455,7 @@ def _validate(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
     for key in COMPONENT_KEYS:
         _check_component(recipe, registries, key, getattr(m, key), f"model.{key}")
     _validate_layers(recipe, registries)
+    _validate_train_plugins(recipe, registries)
 
 
 def _check_component(recipe: Recipe, registries: Mapping[str, Registry], kind: str, spec, dotted: str) -> None:
@@ -494,6 +507,34 @@ def _validate_layers(recipe: Recipe, registries: Mapping[str, Registry]) -> None
                     raise UserError(f"{recipe.where(f'{prefix}.{kind}')}: unknown key {prefix}.{kind} (a layer table "
                                     f"holds {', '.join(COMPONENT_KEYS)}){_did_you_mean(kind, COMPONENT_KEYS)}")
                 _check_component(recipe, registries, kind, spec, f"{prefix}.{kind}")
+
+
+def _validate_train_plugins(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
+    """train.optimizer and train.schedule name registered plugins with options their factories take (a schedule
+    is built, so its option values are checked too); each [[train.param_groups]] rule is well formed."""
+    t = recipe.train
+    for key, kind in TRAIN_PLUGIN_KEYS.items():
+        where, (name, options) = recipe.where(f"train.{key}"), component(getattr(t, key))
+        try:
+            factory = registries[kind].get(name)
+            inspect.signature(factory).bind(*([[]] if kind == "optimizer" else []), t, **options)
+            if kind == "schedule":
+                factory(t, **options)
+        except UserError as e:
+            raise UserError(f"{where}: train.{key}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{where}: train.{key}: {name}: {e}") from None
+    for i, rule in enumerate(t.param_groups):
+        where = recipe.where("train.param_groups")
+        if not isinstance(rule, dict) or not isinstance(rule.get("params"), list) or not rule["params"] \
+                or not all(isinstance(g, str) for g in rule["params"]):
+            raise UserError(f"{where}: train.param_groups[{i}] needs params = [\"glob\", ...]")
+        for key, value in rule.items():
+            if key not in GROUP_RULE_KEYS:
+                raise UserError(f"{where}: train.param_groups[{i}]: unknown key {key!r}"
+                                f"{_did_you_mean(key, GROUP_RULE_KEYS)}")
+            if key != "params" and not (_type_ok(value, float) and value >= 0):
+                raise UserError(f"{where}: train.param_groups[{i}].{key} must be a number >= 0, got {value!r}")
 
 
 def build_recipe(merged: dict, origins: dict, name: str, source: str, override_keys: set,

@@ -8,6 +8,7 @@ that mirror it (TensorBoard, W&B).
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -19,12 +20,12 @@ from pathlib import Path
 from minsota import checkpoint
 from minsota.errors import UserError, did_you_mean
 from minsota.loader import read_recipe_json, recipe_record
-from minsota.recipe import Recipe
+from minsota.recipe import SECTIONS, Recipe
 
 # Keys a resumed run may not change unnoticed: they change what the weights mean or what the saved data
 # position points at. `--allow-change KEY` (or a whole table, `--allow-change model`) accepts a change.
 GUARDED = ("model", "data.source", "data.tokenizer", "data.text_field", "data.holdout_every", "train.batch_size",
-           "train.seq_len")
+           "train.seq_len", "train.optimizer", "train.param_groups")
 
 
 @contextlib.contextmanager
@@ -54,6 +55,9 @@ def open_resumed(path: Path, overrides: dict | None, plugin_specs, allow_changes
         return run_dir, recipe, None
     ckpt = checkpoint.load(ckpt_path, tensors_of_the_model=os.environ.get("RANK", "0") == "0")  # rank 0 broadcasts
     check_changes(ckpt["recipe"], recipe, ckpt_path, allow_changes)
+    if ckpt["trainer"] and ckpt["recipe"]["train"].get("optimizer", "adamw") != recipe.to_dict()["train"]["optimizer"]:
+        print("minsota: warning: train.optimizer changed (allowed): its state starts afresh", file=sys.stderr)
+        ckpt = {**ckpt, "optimizer": {}, "trainer": {**ckpt["trainer"], "optimizer": None}}
     return run_dir, recipe, ckpt
 
 
@@ -68,10 +72,18 @@ def prepare(run_dir: Path, recipe: Recipe, abandon_after: int | None) -> None:
     checkpoint.write_json(run_dir / checkpoint.RECIPE, recipe_record(recipe))
 
 
+def _defaults(cls) -> dict:
+    """A recipe table's defaults, as JSON would hold them."""
+    return {f.name: json.loads(json.dumps(f.default if f.default_factory is dataclasses.MISSING else f.default_factory()))
+            for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+            or f.default_factory is not dataclasses.MISSING}
+
+
 def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
     """Refuse a resume whose recipe changes a GUARDED key of the checkpoint's, unless allowed; report the rest."""
     now = json.loads(json.dumps(recipe.to_dict()))
     check_allowed(allowed, now)
+    defaults = {section: _defaults(cls) for section, cls in SECTIONS.items()}
 
     def covered(key, prefixes):
         return any(key == p or key.startswith(p + ".") for p in prefixes)
@@ -79,7 +91,9 @@ def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
     changed = []
     for section in ("model", "train", "data"):
         for key in sorted(set(saved[section]) | set(now[section])):
-            old, new, dotted = saved[section].get(key), now[section].get(key), f"{section}.{key}"
+            # a key the saved recipe lacks had its default then (a run from before the key existed)
+            old = saved[section].get(key, defaults[section].get(key))
+            new, dotted = now[section].get(key), f"{section}.{key}"
             if old == new:
                 continue
             if covered(dotted, GUARDED) and not covered(dotted, allowed):

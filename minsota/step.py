@@ -29,10 +29,11 @@ class StepResult:
     aux: dict[str, float] = field(default_factory=dict)  # auxiliary terms' means: aux_loss and each by name
 
 
-def train_step(state: TrainState, loss_fn, lr: float, *, device: torch.device, accum: int = 1,
+def train_step(state: TrainState, loss_fn, lr_scale: float, *, device: torch.device, accum: int = 1,
                grad_clip: float = 0.0, autocast=None, document: bool = False,
                loss_module=None, stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
-    """Run one optimizer step on ``accum`` micro-batches drawn from ``state.batches``.
+    """Run one optimizer step on ``accum`` micro-batches drawn from ``state.batches``, each group's lr its
+    ``initial_lr`` × ``lr_scale`` (the warmup and schedule multiplier, `minsota.optim.lr_multiplier`).
 
     ``loss_fn`` computes a micro-batch's loss terms (``model.losses``, its DDP wrapper ``loss_module``, or either
     compiled): the objective is ``loss`` plus ``aux_loss`` when components contribute auxiliary terms;
@@ -42,7 +43,7 @@ def train_step(state: TrainState, loss_fn, lr: float, *, device: torch.device, a
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     autocast = autocast or contextlib.nullcontext()
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["initial_lr"] * lr_scale
     totals = {}  # each loss term's mean over the micro-batches: the LM loss, and any auxiliary ones
     for micro_step in range(accum):
         with gradient_sync(loss_module, model, micro_step == accum - 1):

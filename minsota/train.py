@@ -1,13 +1,13 @@
 """The trainer: one loop a reader follows top to bottom (nanoGPT's train.py is the bar for legibility).
 
-`train(recipe, run_dir)` builds the model, AdamW and the data from a resolved recipe and runs
+`train(recipe, run_dir)` builds the model, the optimizer (`train.optimizer`) and the data from a resolved recipe and runs
 `train.steps` optimizer steps of `train.batch_size` sequences each (gradient accumulation over
 micro-batches); `resume(run_dir)` continues a run from its checkpoint. Every step appends one JSON line to
 RUN_DIR/metrics.jsonl; every `eval_every` steps and at the end the validation loss is measured; every
 `checkpoint_every` steps and at the end a checkpoint is written (minsota.train_state); at the end the model
 samples a little text (minsota.generation).
 
-The rooms beside it: `minsota.optim` (schedule, AdamW groups, the optimizer), `minsota.step` (the one
+The rooms beside it: `minsota.optim` (parameter groups, optimizer and schedule plugins, warmup), `minsota.step` (the one
 optimizer step), `minsota.distributed` (DDP/FSDP2), `minsota.train_state` (what a checkpoint holds),
 `minsota.rundir` (lock, resume, metrics file, trackers) and `minsota.runtime` (device, precision, evaluation).
 
@@ -15,7 +15,7 @@ Faults: the first SIGINT/SIGTERM lets the step finish, checkpoints it and exits 
 once. A non-finite loss or gradient norm is caught before `optimizer.step()`, so parameters stay untouched:
 the step is skipped (up to `max_bad_steps` times), then training stops with exit 3. One trainer at a time writes
 a run directory (its lock, RUN_DIR/.lock); a second one exits 2 naming the holder. `--resume` restores
-weights, AdamW state, RNG states and the data position, so on CPU fp32 the resumed losses equal an
+weights, the optimizer's whole state, RNG states and the data position, so on CPU fp32 the resumed losses equal an
 uninterrupted run's bit for bit.
 """
 
@@ -40,7 +40,7 @@ from minsota.distributed import build_device, init_distributed, parallelize
 from minsota.errors import DivergedError
 from minsota.generation import generate
 from minsota.model import build_model
-from minsota.optim import build_optimizer, build_scaler, lr_at
+from minsota.optim import build_optimizer, build_scaler, build_schedule, eval_mode, lr_multiplier, train_mode
 from minsota.recipe import Recipe
 from minsota.recompute import checkpoint_activations
 from minsota.runtime import autocast_context, autocast_dtype, datasheet_flops, evaluate, peak_flops, resolve_device
@@ -139,7 +139,8 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     model = build_model(recipe, build_device(t.parallelism))  # CPU; "meta" on FSDP2's ranks but 0
     checkpoint_activations(model, t.activation_checkpointing)
     loss_module = parallelize(model, t.parallelism, dtype, device)
-    state = TrainState(model, build_optimizer(model, t, device), build_scaler(device, dtype), batches=None)
+    state = TrainState(model, build_optimizer(model, t, recipe.plugins), build_scaler(device, dtype), batches=None)
+    train_mode(state.optimizer)  # optimizers with modes (schedule-free) step, and restore, in training mode
     loss_fn = torch.compile(loss_module) if t.compile else loss_module
     tokenizer = build_tokenizer(recipe)
     state.batches = build_batches(recipe, tokenizer, "train", rank, world)
@@ -148,6 +149,7 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     accum = t.batch_size // (t.micro_batch_size * world)
     if ckpt:
         restore(ckpt, state)
+        train_mode(state.optimizer)  # checkpoints hold the optimizer's evaluation mode (`eval_mode`)
     if state.step >= t.steps:
         print(f"minsota: {run_dir} is complete at step {state.step}; extend it with --set train.steps=N",
               file=sys.stderr)
@@ -163,22 +165,32 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     autocast = autocast_context(device, dtype)
     document = recipe.data.packing == "document"
 
-    def step(lr: float, stop_requested):
-        return train_step(state, loss_fn, lr, device=device, accum=accum, grad_clip=t.grad_clip, autocast=autocast,
+    def step(lr_scale: float, stop_requested):
+        return train_step(state, loss_fn, lr_scale, device=device, accum=accum, grad_clip=t.grad_clip, autocast=autocast,
                           document=document, loss_module=loss_module, stop_requested=stop_requested)
 
+    # evaluation, checkpoints and samples see the optimizer's evaluation weights (`minsota.optim.eval_mode`)
     def validate(final: bool) -> dict:
         """What is due after this step: the validation loss every `eval_every` steps, the downstream tasks every
         `eval_tasks_every` steps, and both at the end."""
+        loss_due = final or (t.eval_every and state.step % t.eval_every == 0)
+        tasks_due = tasks and (final or (t.eval_tasks_every and state.step % t.eval_tasks_every == 0))
         record = {}
-        if final or (t.eval_every and state.step % t.eval_every == 0):
-            record["val_loss"] = evaluate(model, val_batches, autocast, device, document)
-        if tasks and (final or (t.eval_tasks_every and state.step % t.eval_tasks_every == 0)):
-            record |= tasks(model, tokenizer, autocast)
+        if loss_due or tasks_due:  # only then: a mode switch may move weights (schedule-free)
+            with eval_mode(state.optimizer):
+                if loss_due:
+                    record["val_loss"] = evaluate(model, val_batches, autocast, device, document)
+                if tasks_due:
+                    record |= tasks(model, tokenizer, autocast)
         return record
 
+    def save() -> None:
+        with eval_mode(state.optimizer):
+            save_checkpoint(run_dir, recipe, state, device)
+
     def sample() -> None:  # a fresh document (after EOS), on every rank: FSDP2 gathers weights collectively
-        new = generate(model.eval(), [tokenizer.eos_id], t.sample_tokens, seed=t.seed, stop_id=tokenizer.eos_id)
+        with eval_mode(state.optimizer):
+            new = generate(model.eval(), [tokenizer.eos_id], t.sample_tokens, seed=t.seed, stop_id=tokenizer.eos_id)
         if main:
             print(f"--- sample ---\n{tokenizer.decode(new)}\n---")
 
@@ -190,9 +202,8 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
         figures = {"mfu": flops_per_step / elapsed / peak}
         return figures | ({"mfu_datasheet": flops_per_step / elapsed / (datasheet * world)} if datasheet else {})
 
-    return _loop(recipe, run_dir, state, step, validate, lambda: save_checkpoint(run_dir, recipe, state, device),
-                 sample if t.sample_tokens else None, main, saved_step=state.step if ckpt else None,
-                 mfu=mfu)
+    return _loop(recipe, run_dir, state, step, validate, save, sample if t.sample_tokens else None, main,
+                 saved_step=state.step if ckpt else None, mfu=mfu)
 
 
 def _loop(recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save, sample, main: bool, saved_step,
@@ -208,11 +219,12 @@ def _loop(recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save
         log = _logger(recipe, run_dir, stack, main)
         bar = stack.enter_context(tqdm(total=t.steps, initial=state.step, unit="step", dynamic_ncols=True,
                                        **({} if main else {"disable": True})))
-        stop = False
+        stop, schedule = False, build_schedule(t, recipe.plugins)
         while state.step < t.steps and not stop:
             start = time.perf_counter()
-            lr = lr_at(state.step, t)
-            result = step(lr, lambda: bool(signals))
+            multiplier = lr_multiplier(state.step, t, schedule)
+            lr = t.lr * multiplier  # logged: train.lr's share; each group's own is its base lr × multiplier
+            result = step(multiplier, lambda: bool(signals))
             stop = result.stop
             state.step += 1
             state.tokens += tokens_per_step

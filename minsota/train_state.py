@@ -6,6 +6,7 @@ rank 0 writes it; `restore` loads one back, RNG states too, so a resumed run con
 torchrun rank 0 alone reads the weights and optimizer state and broadcasts them (each rank keeps its shards).
 """
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -68,6 +69,40 @@ def set_rng_state(tensors: dict, states: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def split_optimizer_state(optim: dict) -> tuple[dict, dict]:
+    """An optimizer state dict by parameter path as (tensors "{path}/{key}" for safetensors, the rest as JSON:
+    non-tensor per-parameter state such as an int step or a nested dict, and each group's entries)."""
+    tensors, other = {}, {}
+    for name, entry in optim["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value
+            else:
+                other.setdefault(name, {})[key] = value
+    groups = [{key: value for key, value in group.items() if key != "params"} for group in optim["param_groups"]]
+    return tensors, json.loads(json.dumps({"state": other, "param_groups": groups}, default=list))
+
+
+def _optimizer_state(ckpt: dict, state: TrainState, options) -> dict:
+    """The checkpoint's optimizer state in the live optimizer's form: tensors and JSON state by parameter path,
+    the live groups (this recipe's hyperparameters) with the saved values of the optimizer's own counters. The
+    ranks that receive the state from rank 0 (``ckpt["optimizer"]`` None) give only the groups."""
+    for p in [p for p, entry in state.optimizer.state.items() if not entry]:  # looked up, never filled (schedule-
+        del state.optimizer.state[p]  # free's train()): DCP then takes the state as built and skips its lazy init
+    optim = get_optimizer_state_dict(state.model, state.optimizer, options=options)  # this recipe's groups
+    saved = (ckpt["trainer"].get("optimizer") or {"state": {}, "param_groups": []})
+    received = ckpt["optimizer"] is None
+    optim["state"] = {} if received else {name: dict(entry) for name, entry in saved["state"].items()}
+    for key, value in (ckpt["optimizer"] or {}).items():
+        name, _, field = key.rpartition("/")
+        optim["state"].setdefault(name, {})[field] = value
+    keys = getattr(state.optimizer, "group_state_keys", ())
+    if keys and len(saved["param_groups"]) == len(optim["param_groups"]):
+        for live, old in zip(optim["param_groups"], saved["param_groups"]):
+            live.update({key: old[key] for key in keys if key in old})
+    return optim
+
+
 def save_checkpoint(run_dir, recipe: Recipe, state: TrainState, device: torch.device) -> None:
     """Checkpoint ``state`` as RUN_DIR/checkpoints/step-N. Every rank takes part in gathering full tensors
     (FSDP2 shards them); rank 0 writes and hashes while the others wait on `checkpoint_group` (its timeout
@@ -76,12 +111,12 @@ def save_checkpoint(run_dir, recipe: Recipe, state: TrainState, device: torch.de
     weights, optim = get_state_dict(state.model, state.optimizer, options=TO_SAVE)
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        flat_optim = {f"{name}/{key}": value for name, entry in optim["state"].items() for key, value in entry.items()}
+        tensors, other = split_optimizer_state(optim)
         rng_tensors, rng_json = rng_state(device)
         trainer = {"step": state.step, "data": state.batches.state_dict(), "skipped_steps": state.skipped,
-                   "tokens": state.tokens, "scaler": state.scaler.state_dict(), "rng": rng_json}
+                   "tokens": state.tokens, "scaler": state.scaler.state_dict(), "rng": rng_json, "optimizer": other}
         try:
-            checkpoint.save(run_dir / "checkpoints", state.step, model=weights, optimizer=flat_optim, rng=rng_tensors,
+            checkpoint.save(run_dir / "checkpoints", state.step, model=weights, optimizer=tensors, rng=rng_tensors,
                             trainer=trainer, recipe=recipe_record(recipe), keep=recipe.train.keep_checkpoints)
         except UserError as e:
             error = e
@@ -101,11 +136,7 @@ def restore(ckpt: dict, state: TrainState) -> None:
         if ckpt["trainer"] is None:
             set_model_state_dict(state.model, weights, options=options)
             return
-        optim = get_optimizer_state_dict(state.model, state.optimizer, options=options)  # this recipe's groups
-        optim["state"] = {}
-        for key, value in (ckpt["optimizer"] or {}).items():
-            name, _, field = key.rpartition("/")
-            optim["state"].setdefault(name, {})[field] = value
+        optim = _optimizer_state(ckpt, state, options)
         # one at a time: set_state_dict takes an empty model dict (the receiving ranks') for "optimizer only"
         set_model_state_dict(state.model, weights, options=options)
         set_optimizer_state_dict(state.model, state.optimizer, optim, options=options)

@@ -33,6 +33,7 @@ class GatedFeedForward(nn.Module):
         self.activation = activation
         self.w13 = nn.Linear(cfg.dim, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+        self.param_splits = {"w13.weight": [hidden, hidden]}  # gate, up: Muon orthogonalises each
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)

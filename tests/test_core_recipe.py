@@ -32,7 +32,7 @@ TINY_MODEL = "[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 256\n"
         ("model.norm=rmsnrm", "unknown norm 'rmsnrm'; did you mean 'rmsnorm'?"),
         ("model.nlayers=2", "unknown key model.nlayers (did you mean 'n_layers'"),
         ("trian.steps=2", "did you mean 'train'?"),
-        ("train.schedule=linear", "train.schedule must be one of cosine, wsd, constant"),
+        ("train.schedule=lineer", "train.schedule: unknown schedule 'lineer'"),
         ("train.micro_batch_size=3", "train.micro_batch_size = 3 does not divide train.batch_size = 8"),
         ("model.tie_embeddings=1", "model.tie_embeddings must be bool"),
         ("model.positional=learned", "train.seq_len = 64 is longer than the learned position table "

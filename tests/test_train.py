@@ -29,9 +29,9 @@ from minsota import checkpoint
 from minsota.cli import main
 from minsota.loader import load_recipe
 from minsota.model import build_model
-from minsota.optim import lr_at, param_groups
+from minsota.optim import ROLES, build_schedule, lr_multiplier, param_groups
 from minsota.plugins import load_plugins
-from minsota.recipe import TrainConfig
+from minsota.recipe import TrainConfig, parse_override
 
 from conftest import ENV, PLUGINS, losses, records, sets
 
@@ -105,6 +105,11 @@ def finished_run(reference, tmp_path) -> Path:
 # ------------------------------------------------------------------------------------------ numerics
 
 
+def lr_at(step: int, t: TrainConfig) -> float:
+    """The lr the trainer gives a group of base lr train.lr at ``step``: warmup, then train.schedule."""
+    return t.lr * lr_multiplier(step, t, build_schedule(t))
+
+
 def test_schedules_at_key_steps():
     cosine = TrainConfig(steps=101, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cosine) == pytest.approx(1 / 11)  # the first step already learns
@@ -120,22 +125,70 @@ def test_schedules_at_key_steps():
     assert lr_at(80, wsd) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(1 / 20)))  # 1-sqrt cooldown
     assert lr_at(99, wsd) == pytest.approx(0.1)
     assert lr_at(99, TrainConfig(steps=100, lr=1.0, warmup_steps=10, schedule="constant")) == 1.0
+    linear = TrainConfig(steps=101, lr=1.0, warmup_steps=10, schedule={"name": "linear", "min_lr_ratio": 0.0})
+    assert lr_at(10, linear) == 1.0 and lr_at(55, linear) == pytest.approx(0.5) and lr_at(100, linear) == 0.0
+    inverse = TrainConfig(steps=100, lr=1.0, warmup_steps=4, schedule="inverse-sqrt")
+    assert lr_at(3, inverse) == pytest.approx(4 / 5) and lr_at(4, inverse) == 1.0  # continues the ramp's end
+    assert lr_at(16, inverse) == pytest.approx(0.5)  # sqrt(4 / 16)
 
 
 @pytest.mark.parametrize("tie, decay_embeddings", [(False, False), (False, True), (True, False)])
-def test_weight_decay_on_matrices_only(tie, decay_embeddings):
+def test_groups_by_role_and_weight_decay_on_matrices_only(tie, decay_embeddings):
     recipe = load_recipe("tiny", {"model.tie_embeddings": tie, "train.decay_embeddings": decay_embeddings})
     model = build_model(recipe, device="meta")
-    decay, no_decay = param_groups(model, recipe.train)
-    names = {id(p): name for name, p in model.named_parameters()}
-    decayed, not_decayed = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    groups = {g["role"]: g for g in param_groups(model, recipe.train)}
+    assert list(groups) == [role for role in ROLES if role != "head" or not tie]
+    names = dict(model.named_parameters())
+    for g in groups.values():  # names as in named_parameters, beside their tensors
+        assert [names[n] for n in g["names"]] == g["params"] and g["lr"] == recipe.train.lr
     embedding = "tok_embeddings.weight"
-    matrices = {name for name, p in model.named_parameters() if p.ndim >= 2} - {embedding}
-    assert decayed == matrices | ({embedding} if decay_embeddings else set())
-    assert not_decayed == set(names.values()) - decayed
-    assert "norm.weight" in not_decayed and "layers.0.attention_norm.weight" in not_decayed
-    assert ("output.weight" in decayed) == (not tie)  # tied, the head is the embedding: listed once
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert groups["embedding"]["names"] == [embedding]  # tied, the head is the embedding: listed once
+    assert ("head" in groups) == (not tie) and (tie or groups["head"]["names"] == ["output.weight"])
+    matrices = {n for n, p in names.items() if p.ndim >= 2} - {embedding, "output.weight"}
+    assert set(groups["matrix"]["names"]) == matrices
+    assert set(groups["vector"]["names"]) == {n for n, p in names.items() if p.ndim < 2}
+    assert "norm.weight" in groups["vector"]["names"] and "layers.0.attention_norm.weight" in groups["vector"]["names"]
+    decayed = {role for role, g in groups.items() if g["weight_decay"] == 0.1}
+    assert decayed == {"matrix"} | ({"embedding"} if decay_embeddings else set()) | ({"head"} if not tie else set())
+    assert groups["vector"]["weight_decay"] == 0.0
+    wqkv = groups["matrix"]["names"].index("layers.0.attention.wqkv.weight")
+    assert groups["matrix"]["splits"][wqkv] == [128, 64, 64]  # q, k, v: 4 heads, 2 KV heads of 32
+
+
+def test_param_group_rules_first_match_wins_and_show_prints_them(cli):
+    rules = ('[{params = ["layers.0.*", "output.*"], lr_scale = 0.5}, '
+             '{params = ["layers.*"], weight_decay = 0.0}]')
+    recipe = load_recipe("tiny", dict([parse_override(f"train.param_groups={rules}")]))
+    groups = param_groups(build_model(recipe, device="meta"), recipe.train)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["layers.0.attention.wqkv.weight"]["lr"] == recipe.train.lr * 0.5
+    assert by_name["layers.0.attention.wqkv.weight"]["weight_decay"] == 0.1  # the first rule does not set it
+    assert by_name["layers.1.attention.wqkv.weight"]["weight_decay"] == 0.0
+    assert by_name["layers.1.attention.wqkv.weight"]["lr"] == recipe.train.lr
+    assert by_name["output.weight"]["lr"] == recipe.train.lr * 0.5 and by_name["output.weight"]["role"] == "head"
+    code, out, err = cli("show", "tiny", "--set", f"train.param_groups={rules}")
+    assert code == 0, err
+    table = out[out.index("parameter groups:"):].splitlines()
+    assert table[1].split() == ["role", "tensors", "parameters", "lr", "weight_decay", "first"]
+    rows = [row.split() for row in table[2:] if row.split() and row.split()[0] in ROLES]
+    assert len(rows) == len(groups) and sum(int(row[1]) for row in rows) == len(by_name)
+    assert ["matrix", "4", "196,608", "1.5e-03", "0.1", "layers.0.attention.wqkv.weight"] in rows
+
+    code, _, err = cli("train", "tiny", "--set", 'train.param_groups=[{params = ["layers.*.atention.*"]}]')
+    assert code == 2 and err.count("\n") == 1
+    assert "train.param_groups[0]: params glob 'layers.*.atention.*' matches no parameter" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.optimizer='adamx'", "train.optimizer: unknown optimizer 'adamx'"),
+    ("train.optimizer={name='muon', lr=0.02, momentun=0.9}", "train.optimizer: muon: got an unexpected keyword argument 'momentun'"),
+    ("train.schedule='cosin'", "train.schedule: unknown schedule 'cosin'"),
+    ("train.schedule={name='wsd', decay_fraction=2.0}", "train.schedule: wsd: decay_fraction must be in [0, 1], got 2.0"),
+    ("train.param_groups=[{params=['x'], lr=3.0}]", "train.param_groups[0]: unknown key 'lr'"),
+])
+def test_bad_optimizer_schedule_and_group_rules_are_refused_naming_the_key(cli, override, message):
+    code, _, err = cli("show", "tiny", "--set", override)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_accumulation_equals_the_large_batch(tmp_path, cli):
