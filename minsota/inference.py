@@ -90,11 +90,11 @@ def evaluate_run_tasks(path: Path, tasks: list[str], num_fewshot: int | None = N
     """``minsota eval RUN_DIR --tasks ...``: lm-evaluation-harness tasks (`minsota.harness`, the optional [eval]
     extra, imported only here) on a run's newest checkpoint or RUN_DIR/checkpoints/step-N; task names are checked
     before the model is loaded."""
-    from minsota import harness
+    from minsota.harness import report_run, task_manager, task_names
 
-    manager = harness.task_manager(include_path)
-    names = harness.task_names(manager, tasks)
+    manager = task_manager(include_path)
+    names = task_names(manager, tasks)
     recipe, model, step = load_run(path, overrides, plugin_specs)
     path = Path(path)
     run_dir = path.parent.parent if checkpoint.STEP_DIR.fullmatch(path.name) else path
-    return harness.report_run(recipe, model, step, run_dir, names, manager, num_fewshot, limit, batch_size)
+    return report_run(recipe, model, step, run_dir, names, manager, num_fewshot, limit, batch_size)
