@@ -125,11 +125,7 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     """Assemble the run (model, optimizer, data), restore ``ckpt`` into it, then `_loop`."""
     rundir.check_trackers(recipe)
     t = recipe.train
-    tasks = None
-    if t.eval_tasks:  # lm-evaluation-harness tasks (the optional [eval] extra): refused now if it cannot run them
-        from minsota.harness import TaskEvaluator
-
-        tasks = TaskEvaluator(recipe)
+    tasks = _task_evaluator(recipe) if t.eval_tasks else None  # refused now if the harness cannot run them
     rank, world, device = init_distributed(recipe, resolve_device(t.device))
     main = rank == 0  # the one process that writes the run directory and talks to the user
     dtype = autocast_dtype(t.precision, device)
@@ -194,16 +190,30 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
         if main:
             print(f"--- sample ---\n{tokenizer.decode(new)}\n---")
 
+    return _loop(recipe, run_dir, state, step, validate, save, sample if t.sample_tokens else None, main,
+                 saved_step=state.step if ckpt else None, mfu=_mfu(model, t, device, dtype, world))
+
+
+def _task_evaluator(recipe: Recipe):
+    """``train.eval_tasks`` through lm-evaluation-harness (`minsota.harness`: the optional [eval] extra, imported
+    only when a recipe asks)."""
+    from minsota.harness import TaskEvaluator
+
+    return TaskEvaluator(recipe)
+
+
+def _mfu(model, t, device: torch.device, dtype: torch.dtype | None, world: int):
+    """``mfu(elapsed) -> dict``: a step's model FLOPs utilisation against the measured matmul rate, and against
+    the datasheet's peak where the device is known."""
     flops_per_step = model.flops_per_token(t.seq_len) * t.batch_size * t.seq_len
     peak = peak_flops(device, dtype or torch.float32) * world
     datasheet = datasheet_flops(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
 
-    def mfu(elapsed: float) -> dict:  # against the measured matmul rate, and the datasheet's where it is known
+    def mfu(elapsed: float) -> dict:
         figures = {"mfu": flops_per_step / elapsed / peak}
         return figures | ({"mfu_datasheet": flops_per_step / elapsed / (datasheet * world)} if datasheet else {})
 
-    return _loop(recipe, run_dir, state, step, validate, save, sample if t.sample_tokens else None, main,
-                 saved_step=state.step if ckpt else None, mfu=mfu)
+    return mfu
 
 
 def _loop(recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save, sample, main: bool, saved_step,

@@ -179,7 +179,8 @@ def test_fsdp_ranks_build_on_meta_and_receive_rank_zeros_weights(tmp_path):
                       "    assert torch.equal(p.full_tensor(), q), name\n"
                       "for (name, b), c in zip(model.named_buffers(), alone.buffers()):\n"
                       "    assert torch.equal(b, c), name\n"
-                      "print('rank', dist.get_rank(), 'ok')\n")
+                      "import sys\n"
+                      "sys.stdout.write(f'rank {dist.get_rank()} ok\\n')  # one write: the ranks share stdout\n")
     process = torchrun(script=script)
     assert process.returncode == 0, process.stderr
     assert "rank 0 ok" in process.stdout and "rank 1 ok" in process.stdout
