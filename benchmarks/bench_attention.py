@@ -60,9 +60,17 @@ def attention_layer(request, setting, name: str, mask: str, T: int):
     size = sizes(request.config)
     spec = {"name": name, "window": T // 4} if mask == "window" else name
     try:
-        recipe = load_recipe("sota-2024", {
-            "model.dim": size["dim"], "model.n_heads": size["heads"], "model.n_kv_heads": size["kv_heads"],
-            "model.n_layers": 1, "model.max_seq_len": T, "model.attention": spec})
+        recipe = load_recipe(
+            "sota-2024",
+            {
+                "model.dim": size["dim"],
+                "model.n_heads": size["heads"],
+                "model.n_kv_heads": size["kv_heads"],
+                "model.n_layers": 1,
+                "model.max_seq_len": T,
+                "model.attention": spec,
+            },
+        )
         torch.manual_seed(0)
         return build_model(recipe, setting.device).layers[0].attention
     except UserError as e:  # a plugin kernel without this option: nothing to measure
@@ -92,6 +100,7 @@ def test_attention(request, benchmark, record, setting, name, mask, seq_len, pas
                 y = layer(x, positions, document_ids)
             if backward:
                 torch.autograd.grad(y, [x, *layer.parameters()], torch.ones_like(y))
+
         return step
 
     figures = {"backend": "flash only" if name in BACKENDS else ""}
@@ -115,8 +124,10 @@ def attention_parity(module, name, x, positions, document_ids, backward, setting
         cotangent = torch.randn_like(expected)
         grads = torch.autograd.grad(actual, list(leaves.values()), cotangent.to(actual.dtype))
         expected_grads = torch.autograd.grad(expected, list(leaves.values()), cotangent)
-        figures += [parity(a, e, tolerance, f"attention {name} gradient of {leaf}")
-                    for leaf, a, e in zip(leaves, grads, expected_grads)]
+        figures += [
+            parity(a, e, tolerance, f"attention {name} gradient of {leaf}")
+            for leaf, a, e in zip(leaves, grads, expected_grads)
+        ]
     return worst(*figures)
 
 
@@ -127,11 +138,14 @@ def sdpa(backend):
     def kernel(q, k, v):
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
     return kernel
 
 
-KERNELS = {"flash": lambda: sdpa(SDPBackend.FLASH_ATTENTION),
-           "flex": lambda: torch.compile(lambda q, k, v: flex_attend(q, k, v, None, 0), fullgraph=True)}
+KERNELS = {
+    "flash": lambda: sdpa(SDPBackend.FLASH_ATTENTION),
+    "flex": lambda: torch.compile(lambda q, k, v: flex_attend(q, k, v, None, 0), fullgraph=True),
+}
 
 
 @pytest.mark.parametrize("pass_", PASSES)
@@ -143,9 +157,12 @@ def test_kernel(request, benchmark, record, setting, kernel, seq_len, pass_):
     size = sizes(request.config)
     head_dim = size["dim"] // size["heads"]
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=setting.device, dtype=setting.dtype,
-                           requires_grad=backward)  # CPU flex refuses inputs that require grad
-               for heads in (size["heads"], size["kv_heads"], size["kv_heads"]))
+    q, k, v = (
+        torch.randn(
+            1, heads, seq_len, head_dim, device=setting.device, dtype=setting.dtype, requires_grad=backward
+        )  # CPU flex refuses inputs that require grad
+        for heads in (size["heads"], size["kv_heads"], size["kv_heads"])
+    )
     fast, baseline = KERNELS[kernel](), sdpa(SDPBackend.MATH)
 
     def run(fn):
@@ -154,6 +171,7 @@ def test_kernel(request, benchmark, record, setting, kernel, seq_len, pass_):
                 y = fn(q, k, v)
             if backward:
                 torch.autograd.grad(y, [q, k, v], torch.ones_like(y))
+
         return step
 
     with torch.set_grad_enabled(backward):
@@ -163,7 +181,9 @@ def test_kernel(request, benchmark, record, setting, kernel, seq_len, pass_):
         cotangent = torch.randn_like(expected)
         grads = torch.autograd.grad(actual, [q, k, v], cotangent.to(actual.dtype))
         expected_grads = torch.autograd.grad(expected, [q, k, v], cotangent)
-        figures += [parity(a, e, TOLERANCE[setting.dtype], f"{kernel} gradient of {name}")
-                    for name, a, e in zip("qkv", grads, expected_grads)]
+        figures += [
+            parity(a, e, TOLERANCE[setting.dtype], f"{kernel} gradient of {name}")
+            for name, a, e in zip("qkv", grads, expected_grads)
+        ]
     timing = interleaved(benchmark, setting, run(fast), {"math": run(baseline)})
     record(**worst(*figures), **speed(timing, "math", "sdpa math"))

@@ -34,8 +34,9 @@ SIZES = {  # recipe overrides and the batch
 def test_block(benchmark, record, setting, name, mode):
     size = SIZES[setting.size_key]
     T = size["seq_len"]
-    recipe = load_recipe("sota-2024", {**size["shape"], "model.n_layers": 1, "model.max_seq_len": T,
-                                       "model.block": name})
+    recipe = load_recipe(
+        "sota-2024", {**size["shape"], "model.n_layers": 1, "model.max_seq_len": T, "model.block": name}
+    )
     torch.manual_seed(0)
     block = build_model(recipe, setting.device).layers[0]
     if reference.of(block) is None:
@@ -59,14 +60,19 @@ def test_block(benchmark, record, setting, name, mode):
             with setting.autocast() if autocast else torch.autocast(setting.device.type, enabled=False):
                 y = fn(hidden, positions)
             return y, torch.autograd.grad(y, list(leaves.values()), cotangent.to(y.dtype))
+
         return step
 
     actual, grads = fwd_bwd(forward)()
     expected, expected_grads = fwd_bwd(reference_forward, autocast=False)()  # the fp32 truth
     tolerance = TOLERANCE[setting.dtype]
-    figures = worst(parity(actual, expected.to(actual.dtype), tolerance, f"block {name} ({mode}) output"),
-                    *(parity(a, e, tolerance, f"block {name} ({mode}) gradient of {leaf}")
-                      for leaf, a, e in zip(leaves, grads, expected_grads)))
+    figures = worst(
+        parity(actual, expected.to(actual.dtype), tolerance, f"block {name} ({mode}) output"),
+        *(
+            parity(a, e, tolerance, f"block {name} ({mode}) gradient of {leaf}")
+            for leaf, a, e in zip(leaves, grads, expected_grads)
+        ),
+    )
     timing = interleaved(benchmark, setting, fwd_bwd(forward), {"reference": fwd_bwd(reference_forward)})
     record(**figures, **speed(timing, "reference"))
 
@@ -79,9 +85,15 @@ def test_layered_stack(benchmark, record, setting, layout, mode):
     not recompile."""
     size = SIZES[setting.size_key]
     T = size["seq_len"]
-    recipe = load_recipe(layout, {
-        **size["shape"], "model.n_layers": 3, "model.max_seq_len": T,
-        "model.layer_types.local.attention.window": T // 4})
+    recipe = load_recipe(
+        layout,
+        {
+            **size["shape"],
+            "model.n_layers": 3,
+            "model.max_seq_len": T,
+            "model.layer_types.local.attention.window": T // 4,
+        },
+    )
     torch.manual_seed(0)
     layers = build_model(recipe, setting.device).layers
     hidden = torch.randn(size["batch"], T, recipe.model.dim, device=setting.device, requires_grad=True)
@@ -108,14 +120,19 @@ def test_layered_stack(benchmark, record, setting, layout, mode):
             with setting.autocast() if autocast else torch.autocast(setting.device.type, enabled=False):
                 y = fn(hidden, positions)
             return y, torch.autograd.grad(y, list(leaves.values()), cotangent.to(y.dtype))
+
         return step
 
     actual, grads = fwd_bwd(forward)()
     expected, expected_grads = fwd_bwd(reference_forward, autocast=False)()
     tolerance = TOLERANCE[setting.dtype]
-    figures = worst(parity(actual, expected.to(actual.dtype), tolerance, f"layered stack ({mode}) output"),
-                    *(parity(a, e, tolerance, f"layered stack ({mode}) gradient of {leaf}")
-                      for leaf, a, e in zip(leaves, grads, expected_grads)))
+    figures = worst(
+        parity(actual, expected.to(actual.dtype), tolerance, f"layered stack ({mode}) output"),
+        *(
+            parity(a, e, tolerance, f"layered stack ({mode}) gradient of {leaf}")
+            for leaf, a, e in zip(leaves, grads, expected_grads)
+        ),
+    )
     timing = interleaved(benchmark, setting, fwd_bwd(forward), {"reference": fwd_bwd(reference_forward)})
     with torch._dynamo.config.patch(error_on_recompile=True):  # the layout is static: no guard fails later
         fwd_bwd(forward)()

@@ -30,9 +30,17 @@ def corpus(setting, tmp_path_factory):
     smoke = setting.smoke
     tokenizer = str(NEOX) if NEOX.is_dir() and not smoke else "bytes"
     seq, micro, count = (64, 2, 4) if smoke else (1024, 8, 32)
-    settings = {"data.source": "stdlib", "data.tokenizer": tokenizer, "data.num_workers": 0, "model.vocab_size": 50304,
-                "train.seq_len": seq, "model.max_seq_len": seq, "train.micro_batch_size": micro,
-                "train.batch_size": micro * 8, "train.device": "cpu"}
+    settings = {
+        "data.source": "stdlib",
+        "data.tokenizer": tokenizer,
+        "data.num_workers": 0,
+        "model.vocab_size": 50304,
+        "train.seq_len": seq,
+        "model.max_seq_len": seq,
+        "train.micro_batch_size": micro,
+        "train.batch_size": micro * 8,
+        "train.device": "cpu",
+    }
     out = tmp_path_factory.mktemp("prepared") / "stdlib"
     prepare(load_recipe("tiny", settings), out, workers=0, max_tokens=50_000 if smoke else 2_000_000)
     return settings, count, out

@@ -37,14 +37,23 @@ def test_mla_block(benchmark, record, setting, mode):
 
     leaves = dict(mla.named_parameters(), x=x)
     actual, grads = _fwd_bwd(as_fn(mla), x, leaves, cotangent, setting)()
-    expected, expected_grads = _fwd_bwd(lambda h: reference.call(mla, h, positions), x, leaves, cotangent, setting,
-                                        False)()
+    expected, expected_grads = _fwd_bwd(
+        lambda h: reference.call(mla, h, positions), x, leaves, cotangent, setting, False
+    )()
     tolerance = TOLERANCE[setting.dtype]
-    figures = worst(parity(actual, expected.to(actual.dtype), tolerance, f"mla block ({mode}) output"),
-                    *(parity(a, e, tolerance, f"mla block ({mode}) gradient of {leaf}")
-                      for leaf, a, e in zip(leaves, grads, expected_grads)))
-    timing = interleaved(benchmark, setting, _fwd_bwd(as_fn(mla), x, leaves, cotangent, setting),
-                         {"gqa": _fwd_bwd(as_fn(gqa), x, dict(gqa.named_parameters(), x=x), cotangent, setting)})
+    figures = worst(
+        parity(actual, expected.to(actual.dtype), tolerance, f"mla block ({mode}) output"),
+        *(
+            parity(a, e, tolerance, f"mla block ({mode}) gradient of {leaf}")
+            for leaf, a, e in zip(leaves, grads, expected_grads)
+        ),
+    )
+    timing = interleaved(
+        benchmark,
+        setting,
+        _fwd_bwd(as_fn(mla), x, leaves, cotangent, setting),
+        {"gqa": _fwd_bwd(as_fn(gqa), x, dict(gqa.named_parameters(), x=x), cotangent, setting)},
+    )
     record(**figures, **speed(timing, "gqa", "GQA block"))
 
 

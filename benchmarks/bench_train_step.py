@@ -46,10 +46,26 @@ from minsota.train_state import TrainState
 from harness import TOLERANCE, Setting, interleaved, parity
 
 SIZES = {  # recipe overrides
-    "smoke": {"model.vocab_size": 512, "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
-              "model.n_kv_heads": 2, "model.max_seq_len": 32, "train.seq_len": 32, "train.micro_batch_size": 2},
-    "cpu": {"model.vocab_size": 32000, "model.dim": 384, "model.n_layers": 6, "model.n_heads": 6,
-            "model.n_kv_heads": 2, "model.max_seq_len": 256, "train.seq_len": 256, "train.micro_batch_size": 8},
+    "smoke": {
+        "model.vocab_size": 512,
+        "model.dim": 64,
+        "model.n_layers": 2,
+        "model.n_heads": 4,
+        "model.n_kv_heads": 2,
+        "model.max_seq_len": 32,
+        "train.seq_len": 32,
+        "train.micro_batch_size": 2,
+    },
+    "cpu": {
+        "model.vocab_size": 32000,
+        "model.dim": 384,
+        "model.n_layers": 6,
+        "model.n_heads": 6,
+        "model.n_kv_heads": 2,
+        "model.max_seq_len": 256,
+        "train.seq_len": 256,
+        "train.micro_batch_size": 8,
+    },
     "cuda": {},
 }
 
@@ -81,15 +97,23 @@ class Trainee:
     def step(self, batch: dict):
         self.state.batches = itertools.repeat(batch)
         t = self.recipe.train
-        train_step(self.state, self.loss_fn, 1.0, device=self.setting.device, grad_clip=t.grad_clip,
-                   autocast=self.setting.autocast())
+        train_step(
+            self.state,
+            self.loss_fn,
+            1.0,
+            device=self.setting.device,
+            grad_clip=t.grad_clip,
+            autocast=self.setting.autocast(),
+        )
 
     def live_bytes(self) -> int:
         """Bytes held between steps: parameters, buffers and optimizer state (gradients are freed)."""
         model, optimizer = self.state.model, self.state.optimizer
         state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in [*model.parameters(), *model.buffers(), *state]}
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in [*model.parameters(), *model.buffers(), *state]
+        }
         return sum(storages.values())
 
 
@@ -124,9 +148,14 @@ def layered(recipe_name: str, overrides: dict) -> dict:
     dim, seq_len = overrides.get("model.dim", 768), overrides.get("train.seq_len", 1024)
     if overrides.get("model.n_layers", 6) < 6:
         overrides = {**overrides, "model.layer_pattern": ["local", "global"]}
-    return {**overrides, "model.head_dim": dim // overrides.get("model.n_heads", 12), "model.ffn_dim": 6 * dim,
-            "model.layer_types.local.attention.window": seq_len // 4, "model.embed_scale": dim**0.5,
-            "model.max_seq_len": seq_len}
+    return {
+        **overrides,
+        "model.head_dim": dim // overrides.get("model.n_heads", 12),
+        "model.ffn_dim": 6 * dim,
+        "model.layer_types.local.attention.window": seq_len // 4,
+        "model.embed_scale": dim**0.5,
+        "model.max_seq_len": seq_len,
+    }
 
 
 @pytest.fixture(params=RECIPES)
@@ -142,24 +171,32 @@ def models(request, setting, tmp_path):
     B, T = recipe.train.micro_batch_size, recipe.train.seq_len
     tokens = torch.randint(0, recipe.model.vocab_size, (B, T + 1), device=setting.device)
     positions = torch.arange(T, device=setting.device).expand(B, T)
-    batch = {"tokens": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous(), "positions": positions,
-             "document_ids": torch.zeros_like(positions)}  # a micro-batch as minsota.data makes them
+    batch = {
+        "tokens": tokens[:, :-1].contiguous(),
+        "targets": tokens[:, 1:].contiguous(),
+        "positions": positions,
+        "document_ids": torch.zeros_like(positions),
+    }  # a micro-batch as minsota.data makes them
     return recipe, model, hf, batch
 
 
 def hf_loss(hf):
     """HF's loss, as the terms `Decoder.losses` returns (`train_step` takes those)."""
+
     def loss(tokens, targets, positions, document_ids=None):  # targets are next tokens: HF must not shift them
         return {"loss": hf(input_ids=tokens, labels=targets, shift_labels=targets, position_ids=positions).loss}
+
     return loss
 
 
 def on_plain_state(loss_fn):
     """``loss_fn`` with the decoder building a plain dict where it builds the TensorDict. Compiled, dynamo guards
     on the global it reads, so this runs a graph of its own, traced with the dict."""
+
     def loss(*batch):
         with mock.patch.object(minsota.model, "make_state", plain_state):
             return loss_fn(*batch)
+
     return loss
 
 
@@ -174,24 +211,36 @@ def test_train_step(benchmark, record, setting, models, mode):
     peers["plain_state"] = replace(ours, loss_fn=on_plain_state(ours.loss_fn))
     with setting.autocast():  # with autograd on, as in a step: the graph compiled here is the one timed
         inputs = batch["tokens"], batch["targets"], batch["positions"]
-        figures = parity(ours.loss_fn(*inputs)["loss"], peers["hf_eager"].loss_fn(*inputs)["loss"],
-                         TOLERANCE[setting.dtype], f"first loss ({mode}) vs HF")
+        figures = parity(
+            ours.loss_fn(*inputs)["loss"],
+            peers["hf_eager"].loss_fn(*inputs)["loss"],
+            TOLERANCE[setting.dtype],
+            f"first loss ({mode}) vs HF",
+        )
     rates = []
 
     def measure_matmul():  # the trainer's MFU denominator, uncached: re-measured in every round
         rates.append(peak_flops.__wrapped__(setting.device, setting.dtype))
 
-    timing = interleaved(benchmark, setting, lambda: ours.step(batch),
-                         {"matmul": measure_matmul, **{name: lambda t=t: t.step(batch) for name, t in peers.items()}})
+    timing = interleaved(
+        benchmark,
+        setting,
+        lambda: ours.step(batch),
+        {"matmul": measure_matmul, **{name: lambda t=t: t.step(batch) for name, t in peers.items()}},
+    )
     peak, hf_peak = peak_bytes(ours, batch), peak_bytes(peers[f"hf_{mode}"], batch)
     figures |= {"peak_mb": peak / 2**20, "vs_hf_peak": peak / hf_peak}
     if timing:
         seconds, tokens = timing["ms"] / 1e3, batch["tokens"].numel()
         flops = model.flops_per_token(recipe.train.seq_len) * tokens
-        figures |= {"ms": timing["ms"], "tokens_per_s": tokens / seconds,
-                    "mfu": flops / seconds / statistics.median(rates), "matmul_gflops": statistics.median(rates) / 1e9,
-                    "td_overhead": 1 / timing["plain_state"] - 1,
-                    **{f"vs_{name}": timing[name] for name in peers if name.startswith("hf_")}}
+        figures |= {
+            "ms": timing["ms"],
+            "tokens_per_s": tokens / seconds,
+            "mfu": flops / seconds / statistics.median(rates),
+            "matmul_gflops": statistics.median(rates) / 1e9,
+            "td_overhead": 1 / timing["plain_state"] - 1,
+            **{f"vs_{name}": timing[name] for name in peers if name.startswith("hf_")},
+        }
     if mode == "compile":  # the next steps reuse the graph: nothing in a step changes a guard
         with torch._dynamo.config.patch(error_on_recompile=True):
             ours.step(batch)

@@ -1,9 +1,9 @@
 """Benchmark fixtures and options: the device setting, --smoke, a fresh compiler per case, the summary table.
 
-    pytest benchmarks                              # full sizes; prints one summary table at the end
-    pytest benchmarks --benchmark-save=NAME        # ... and stores the JSON (extra_info holds every figure)
-    pytest benchmarks --benchmark-compare          # ... against the newest stored run
-    pytest benchmarks --smoke --benchmark-disable  # CI: tiny sizes, each case once, parity still asserted
+pytest benchmarks                              # full sizes; prints one summary table at the end
+pytest benchmarks --benchmark-save=NAME        # ... and stores the JSON (extra_info holds every figure)
+pytest benchmarks --benchmark-compare          # ... against the newest stored run
+pytest benchmarks --smoke --benchmark-disable  # CI: tiny sizes, each case once, parity still asserted
 """
 
 import pytest
@@ -12,18 +12,36 @@ import torch
 from harness import Setting
 
 COLUMNS = {  # summary-table column -> heading, in print order
-    "ms": "ms", "speedup": "speed-up", "vs": "over", "max_abs_diff": "max|diff|", "mean_abs_diff": "mean|diff|",
-    "tokens_per_s": "tok/s", "global_tokens_per_s": "global tok/s", "tokenizer": "tokenizer", "mfu": "MFU", "matmul_gflops": "matmul GF/s", "vs_hf_eager": "x HF eager",
-    "vs_hf_compile": "x HF compiled", "td_overhead": "TD overhead", "peak_mb": "peak MB", "vs_hf_peak": "x HF peak",
-    "backend": "backend", "vs_dense": "x dense", "mla_bytes": "MLA B/token", "other_bytes": "GQA|full B/token",
+    "ms": "ms",
+    "speedup": "speed-up",
+    "vs": "over",
+    "max_abs_diff": "max|diff|",
+    "mean_abs_diff": "mean|diff|",
+    "tokens_per_s": "tok/s",
+    "global_tokens_per_s": "global tok/s",
+    "tokenizer": "tokenizer",
+    "mfu": "MFU",
+    "matmul_gflops": "matmul GF/s",
+    "vs_hf_eager": "x HF eager",
+    "vs_hf_compile": "x HF compiled",
+    "td_overhead": "TD overhead",
+    "peak_mb": "peak MB",
+    "vs_hf_peak": "x HF peak",
+    "backend": "backend",
+    "vs_dense": "x dense",
+    "mla_bytes": "MLA B/token",
+    "other_bytes": "GQA|full B/token",
     "cache_ratio": "cache ratio",
 }
 ROWS = pytest.StashKey[list]()
 
 
 def pytest_addoption(parser):
-    parser.addoption("--smoke", action="store_true",
-                     help="tiny sizes and a single round: checks that every benchmark runs and its parity holds")
+    parser.addoption(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes and a single round: checks that every benchmark runs and its parity holds",
+    )
 
 
 def pytest_configure(config):
@@ -77,8 +95,10 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     columns = [key for key in COLUMNS if any(key in figures for _, _, figures in rows)]
     table = [["suite", "case", *(COLUMNS[key] for key in columns)]]
-    table += [[suite, case, *(_cell(key, figures[key]) if key in figures else "" for key in columns)]
-              for suite, case, figures in rows]
+    table += [
+        [suite, case, *(_cell(key, figures[key]) if key in figures else "" for key in columns)]
+        for suite, case, figures in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     terminalreporter.section("minsota benchmarks")
     for row in table:

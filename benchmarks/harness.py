@@ -93,7 +93,8 @@ def parity(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what:
     allowed = tolerance * expected.detach().double().abs().max().item()
     assert figures["max_abs_diff"] <= allowed, (
         f"{what}: max abs diff {figures['max_abs_diff']:.3e}, mean abs diff {figures['mean_abs_diff']:.3e}, "
-        f"allowed {allowed:.3e} ({tolerance} relative)")
+        f"allowed {allowed:.3e} ({tolerance} relative)"
+    )
     return figures
 
 

@@ -10,8 +10,14 @@ import importlib
 
 __version__ = "0.1.0"
 __all__ = ["hookimpl", "override", "Registry", "load_plugins", "load_recipe", "build_model", "__version__"]
-_HOMES = {"hookimpl": "minsota.hookspecs", "override": "minsota.registry", "Registry": "minsota.registry",
-          "load_plugins": "minsota.plugins", "load_recipe": "minsota.loader", "build_model": "minsota.model"}
+_HOMES = {
+    "hookimpl": "minsota.hookspecs",
+    "override": "minsota.registry",
+    "Registry": "minsota.registry",
+    "load_plugins": "minsota.plugins",
+    "load_recipe": "minsota.loader",
+    "build_model": "minsota.model",
+}
 
 
 def __getattr__(name: str):

@@ -50,7 +50,13 @@ from minsota.errors import DivergedError, SaveError, UserError
 
 FORMAT = 1
 MODEL, OPTIMIZER, RNG, TRAINER, RECIPE, MANIFEST = (
-    "model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json", "recipe.json", "manifest.json")
+    "model.safetensors",
+    "optimizer.safetensors",
+    "rng.safetensors",
+    "trainer.json",
+    "recipe.json",
+    "manifest.json",
+)
 LOCK = ".lock"
 STEP_DIR = re.compile(r"step-(\d+)")
 OLD_DIR = re.compile(r"\.old-step-(\d+)-\d+")  # a checkpoint being replaced by a redone step's save
@@ -137,8 +143,17 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def save(directory: Path, step: int, *, model: dict, recipe: dict, optimizer: dict | None = None,
-         rng: dict | None = None, trainer: dict | None = None, keep: int | None = None) -> Path:
+def save(
+    directory: Path,
+    step: int,
+    *,
+    model: dict,
+    recipe: dict,
+    optimizer: dict | None = None,
+    rng: dict | None = None,
+    trainer: dict | None = None,
+    keep: int | None = None,
+) -> Path:
     """Write ``directory/step-{step}`` atomically and return it; then keep only the newest ``keep`` up to it.
 
     ``model``, ``optimizer`` and ``rng`` map names to tensors, ``trainer`` and ``recipe`` are JSON objects.
@@ -202,8 +217,10 @@ def remove_temporary(directory: Path) -> None:
         final = directory / f"step-{match.group(1)}" if match else None
         if final and path.is_dir() and not final.exists():
             path.rename(final)
-            print(f"minsota: warning: restored {final} from {path.name}, left by a save that did not finish",
-                  file=sys.stderr)
+            print(
+                f"minsota: warning: restored {final} from {path.name}, left by a save that did not finish",
+                file=sys.stderr,
+            )
     for path in directory.glob(".*-step-*"):
         shutil.rmtree(path, ignore_errors=True)
 
@@ -225,10 +242,14 @@ def set_aside_after(directory: Path, step: int) -> Path | None:
             path.rename(target / path.name)
         _fsync(directory)
     except OSError as e:
-        raise SaveError(f"could not move the checkpoints after step {step} aside to {target}: "
-                        f"{e.strerror or e}") from None
-    print(f"minsota: resuming from step-{step}: moved the later checkpoints {', '.join(p.name for p in later)} "
-          f"of the abandoned branch to {target} (nothing deleted)", file=sys.stderr)
+        raise SaveError(
+            f"could not move the checkpoints after step {step} aside to {target}: {e.strerror or e}"
+        ) from None
+    print(
+        f"minsota: resuming from step-{step}: moved the later checkpoints {', '.join(p.name for p in later)} "
+        f"of the abandoned branch to {target} (nothing deleted)",
+        file=sys.stderr,
+    )
     return target
 
 
@@ -269,8 +290,9 @@ def lock_run(run_dir: Path, create: bool = False):
                 raise UserError(f"{run_dir}: exists and is not a directory; choose another --out") from None
             made = []  # another process made it meanwhile
         except OSError as e:
-            raise UserError(f"{run_dir}: cannot create the run directory ({e.strerror or e}); choose another "
-                            f"--out") from None
+            raise UserError(
+                f"{run_dir}: cannot create the run directory ({e.strerror or e}); choose another --out"
+            ) from None
     path, fd = run_dir / LOCK, None
     try:
         while fd is None:
@@ -285,11 +307,15 @@ def lock_run(run_dir: Path, create: bool = False):
                 os.close(fd)
                 fd = None
                 then = "choose another --out" if create else f"let it finish or stop it, then --resume {run_dir}"
-                raise UserError(f"{run_dir} is being written by another trainer ({holder}, holding {path}): "
-                                f"{then}") from None
+                raise UserError(
+                    f"{run_dir} is being written by another trainer ({holder}, holding {path}): {then}"
+                ) from None
             except OSError as e:  # a file system without locks
-                print(f"minsota: warning: {path}: cannot lock ({e.strerror or e}); make sure no other trainer "
-                      f"writes {run_dir}", file=sys.stderr)
+                print(
+                    f"minsota: warning: {path}: cannot lock ({e.strerror or e}); make sure no other trainer "
+                    f"writes {run_dir}",
+                    file=sys.stderr,
+                )
                 break
             try:  # the file locked must still be the one at the path (a refused new run removes it)
                 same = os.path.samestat(os.fstat(fd), os.stat(path))
@@ -335,7 +361,9 @@ def verify(path: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpoint(f"{path / MANIFEST}: missing or unreadable manifest ({e})") from None
     if manifest.get("step") != _step(path):
-        raise CorruptCheckpoint(f"{path / MANIFEST}: says step {manifest.get('step')!r}, the directory step {_step(path)}")
+        raise CorruptCheckpoint(
+            f"{path / MANIFEST}: says step {manifest.get('step')!r}, the directory step {_step(path)}"
+        )
     for required in (MODEL, RECIPE):
         if required not in files:
             raise CorruptCheckpoint(f"{path / MANIFEST}: does not list {required}")
@@ -396,8 +424,15 @@ def load(path: Path, weights_only: bool = False, tensors_of_the_model: bool = Tr
     def obj(name):
         return json.loads((path / name).read_text()) if name in files else None
 
-    return {"path": path, "step": _step(path), "model": tensors(MODEL), "optimizer": tensors(OPTIMIZER),
-            "rng": tensors(RNG), "trainer": obj(TRAINER), "recipe": obj(RECIPE)}
+    return {
+        "path": path,
+        "step": _step(path),
+        "model": tensors(MODEL),
+        "optimizer": tensors(OPTIMIZER),
+        "rng": tensors(RNG),
+        "trainer": obj(TRAINER),
+        "recipe": obj(RECIPE),
+    }
 
 
 def find_resumable(path: Path) -> tuple[Path, Path | None]:
@@ -422,7 +457,9 @@ def find_resumable(path: Path) -> tuple[Path, Path | None]:
         except CorruptCheckpoint as e:
             print(f"minsota: warning: skipping corrupt checkpoint: {e}", file=sys.stderr)
     if found:
-        raise CorruptCheckpoint(f"{path}: every checkpoint is corrupt ({', '.join(p.name for p in found)}; see "
-                                f"above): restore one, or move them out of {path / 'checkpoints'} to start the run "
-                                f"again from step 0")
+        raise CorruptCheckpoint(
+            f"{path}: every checkpoint is corrupt ({', '.join(p.name for p in found)}; see "
+            f"above): restore one, or move them out of {path / 'checkpoints'} to start the run "
+            f"again from step 0"
+        )
     return path, None

@@ -69,8 +69,11 @@ def cmd_list(args):
         if kind not in KINDS:
             raise UserError(f"unknown component kind '{args.kind}' (one of: {', '.join(KINDS)})")
         kinds = [kind]
-    rows = [(kind, e.name, e.provider, _summary(kind, e)) for kind in kinds
-            for e in map(loaded.registry(kind).describe, loaded.registry(kind).list())]
+    rows = [
+        (kind, e.name, e.provider, _summary(kind, e))
+        for kind in kinds
+        for e in map(loaded.registry(kind).describe, loaded.registry(kind).list())
+    ]
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
     for row in rows:
         print("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + f"  {row[3]}")
@@ -112,11 +115,12 @@ def cmd_train(args):
         raise UserError("--allow-change applies to --resume only (a new run has no earlier recipe to differ from)")
     if args.resume:
         if args.recipe is not None:
-            raise UserError(f"a recipe ('{args.recipe}') and --resume are exclusive: --resume {args.resume} "
-                            f"continues with the run's own recipe.json; change keys with --set")
+            raise UserError(
+                f"a recipe ('{args.recipe}') and --resume are exclusive: --resume {args.resume} "
+                f"continues with the run's own recipe.json; change keys with --set"
+            )
         if args.out is not None:
-            raise UserError(f"--out and --resume are exclusive: the run continues in its own directory "
-                            f"({args.resume})")
+            raise UserError(f"--out and --resume are exclusive: the run continues in its own directory ({args.resume})")
         return resume(Path(args.resume), _overrides(args), args.plugin, args.allow_change)
     args.recipe = args.recipe or "quickstart"
     recipe = _recipe(args)
@@ -138,8 +142,9 @@ def cmd_prepare(args):
 def cmd_compare(args):
     from minsota.compare import compare
 
-    return compare([args.base, *args.variants], args.steps, args.seeds, _overrides(args), args.out, args.plugin,
-                   args.budget)
+    return compare(
+        [args.base, *args.variants], args.steps, args.seeds, _overrides(args), args.out, args.plugin, args.budget
+    )
 
 
 def cmd_diff(args):
@@ -154,13 +159,32 @@ def cmd_generate(args):
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    print(sample_text(Path(args.run_dir), args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                      args.top_p, args.seed, _overrides(args), args.plugin))
+    print(
+        sample_text(
+            Path(args.run_dir),
+            args.prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            _overrides(args),
+            args.plugin,
+        )
+    )
 
 
 def cmd_eval(args):
-    given = [option for option, value in (("--batches", args.batches), ("--num-fewshot", args.num_fewshot),
-             ("--limit", args.limit), ("--include-path", args.include_path)) if value is not None]
+    given = [
+        option
+        for option, value in (
+            ("--batches", args.batches),
+            ("--num-fewshot", args.num_fewshot),
+            ("--limit", args.limit),
+            ("--include-path", args.include_path),
+        )
+        if value is not None
+    ]
     misplaced = [option for option in given if (option == "--batches") == bool(args.tasks)]  # one mode's, in the other
     if misplaced:
         what = "is for the validation loss, not" if misplaced[0] == "--batches" else "goes with"
@@ -168,8 +192,18 @@ def cmd_eval(args):
     if args.tasks:  # downstream tasks through lm-evaluation-harness (the [eval] extra)
         from minsota.inference import evaluate_run_tasks
 
-        return print(evaluate_run_tasks(Path(args.run_dir), args.tasks.split(","), args.num_fewshot, args.limit,
-                                        args.batch_size, args.include_path, _overrides(args), args.plugin))
+        return print(
+            evaluate_run_tasks(
+                Path(args.run_dir),
+                args.tasks.split(","),
+                args.num_fewshot,
+                args.limit,
+                args.batch_size,
+                args.include_path,
+                _overrides(args),
+                args.plugin,
+            )
+        )
     from minsota.inference import evaluate_run, format_evaluation
 
     print(format_evaluation(evaluate_run(Path(args.run_dir), _overrides(args), args.plugin, args.batches)))
@@ -192,8 +226,9 @@ def cmd_bench(args):
 
     suites = Path(__file__).resolve().parents[1] / "benchmarks"  # a source checkout's; wheels do not ship them
     if not suites.is_dir():
-        raise UserError(f"no benchmark suites at {suites}: `minsota bench` runs from a source checkout "
-                        "(pip install -e .)")
+        raise UserError(
+            f"no benchmark suites at {suites}: `minsota bench` runs from a source checkout (pip install -e .)"
+        )
     options = ["--smoke"] if args.smoke else []
     if args.save:
         options.append(f"--benchmark-save={args.save}")
@@ -206,11 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minsota", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE", type=path_arg,
-                        help="load a local plugin file or module (repeatable)")
+    common.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="PATH_OR_MODULE",
+        type=path_arg,
+        help="load a local plugin file or module (repeatable)",
+    )
     overridable = argparse.ArgumentParser(add_help=False)
-    overridable.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
-                             help="override a recipe key (TOML value; a bare word is a string)")
+    overridable.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="override a recipe key (TOML value; a bare word is a string)",
+    )
     for add in (_add_train, _add_catalogue, _add_comparisons, _add_run_tools, _add_bench):  # in `--help`'s order
         add(sub, common, overridable)
     for command in sub.choices.values():  # an unknown option gets its command's usage, not the top level's
@@ -221,15 +267,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train(sub, common, overridable) -> None:
     p = sub.add_parser("train", parents=[common, overridable], help="train a recipe (default: quickstart)")
     p.add_argument("recipe", nargs="?", help="recipe name or TOML path (default: quickstart; not with --resume)")
-    p.add_argument("--out", metavar="RUN_DIR", type=path_arg, help="a new run directory (default: runs/RECIPE-TIMESTAMP)")
-    p.add_argument("--resume", metavar="RUN_DIR", type=path_arg, help="continue a run from its newest valid checkpoint "
-                   "(or from RUN_DIR/checkpoints/step-N)")
-    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
-                   help="with --resume: accept a changed model shape, tokenizer, batch size or data source "
-                   "(a dotted key such as data.source, or a table such as model; repeatable)")
+    p.add_argument(
+        "--out", metavar="RUN_DIR", type=path_arg, help="a new run directory (default: runs/RECIPE-TIMESTAMP)"
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        type=path_arg,
+        help="continue a run from its newest valid checkpoint (or from RUN_DIR/checkpoints/step-N)",
+    )
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --resume: accept a changed model shape, tokenizer, batch size or data source "
+        "(a dotted key such as data.source, or a table such as model; repeatable)",
+    )
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("prepare", parents=[common, overridable],
-                       help="tokenize a data source once into memory-mapped shards that data.source can name")
+    p = sub.add_parser(
+        "prepare",
+        parents=[common, overridable],
+        help="tokenize a data source once into memory-mapped shards that data.source can name",
+    )
     p.add_argument("source", metavar="SOURCE", help="a data.source spec (a path, glob, stdlib, c4, hf:NAME, ...)")
     p.add_argument("--tokenizer", required=True, help="a data.tokenizer spec (bytes, gpt-neox-20b, a path, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="a new directory")
@@ -253,18 +313,33 @@ def _add_catalogue(sub, common, overridable) -> None:
 
 
 def _add_comparisons(sub, common, overridable) -> None:
-    p = sub.add_parser("compare", parents=[common, overridable],
-                       help="train a base and variants over seeds: table with CIs and p-values, plot, JSON")
+    p = sub.add_parser(
+        "compare",
+        parents=[common, overridable],
+        help="train a base and variants over seeds: table with CIs and p-values, plot, JSON",
+    )
     p.add_argument("base", help="the baseline recipe (name or TOML path)")
     p.add_argument("variants", nargs="+", metavar="variant", help="recipes to compare with it")
     p.add_argument("--steps", type=int, help="optimizer steps of every run (default: each recipe's own)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="runs per recipe, seeds base.train.seed + 0..K-1 (K > 1: confidence intervals, p-values)")
-    p.add_argument("--out", metavar="DIR", type=path_arg, help="runs and results (default: runs/compare-TIMESTAMP); "
-                   "the same DIR again resumes")
-    p.add_argument("--budget", default="tokens", metavar="KIND[=VALUE]",
-                   help="compare validation loss at equal tokens (default), flops (training FLOPs) or time "
-                        "(seconds of training steps); VALUE defaults to the most every run reached")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per recipe, seeds base.train.seed + 0..K-1 (K > 1: confidence intervals, p-values)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        type=path_arg,
+        help="runs and results (default: runs/compare-TIMESTAMP); the same DIR again resumes",
+    )
+    p.add_argument(
+        "--budget",
+        default="tokens",
+        metavar="KIND[=VALUE]",
+        help="compare validation loss at equal tokens (default), flops (training FLOPs) or time "
+        "(seconds of training steps); VALUE defaults to the most every run reached",
+    )
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("diff", parents=[common], help="components and hyperparameters two recipes differ in")
     p.add_argument("a", metavar="A", help="recipe name or TOML path")
@@ -279,29 +354,46 @@ def _add_run_tools(sub, common, overridable) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=finite_float, default=1.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0: all)")
-    p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus: the likeliest tokens holding P probability")
+    p.add_argument(
+        "--top-p", type=finite_float, default=1.0, help="nucleus: the likeliest tokens holding P probability"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("eval", parents=[common, overridable],
-                       help="validation loss, perplexity (bits/byte for bytes) of a run, e.g. on another data.source; "
-                       "or downstream tasks (--tasks)")
+    p = sub.add_parser(
+        "eval",
+        parents=[common, overridable],
+        help="validation loss, perplexity (bits/byte for bytes) of a run, e.g. on another data.source; "
+        "or downstream tasks (--tasks)",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", type=path_arg, help="a run directory, or RUN_DIR/checkpoints/step-N")
     p.add_argument("--batches", type=int, help="validation micro-batches (default: the recipe's train.eval_batches)")
-    p.add_argument("--tasks", metavar="TASK,...", help="lm-evaluation-harness tasks instead (hellaswag,arc_easy; "
-                   "needs the [eval] extra): prints the harness's table, writes RUN_DIR/eval/step-N-*.json")
+    p.add_argument(
+        "--tasks",
+        metavar="TASK,...",
+        help="lm-evaluation-harness tasks instead (hellaswag,arc_easy; "
+        "needs the [eval] extra): prints the harness's table, writes RUN_DIR/eval/step-N-*.json",
+    )
     p.add_argument("--num-fewshot", type=int, metavar="K", help="with --tasks: few-shot examples (default: the task's)")
     p.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N examples of each task")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="with --tasks: requests per forward")
-    p.add_argument("--include-path", metavar="DIR", type=path_arg, help="with --tasks: a directory of task YAML files (local data)")
+    p.add_argument(
+        "--include-path", metavar="DIR", type=path_arg, help="with --tasks: a directory of task YAML files (local data)"
+    )
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("import-hf", help="a Hugging Face Llama/Mistral/OLMo 2/GPT-2 directory -> a run directory "
-                       "(recipe.json, checkpoints/step-0)")
-    p.add_argument("hf_dir", metavar="HF_DIR", type=path_arg, help="a save_pretrained directory (config.json, safetensors)")
+    p = sub.add_parser(
+        "import-hf",
+        help="a Hugging Face Llama/Mistral/OLMo 2/GPT-2 directory -> a run directory (recipe.json, checkpoints/step-0)",
+    )
+    p.add_argument(
+        "hf_dir", metavar="HF_DIR", type=path_arg, help="a save_pretrained directory (config.json, safetensors)"
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", type=path_arg, help="a new run directory")
     p.set_defaults(func=cmd_import_hf)
     p = sub.add_parser("export-hf", parents=[common], help="a run's newest checkpoint -> a Hugging Face directory")
     p.add_argument("run_dir", metavar="RUN_DIR", type=path_arg, help="a run directory, or RUN_DIR/checkpoints/step-N")
-    p.add_argument("out_dir", metavar="OUT_DIR", type=path_arg, help="a new directory for config.json and model.safetensors")
+    p.add_argument(
+        "out_dir", metavar="OUT_DIR", type=path_arg, help="a new directory for config.json and model.safetensors"
+    )
     p.set_defaults(func=cmd_export_hf)
 
 
@@ -309,10 +401,19 @@ def _add_bench(sub, common, overridable) -> None:
     p = sub.add_parser("bench", help="run the benchmarks (kernels, blocks, train step vs HF): one summary table")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, each case once: do they run, does parity hold")
     p.add_argument("--save", metavar="NAME", help="store the results as JSON under .benchmarks/ (--benchmark-save)")
-    p.add_argument("--compare", nargs="?", const="latest", metavar="RUN",
-                   help="compare with a stored run (default: the newest) (--benchmark-compare)")
-    p.add_argument("pytest_args", nargs="*", metavar="-- PYTEST_ARGS",
-                   help="passed on to pytest after --, e.g. -- -k attention --benchmark-disable")
+    p.add_argument(
+        "--compare",
+        nargs="?",
+        const="latest",
+        metavar="RUN",
+        help="compare with a stored run (default: the newest) (--benchmark-compare)",
+    )
+    p.add_argument(
+        "pytest_args",
+        nargs="*",
+        metavar="-- PYTEST_ARGS",
+        help="passed on to pytest after --, e.g. -- -k attention --benchmark-disable",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -368,8 +469,11 @@ def _internal_error() -> int:
     culprit = next(((frame, info) for frame in reversed(frames) if (info := plugin_of(frame.filename))), None)
     if culprit:
         frame, info = culprit
-        print(f"minsota: error in plugin {info.label()} at {frame.filename}:{frame.lineno}: "
-              f"{sys.exc_info()[0].__name__} (its traceback above)", file=sys.stderr)
+        print(
+            f"minsota: error in plugin {info.label()} at {frame.filename}:{frame.lineno}: "
+            f"{sys.exc_info()[0].__name__} (its traceback above)",
+            file=sys.stderr,
+        )
     else:
         print("minsota: internal error (a bug: please report it with the traceback above)", file=sys.stderr)
     return EXIT_INTERNAL

@@ -115,13 +115,16 @@ def _curves(recipe: Recipe, run_dir: Path, kind: str, per_token: float) -> dict:
         axis = [t * per_token for t in tokens]
     steps = [r["step"] for r in train]
     at = [bisect.bisect_right(steps, r["step"]) - 1 for r in evals]  # the train record of each evaluation's step
-    tail = train[-max(1, math.ceil(TRAIN_TAIL * len(train))):]
-    return {"seed": recipe.train.seed, "run_dir": str(run_dir),
-            "train_loss": sum(r["loss"] for r in tail) / len(tail),
-            "curve": [[x, r["loss"]] for x, r in zip(axis, train)],
-            "val_curve": [[axis[i], r["val_loss"], r["step"]] for i, r in zip(at, evals)],
-            "tokens_per_s": [r["tokens_per_s"] for r in train[1:] or train],  # step 1 pays one-off costs
-            "tasks": task_scores(run_dir)}
+    tail = train[-max(1, math.ceil(TRAIN_TAIL * len(train))) :]
+    return {
+        "seed": recipe.train.seed,
+        "run_dir": str(run_dir),
+        "train_loss": sum(r["loss"] for r in tail) / len(tail),
+        "curve": [[x, r["loss"]] for x, r in zip(axis, train)],
+        "val_curve": [[axis[i], r["val_loss"], r["step"]] for i, r in zip(at, evals)],
+        "tokens_per_s": [r["tokens_per_s"] for r in train[1:] or train],  # step 1 pays one-off costs
+        "tasks": task_scores(run_dir),
+    }
 
 
 def read_at(val_curve: list[list[float]], budget: float) -> tuple[float, float] | None:
@@ -145,14 +148,21 @@ def _summarize(label: str, recipes: list[Recipe], runs: list[dict], budget: tupl
     its curves for the plot; a recipe with a run short of the budget gets no statistics."""
     kind, value = budget
     params, flops = model_size(recipes[0])
-    row = {"recipe": label, "source": recipes[0].source, "parameters": params, "flops_per_token": flops,
-           "tokens_per_s": median(itertools.chain(*(r.pop("tokens_per_s") for r in runs)))}  # shrugs off stragglers
+    row = {
+        "recipe": label,
+        "source": recipes[0].source,
+        "parameters": params,
+        "flops_per_token": flops,
+        "tokens_per_s": median(itertools.chain(*(r.pop("tokens_per_s") for r in runs))),
+    }  # shrugs off stragglers
     for run in runs:
         try:
             reading = read_at(run["val_curve"], value)
         except ValueError as e:
-            raise UserError(f"{run['run_dir']}: its first evaluation is at {_si(e.args[0])} {BUDGETS[kind]}, after the "
-                            f"budget of {_si(value)}: evaluate more often (--set train.eval_every=N)") from None
+            raise UserError(
+                f"{run['run_dir']}: its first evaluation is at {_si(e.args[0])} {BUDGETS[kind]}, after the "
+                f"budget of {_si(value)}: evaluate more often (--set train.eval_every=N)"
+            ) from None
         if reading is None:
             row.setdefault("short", []).append(run["run_dir"])
         else:
@@ -160,17 +170,24 @@ def _summarize(label: str, recipes: list[Recipe], runs: list[dict], budget: tupl
     if "short" in row:
         return row
     tasks = [key for key in runs[0]["tasks"] if all(key in r["tasks"] for r in runs)]  # what every seed scored
-    return {**row, **{key: dict(zip(("mean", "std"), mean_std([r[key] for r in runs])))
-                      for key in ("train_loss", "val_loss")},
-            "tasks": {key: dict(zip(("mean", "std"), mean_std([r["tasks"][key] for r in runs]))) for key in tasks},
-            "runs": runs}
+    return {
+        **row,
+        **{key: dict(zip(("mean", "std"), mean_std([r[key] for r in runs]))) for key in ("train_loss", "val_loss")},
+        "tasks": {key: dict(zip(("mean", "std"), mean_std([r["tasks"][key] for r in runs]))) for key in tasks},
+        "runs": runs,
+    }
 
 
 def _diverged(label: str, recipes: list[Recipe], run_dirs: list[Path]) -> dict:
     """The row of a recipe one of whose seeds diverged: its size and which runs, no losses to compare."""
     params, flops = model_size(recipes[0])
-    return {"recipe": label, "source": recipes[0].source, "parameters": params, "flops_per_token": flops,
-            "diverged": [str(d) for d in run_dirs]}
+    return {
+        "recipe": label,
+        "source": recipes[0].source,
+        "parameters": params,
+        "flops_per_token": flops,
+        "diverged": [str(d) for d in run_dirs],
+    }
 
 
 def _add_differences(rows: list[dict]) -> None:
@@ -210,20 +227,39 @@ def format_table(rows: list[dict]) -> str:
     table = [header]
     for i, row in enumerate(rows):
         if "runs" not in row:  # diverged, or short of the budget
-            what, runs = ("diverged", len(row["diverged"])) if "diverged" in row else ("short of budget",
-                                                                                         len(row["short"]))
-            table.append([row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), "", what,
-                          f"{runs} run{'s' * (runs > 1)}", "(base)" if i == 0 else "", *([""] * (seeds > 1)),
-                          *([""] * len(tasks))])
+            what, runs = (
+                ("diverged", len(row["diverged"])) if "diverged" in row else ("short of budget", len(row["short"]))
+            )
+            table.append(
+                [
+                    row["recipe"],
+                    _si(row["parameters"]),
+                    _si(row["flops_per_token"]),
+                    "",
+                    what,
+                    f"{runs} run{'s' * (runs > 1)}",
+                    "(base)" if i == 0 else "",
+                    *([""] * (seeds > 1)),
+                    *([""] * len(tasks)),
+                ]
+            )
             continue
-        cells = [row["recipe"], _si(row["parameters"]), _si(row["flops_per_token"]), _si(row["tokens_per_s"]),
-                 loss(row["train_loss"]), loss(row["val_loss"])]
+        cells = [
+            row["recipe"],
+            _si(row["parameters"]),
+            _si(row["flops_per_token"]),
+            _si(row["tokens_per_s"]),
+            loss(row["train_loss"]),
+            loss(row["val_loss"]),
+        ]
         difference = row.get("vs_base", {}).get("val_loss")
         if difference is None:
             cells += ["(base)" if i == 0 else "(base not compared)"] + ([""] if seeds > 1 else [])
         elif seeds > 1:
-            cells += [f"{difference['mean']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}]",
-                      f"{difference['p_value']:.3g}"]
+            cells += [
+                f"{difference['mean']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}]",
+                f"{difference['p_value']:.3g}",
+            ]
         else:
             cells.append(f"{difference['mean']:+.4f}")
         cells += [loss(row["tasks"][key]) if key in row.get("tasks", {}) else "" for key in tasks]
@@ -259,8 +295,12 @@ def plot(rows: list[dict], path: Path, budget: tuple[str, float] = ("tokens", ma
             ax.errorbar(val_tokens, val_mean, yerr=val_std, color=f"C{i}", ls="--", marker="o", capsize=3)
         zoom_x.append(tokens[steps // 2])
         late = val_tokens >= tokens[steps // 2]
-        zoom_y += [losses[:, steps // 2:].min(), losses[:, steps // 2:].max(),
-                   *(val_mean - val_std)[late], *(val_mean + val_std)[late]]
+        zoom_y += [
+            losses[:, steps // 2 :].min(),
+            losses[:, steps // 2 :].max(),
+            *(val_mean - val_std)[late],
+            *(val_mean + val_std)[late],
+        ]
     margin = 0.05 * (max(zoom_y) - min(zoom_y)) or 0.01
     axes[1].set_xlim(left=min(zoom_x))
     axes[1].set_ylim(min(zoom_y) - margin, max(zoom_y) + margin)
@@ -271,8 +311,10 @@ def plot(rows: list[dict], path: Path, budget: tuple[str, float] = ("tokens", ma
             ax.axvline(budget[1], color="k", lw=0.8, ls=":")
     axes[0].legend()
     seeds = len(rows[0]["runs"])
-    fig.suptitle(f"train loss (line: mean over {seeds} seed{'s' * (seeds > 1)}, band: min–max); "
-                 "dashed: validation loss, mean ± std; dotted: the budget compared at")
+    fig.suptitle(
+        f"train loss (line: mean over {seeds} seed{'s' * (seeds > 1)}, band: min–max); "
+        "dashed: validation loss, mean ± std; dotted: the budget compared at"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -297,16 +339,25 @@ def parse_budget(text: str) -> tuple[str, float | None]:
     return kind, number
 
 
-def compare(specs: list[str], steps: int | None = None, seeds: int = 1, overrides: dict | None = None,
-            out: Path | None = None, plugin_specs=(), budget: str = "tokens") -> int:
+def compare(
+    specs: list[str],
+    steps: int | None = None,
+    seeds: int = 1,
+    overrides: dict | None = None,
+    out: Path | None = None,
+    plugin_specs=(),
+    budget: str = "tokens",
+) -> int:
     """Train (or resume) BASE = specs[0] and every variant for ``seeds`` seeds, then report at ``budget``."""
     if seeds < 1 or (steps is not None and steps < 1):
         raise UserError("--seeds and --steps must be at least 1")
     kind, value = parse_budget(budget)
     overrides = {**(overrides or {}), **({"train.steps": steps} if steps else {})}
     first_seed = load_recipe(specs[0], overrides, plugin_specs).train.seed
-    recipes = [[load_recipe(spec, {**overrides, "train.seed": first_seed + k}, plugin_specs) for k in range(seeds)]
-               for spec in specs]  # recipes[i][k]: recipe i, seed k
+    recipes = [
+        [load_recipe(spec, {**overrides, "train.seed": first_seed + k}, plugin_specs) for k in range(seeds)]
+        for spec in specs
+    ]  # recipes[i][k]: recipe i, seed k
     labels = _labels([r[0] for r in recipes])
     out = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     run_dirs = [[out / label / f"seed-{r.train.seed}" for r in per_seed] for label, per_seed in zip(labels, recipes)]
@@ -321,29 +372,52 @@ def compare(specs: list[str], steps: int | None = None, seeds: int = 1, override
                 diverged.add(dirs[k])
                 continue
             if code:
-                print(f"compare: {dirs[k]} stopped with exit code {code}; rerun the same command to resume",
-                      file=sys.stderr)
+                print(
+                    f"compare: {dirs[k]} stopped with exit code {code}; rerun the same command to resume",
+                    file=sys.stderr,
+                )
                 return code
-    curves = {label: [_curves(r, d, kind, model_size(r)[1] if kind == "flops" else 1.0) for r, d in zip(per_seed, dirs)]
-              for label, per_seed, dirs in zip(labels, recipes, run_dirs) if diverged.isdisjoint(dirs)}
+    curves = {
+        label: [_curves(r, d, kind, model_size(r)[1] if kind == "flops" else 1.0) for r, d in zip(per_seed, dirs)]
+        for label, per_seed, dirs in zip(labels, recipes, run_dirs)
+        if diverged.isdisjoint(dirs)
+    }
     if value is None:  # the most every run reached: each run's curve ends at or after it
         value = min((run["val_curve"][-1][0] for runs in curves.values() for run in runs), default=math.inf)
-    rows = [_summarize(label, per_seed, curves[label], (kind, value)) if label in curves else
-            _diverged(label, per_seed, [d for d in dirs if d in diverged])
-            for label, per_seed, dirs in zip(labels, recipes, run_dirs)]
+    rows = [
+        _summarize(label, per_seed, curves[label], (kind, value))
+        if label in curves
+        else _diverged(label, per_seed, [d for d in dirs if d in diverged])
+        for label, per_seed, dirs in zip(labels, recipes, run_dirs)
+    ]
     _add_differences(rows)
     trained = [row for row in rows if "runs" in row]
     if trained:
         plot(trained, out / "compare.png", (kind, value))
     drop = ("curve", "val_curve")  # they stay in each run's metrics.jsonl
-    results = [{**row, "runs": [{k: v for k, v in run.items() if k not in drop} for run in row["runs"]]}
-               if "runs" in row else row for row in rows]
-    (out / "compare.json").write_text(json.dumps({"base": labels[0], "level": LEVEL, "test": "paired t (by seed)",
-                                                  "budget": {"kind": kind, "value": value, "unit": BUDGETS[kind]},
-                                                  "recipes": results}, indent=2))
+    results = [
+        {**row, "runs": [{k: v for k, v in run.items() if k not in drop} for run in row["runs"]]}
+        if "runs" in row
+        else row
+        for row in rows
+    ]
+    (out / "compare.json").write_text(
+        json.dumps(
+            {
+                "base": labels[0],
+                "level": LEVEL,
+                "test": "paired t (by seed)",
+                "budget": {"kind": kind, "value": value, "unit": BUDGETS[kind]},
+                "recipes": results,
+            },
+            indent=2,
+        )
+    )
     print(format_table(rows))
-    print(f"validation loss at an equal budget of {_si(value)} {BUDGETS[kind]} (--budget {kind}), read off each "
-          f"run's evaluations; train loss: the last {TRAIN_TAIL:.0%} of steps")
+    print(
+        f"validation loss at an equal budget of {_si(value)} {BUDGETS[kind]} (--budget {kind}), read off each "
+        f"run's evaluations; train loss: the last {TRAIN_TAIL:.0%} of steps"
+    )
     print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}" if trained else f"wrote {out / 'compare.json'}")
     return 0
 
@@ -393,8 +467,11 @@ def _inline(spec) -> str:
     """A component spec as TOML writes it: "sdpa" or {name = "sdpa", window = 512}."""
     if isinstance(spec, str):
         return json.dumps(spec)
-    return "{" + ", ".join(f"{k} = {_inline(v) if isinstance(v, (str, dict)) else json.dumps(v)}"
-                           for k, v in spec.items()) + "}"
+    return (
+        "{"
+        + ", ".join(f"{k} = {_inline(v) if isinstance(v, (str, dict)) else json.dumps(v)}" for k, v in spec.items())
+        + "}"
+    )
 
 
 def format_layout(recipe: Recipe) -> list[str]:
@@ -412,8 +489,11 @@ def format_layout(recipe: Recipe) -> list[str]:
     for indices in groups.values():
         spec = specs[indices[0]]
         parts = "  ".join(f"{kind} = {_inline(spec[kind])}" for kind in varying)
-        lines.append(f"layer {indices[0]}: {parts}" if len(indices) == 1 else
-                     f"layers {_ranges(indices)} ({len(indices)}): {parts}")
+        lines.append(
+            f"layer {indices[0]}: {parts}"
+            if len(indices) == 1
+            else f"layers {_ranges(indices)} ({len(indices)}): {parts}"
+        )
     return lines
 
 
@@ -432,16 +512,27 @@ def _is_component(key: str) -> bool:
 def format_diff(a: Recipe, b: Recipe) -> str:
     (params_a, flops_a), (params_b, flops_b) = model_size(a), model_size(b)
     differences = recipe_diff(a, b)
-    rows = [("", a.name, b.name), ("parameters", f"{params_a:,}", f"{params_b:,}"),
-            ("FLOPs/token", f"{flops_a:.4g}", f"{flops_b:.4g}")]
+    rows = [
+        ("", a.name, b.name),
+        ("parameters", f"{params_a:,}", f"{params_b:,}"),
+        ("FLOPs/token", f"{flops_a:.4g}", f"{flops_b:.4g}"),
+    ]
     for title, wanted in (("components", True), ("hyperparameters", False)):
-        group = [(f"  {k}", "(unset)" if va is None else str(va), "(unset)" if vb is None else str(vb))
-                 for k, va, vb in differences if _is_component(k) == wanted]
+        group = [
+            (f"  {k}", "(unset)" if va is None else str(va), "(unset)" if vb is None else str(vb))
+            for k, va, vb in differences
+            if _is_component(k) == wanted
+        ]
         rows += [(title, "", ""), *group] if group else []
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     layout_a, layout_b = format_layout(a), format_layout(b)
     if layout_a != layout_b:  # the layers that result from the keys above
-        lines += ["layout", f"  {a.name}:", *(f"    {line}" for line in layout_a),
-                  f"  {b.name}:", *(f"    {line}" for line in layout_b)]
+        lines += [
+            "layout",
+            f"  {a.name}:",
+            *(f"    {line}" for line in layout_a),
+            f"  {b.name}:",
+            *(f"    {line}" for line in layout_b),
+        ]
     return "\n".join(lines + ([] if differences else ["the resolved recipes are identical"]))

@@ -66,8 +66,18 @@ class Attention(nn.Module):
     reference = staticmethod(reference.attention)
     kv_cache = None  # a KVCache, only while generating (minsota.generation)
 
-    def __init__(self, cfg, positional, *, norm, bias: bool = False, qk_norm: str = "none", window: int = 0,
-                 softcap: float = 0.0, scale: float | None = None):
+    def __init__(
+        self,
+        cfg,
+        positional,
+        *,
+        norm,
+        bias: bool = False,
+        qk_norm: str = "none",
+        window: int = 0,
+        softcap: float = 0.0,
+        scale: float | None = None,
+    ):
         super().__init__()
         if qk_norm not in ("none", "head", "full"):
             raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {qk_norm!r}")

@@ -158,8 +158,9 @@ class HFSource:
         for batch in dataset.iter(batch_size=size):
             position = dataset.state_dict()
             if position == previous:
-                raise RuntimeError("datasets stopped advancing its state_dict after a resume (datasets #8308); "
-                                   "upgrade datasets")
+                raise RuntimeError(
+                    "datasets stopped advancing its state_dict after a resume (datasets #8308); upgrade datasets"
+                )
             texts = batch[self.text_field]
             if self.holdout:
                 every, validation = self.holdout
@@ -259,8 +260,10 @@ def build_tokenizer(recipe, check_model: bool = True) -> Tokenizer:
     """The recipe's tokenizer; refused when it has more tokens than the model's embedding rows (``check_model``)."""
     tokenizer = _build_from_spec(recipe, "tokenizer")
     if check_model and tokenizer.vocab_size > recipe.model.vocab_size:
-        raise UserError(f"{recipe.where('model.vocab_size')}: tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} "
-                        f"tokens but model.vocab_size = {recipe.model.vocab_size}")
+        raise UserError(
+            f"{recipe.where('model.vocab_size')}: tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} "
+            f"tokens but model.vocab_size = {recipe.model.vocab_size}"
+        )
     return tokenizer
 
 
@@ -318,15 +321,19 @@ def build_source(recipe, split: str = "train") -> Source:
             for texts, state in source.blocks(recipe.data.block_docs):  # noqa: B007 (read after the loop)
                 odd = next((t for t in texts if t is not None and not isinstance(t, str)), None)
                 if odd is not None:
-                    raise UserError(f"{where}: data.text_field = '{recipe.data.text_field}' holds "
-                                    f"{type(odd).__name__} values, not text: {odd!r:.60}")
+                    raise UserError(
+                        f"{where}: data.text_field = '{recipe.data.text_field}' holds "
+                        f"{type(odd).__name__} values, not text: {odd!r:.60}"
+                    )
                 kept += len(texts)
                 if not all(map(is_empty, texts)):
                     return source
     except UserError as e:
         raise failed(str(e)) from None
     except KeyError as e:
-        raise UserError(f"{where}: documents have no field {e} (data.text_field = '{recipe.data.text_field}')") from None
+        raise UserError(
+            f"{where}: documents have no field {e} (data.text_field = '{recipe.data.text_field}')"
+        ) from None
     except StopIteration:  # datasets' json loader, inferring the columns from a first row it cannot find
         raise failed(f"{where}: no documents: every file is empty") from None
     # What reading bad files raises: pyarrow's parse errors, datasets' pandas/ujson fallback and undecodable text
@@ -338,11 +345,16 @@ def build_source(recipe, split: str = "train") -> Source:
     if split == "train" and not kept and documents and source.holdout:
         every = source.holdout[0]
         held_out = "its only document is" if documents == 1 else f"all {documents} of its documents are"
-        fix = ("set data.holdout_every to 2 or more" if every == 1 else
-               "give it several documents: a .jsonl with one per line, or a directory of files")
-        raise UserError(f"{where}: {held_out} held out for validation, none is left to train on "
-                        f"(data.holdout_every = {every} holds out documents 0, {every}, {2 * every}, …, the first "
-                        f"included; a .txt file is one document): {fix}")
+        fix = (
+            "set data.holdout_every to 2 or more"
+            if every == 1
+            else "give it several documents: a .jsonl with one per line, or a directory of files"
+        )
+        raise UserError(
+            f"{where}: {held_out} held out for validation, none is left to train on "
+            f"(data.holdout_every = {every} holds out documents 0, {every}, {2 * every}, …, the first "
+            f"included; a .txt file is one document): {fix}"
+        )
     raise UserError(f"{where}: no non-empty {split} documents")
 
 
@@ -350,8 +362,10 @@ def build_batches(recipe, tokenizer: Tokenizer, split: str = "train", rank: int 
     """Micro-batches of ``split`` for ``rank`` of ``world_size``: its share of the one global order."""
     t = recipe.train
     if t.batch_size % (t.micro_batch_size * world_size):
-        raise UserError(f"{recipe.where('train.batch_size')}: train.batch_size = {t.batch_size} is not a multiple of "
-                        f"train.micro_batch_size × world size = {t.micro_batch_size} × {world_size}")
+        raise UserError(
+            f"{recipe.where('train.batch_size')}: train.batch_size = {t.batch_size} is not a multiple of "
+            f"train.micro_batch_size × world size = {t.micro_batch_size} × {world_size}"
+        )
     source = build_source(recipe, split)
     if hasattr(source, "batches"):  # a source that is already tokens (minsota.prepared) deals its own windows
         return source.batches(recipe, tokenizer, split, rank, world_size)
@@ -438,8 +452,9 @@ def default_workers(cuda: bool) -> int:
 class Batches:
     """This rank's micro-batches of the global window order (see the module docstring), resumable exactly."""
 
-    def __init__(self, recipe, tokenizer: Tokenizer, source: Source, split: str = "train", rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, recipe, tokenizer: Tokenizer, source: Source, split: str = "train", rank: int = 0, world_size: int = 1
+    ):
         self.source, self.tokenizer, self.split = source, tokenizer, split
         self.seq_len, self.micro = recipe.train.seq_len, recipe.train.micro_batch_size
         self.rank, self.world_size = rank, world_size
@@ -481,8 +496,13 @@ class Batches:
                 rows.append(window)
         self._drop_consumed()
         first = self._blocks[0]
-        self._position = {"windows": self._position["windows"] + self.micro * self.world_size, "epoch": first["epoch"],
-                          "source": first["source"], "offset": self._offset, "empty_documents": self._empty}
+        self._position = {
+            "windows": self._position["windows"] + self.micro * self.world_size,
+            "epoch": first["epoch"],
+            "source": first["source"],
+            "offset": self._offset,
+            "empty_documents": self._empty,
+        }
         windows, starts = (torch.stack(x) for x in zip(*rows))
         return self._micro_batch(windows, starts)
 
@@ -491,8 +511,15 @@ class Batches:
         blocks = TokenizedBlocks(self.source, self.tokenizer, self.block_docs, p["epoch"], p["source"])
         # its own generator: starting an iterator draws a worker seed, which from the global RNG would shift
         # what training draws next (dropout) on every (re)start, so a resumed run would no longer repeat
-        self._loader = iter(DataLoader(blocks, batch_size=None, num_workers=self.num_workers,
-                                       worker_init_fn=_outlive_stop_signals, generator=torch.Generator()))
+        self._loader = iter(
+            DataLoader(
+                blocks,
+                batch_size=None,
+                num_workers=self.num_workers,
+                worker_init_fn=_outlive_stop_signals,
+                generator=torch.Generator(),
+            )
+        )
         self._blocks = deque()  # blocks not yet fully consumed: epoch, source state at their start, length, empty
         self._tokens = torch.empty(0, dtype=torch.int64)  # their tokens, concatenated
         self._starts = torch.empty(0, dtype=torch.bool)
@@ -503,8 +530,14 @@ class Batches:
         if block["epoch"] > self._announced:
             self._announced = block["epoch"]
             log.info("%s data ran out: epoch %d begins", self.split, block["epoch"])
-        self._blocks.append({"epoch": block["epoch"], "source": block["source"], "length": len(block["tokens"]),
-                             "empty": block["empty"]})
+        self._blocks.append(
+            {
+                "epoch": block["epoch"],
+                "source": block["source"],
+                "length": len(block["tokens"]),
+                "empty": block["empty"],
+            }
+        )
         self._tokens = torch.cat([self._tokens, block["tokens"]])
         self._starts = torch.cat([self._starts, block["starts"]])
 
@@ -513,7 +546,7 @@ class Batches:
         end = self._offset + self.seq_len + 1
         while len(self._tokens) < end:
             self._pull()
-        window = self._tokens[self._offset:end], self._starts[self._offset:end]
+        window = self._tokens[self._offset : end], self._starts[self._offset : end]
         self._offset += self.seq_len
         return window
 
@@ -521,7 +554,7 @@ class Batches:
         # The first block stays until a later one exists: it anchors the resumable position.
         while len(self._blocks) > 1 and self._offset >= self._blocks[0]["length"]:
             block = self._blocks.popleft()
-            self._tokens, self._starts = self._tokens[block["length"]:], self._starts[block["length"]:]
+            self._tokens, self._starts = self._tokens[block["length"] :], self._starts[block["length"] :]
             self._offset -= block["length"]
             self._empty += block["empty"]
 
@@ -534,6 +567,10 @@ class Batches:
             positions = index - torch.where(starts, index, 0).cummax(1).values  # distance from the segment start
         else:
             positions = index.clone()
-        batch = {"tokens": windows[:, :-1].contiguous(), "targets": windows[:, 1:].contiguous(),
-                 "positions": positions, "document_ids": document_ids}
+        batch = {
+            "tokens": windows[:, :-1].contiguous(),
+            "targets": windows[:, 1:].contiguous(),
+            "positions": positions,
+            "document_ids": document_ids,
+        }
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch

@@ -37,11 +37,15 @@ def init_distributed(recipe: Recipe, device: torch.device) -> tuple[int, int, to
     if world == 1:
         return 0, 1, device
     if t.parallelism == "none":
-        raise UserError(f"{recipe.where('train.parallelism')}: launched as {world} processes but train.parallelism "
-                        f"= none: set train.parallelism=ddp or fsdp")
+        raise UserError(
+            f"{recipe.where('train.parallelism')}: launched as {world} processes but train.parallelism "
+            f"= none: set train.parallelism=ddp or fsdp"
+        )
     if t.parallelism == "fsdp" and t.precision == "fp16":
-        raise UserError(f"{recipe.where('train.precision')}: fp16 with fsdp is not supported (its loss scaler would "
-                        f"need sharding): use bf16")
+        raise UserError(
+            f"{recipe.where('train.precision')}: fp16 with fsdp is not supported (its loss scaler would "
+            f"need sharding): use bf16"
+        )
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)

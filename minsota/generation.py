@@ -35,8 +35,13 @@ class KVCaches:
             module.kv_cache = None
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> int:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> int:
     """A token id from (vocab,) logits: the argmax at temperature 0; otherwise a draw from softmax(logits / T)
     kept to the ``top_k`` likeliest tokens (0: all) and to the smallest set whose probability reaches ``top_p``
     (nucleus sampling, Holtzman et al. 2019, https://arxiv.org/abs/1904.09751)."""
@@ -54,9 +59,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 
 
 @torch.no_grad()
-def generate(model: Decoder, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stop_id: int | None = None, use_cache: bool = True,
-             stop=None) -> list[int]:
+def generate(
+    model: Decoder,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_id: int | None = None,
+    use_cache: bool = True,
+    stop=None,
+) -> list[int]:
     """Up to ``max_new_tokens`` ids sampled after ``prompt`` (not empty), stopping before ``stop_id``, or after
     the token for which ``stop(new_ids)`` is true (a stop string, say).
 
@@ -72,7 +86,7 @@ def generate(model: Decoder, prompt: list[int], max_new_tokens: int, temperature
             if len(ids) - start > window:  # the window is full: restart it from its newest half
                 start, seen = len(ids) - window // 2, 0
                 caches.reset()
-            tokens = torch.tensor([ids[start + seen:]], device=device)  # (1, T): only what the caches lack
+            tokens = torch.tensor([ids[start + seen :]], device=device)  # (1, T): only what the caches lack
             positions = torch.arange(seen, len(ids) - start, device=device)[None]
             logits = model(tokens, positions)[0, -1]
             seen = len(ids) - start if caches.modules else 0

@@ -60,8 +60,9 @@ MAX_GEN_TOKENS = 256  # generate_until's default when a task names none (the har
 class MinsotaLM(TemplateLM):
     """A minsota decoder and its tokenizer as an lm-evaluation-harness model (module docstring)."""
 
-    def __init__(self, model, tokenizer: Tokenizer, batch_size: int = 8, autocast=None, seed: int = 0,
-                 progress: bool = True):
+    def __init__(
+        self, model, tokenizer: Tokenizer, batch_size: int = 8, autocast=None, seed: int = 0, progress: bool = True
+    ):
         super().__init__()
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -100,24 +101,30 @@ class MinsotaLM(TemplateLM):
     @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         # fed: what the model reads, cut from the left to its context; it predicts fed[1:] + the last token
-        fed = [(context + continuation)[-(self.max_length + 1):-1] for context, continuation in pairs]
+        fed = [(context + continuation)[-(self.max_length + 1) : -1] for context, continuation in pairs]
         width = max(map(len, fed))
         tokens = torch.tensor([ids + [0] * (width - len(ids)) for ids in fed], device=self._device)  # (B, T)
         scores = []
         with self.autocast:
             hidden = self.model.hidden_states(tokens)  # (B, T, D)
             for row, ids, (_, continuation) in zip(hidden, fed, pairs):
-                logprobs = self.model.logits(row[len(ids) - len(continuation):len(ids)]).log_softmax(-1)  # (C, vocab)
+                logprobs = self.model.logits(row[len(ids) - len(continuation) : len(ids)]).log_softmax(-1)  # (C, vocab)
                 target = torch.tensor(continuation, device=self._device)
-                scores.append((logprobs.gather(-1, target[:, None]).sum().item(),
-                               bool((logprobs.argmax(-1) == target).all())))
+                scores.append(
+                    (logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all()))
+                )
         return scores
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document's whole log-likelihood over disjoint windows of at most ``max_seq_len`` predictions."""
-        windows = [(i, window) for i, (text,) in enumerate(request.args for request in requests)
-                   for window in map(make_disjoint_window, get_rolling_token_windows(
-                       self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1))]
+        windows = [
+            (i, window)
+            for i, (text,) in enumerate(request.args for request in requests)
+            for window in map(
+                make_disjoint_window,
+                get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1),
+            )
+        ]
         scores = self._loglikelihood_tokens([(None, *window) for _, window in windows], disable_tqdm)
         totals = [0.0] * len(requests)
         for (i, _), (logprob, _) in zip(windows, scores):
@@ -132,14 +139,23 @@ class MinsotaLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=None)  # the end-of-text token: stop_id
             max_new = kwargs.pop("max_gen_toks")
             # room for the new tokens in the window, as HFLM cuts the context (a too-long one restarts the window)
-            prompt = self.tok_encode(context)[-max(1, self.max_length - max_new):] or [self.prefix_token_id]
+            prompt = self.tok_encode(context)[-max(1, self.max_length - max_new) :] or [self.prefix_token_id]
 
             def stop(new: list[int], until=until) -> bool:
                 return any(s in self.text_tokenizer.decode(new) for s in until)
 
             with self.autocast:
-                new = generate(self.model, prompt, max_new, kwargs["temperature"], kwargs.get("top_k", 0),
-                               kwargs.get("top_p", 1.0), self.seed, stop_id=self.eot_token_id, stop=stop)
+                new = generate(
+                    self.model,
+                    prompt,
+                    max_new,
+                    kwargs["temperature"],
+                    kwargs.get("top_k", 0),
+                    kwargs.get("top_p", 1.0),
+                    self.seed,
+                    stop_id=self.eot_token_id,
+                    stop=stop,
+                )
             texts.append(postprocess_generated_text(self.text_tokenizer.decode(new), until, None))
         return texts
 
@@ -165,8 +181,10 @@ def task_names(manager, tasks: list[str]) -> list[str]:
         if not matches:
             close = difflib.get_close_matches(task, manager.all_tasks, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"unknown task '{task}'{hint}: `lm-eval ls tasks` lists the harness's tasks; a "
-                            f"directory of task YAML files adds yours (--include-path DIR, train.eval_tasks_path)")
+            raise UserError(
+                f"unknown task '{task}'{hint}: `lm-eval ls tasks` lists the harness's tasks; a "
+                f"directory of task YAML files adds yours (--include-path DIR, train.eval_tasks_path)"
+            )
         names += [name for name in matches if name not in names]
     return names
 
@@ -185,18 +203,27 @@ def hub_or_offline():
     except (ConnectionError, FileNotFoundError) as e:  # the hub offline, a data set not cached, data_files missing
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if datasets.config.HF_HUB_OFFLINE:
-            raise UserError(f"task data unavailable: {reason}; the Hugging Face hub is unreachable (or HF_HUB_OFFLINE"
-                            f" / HF_DATASETS_OFFLINE is set): evaluate on local files, a task YAML with "
-                            f"'dataset_path: json' and 'dataset_kwargs: {{data_files: ...}}' in a directory given "
-                            f"with --include-path DIR (train.eval_tasks_path)") from None
-        raise UserError(f"task data unavailable: {reason} (a task's data_files are read relative to the "
-                        f"directory you run from)") from None
+            raise UserError(
+                f"task data unavailable: {reason}; the Hugging Face hub is unreachable (or HF_HUB_OFFLINE"
+                f" / HF_DATASETS_OFFLINE is set): evaluate on local files, a task YAML with "
+                f"'dataset_path: json' and 'dataset_kwargs: {{data_files: ...}}' in a directory given "
+                f"with --include-path DIR (train.eval_tasks_path)"
+            ) from None
+        raise UserError(
+            f"task data unavailable: {reason} (a task's data_files are read relative to the directory you run from)"
+        ) from None
     finally:
         datasets.config.HF_HUB_OFFLINE = before
 
 
-def evaluate_tasks(lm: MinsotaLM, tasks: list[str], manager, num_fewshot: int | None = None,
-                   limit: int | None = None, log_samples: bool = False) -> dict:
+def evaluate_tasks(
+    lm: MinsotaLM,
+    tasks: list[str],
+    manager,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    log_samples: bool = False,
+) -> dict:
     """The harness's results (``results``, ``groups``, ``configs``, ``n-shot``, ...; ``samples`` per example
     with ``log_samples``) of ``lm`` on ``tasks``, which `task_names` resolved."""
     from lm_eval import simple_evaluate
@@ -209,8 +236,15 @@ def evaluate_tasks(lm: MinsotaLM, tasks: list[str], manager, num_fewshot: int | 
     lm.model.eval()
     try:
         with hub_or_offline():
-            return simple_evaluate(lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                                   log_samples=log_samples, batch_size=lm.batch_size)
+            return simple_evaluate(
+                lm,
+                tasks=tasks,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                log_samples=log_samples,
+                batch_size=lm.batch_size,
+            )
     finally:
         lm.model.train(training)
 
@@ -221,8 +255,11 @@ def main_scores(results: dict, tasks: list[str]) -> dict[str, float]:
     scores = {}
     for task in tasks:
         row = results.get("groups", {}).get(task) or results["results"].get(task, {})
-        metrics = {key.removesuffix(",none"): value for key, value in row.items()
-                   if "," in key and "_stderr," not in key and isinstance(value, (int, float))}
+        metrics = {
+            key.removesuffix(",none"): value
+            for key, value in row.items()
+            if "," in key and "_stderr," not in key and isinstance(value, (int, float))
+        }
         if metrics:
             main = next((m for m in MAIN_METRICS if m in metrics), next(iter(metrics)))
             scores[f"{TASK_PREFIX}{task}/{main}"] = float(metrics[main])
@@ -232,8 +269,17 @@ def main_scores(results: dict, tasks: list[str]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ entry points
 
 
-def report_run(recipe, model, step: int, run_dir: Path, tasks: list[str], manager, num_fewshot: int | None = None,
-               limit: int | None = None, batch_size: int = 8) -> str:
+def report_run(
+    recipe,
+    model,
+    step: int,
+    run_dir: Path,
+    tasks: list[str],
+    manager,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> str:
     """``minsota eval RUN_DIR --tasks ...`` (`minsota.inference.evaluate_run_tasks` loads the run): the harness's
     tables for a run's checkpoint at ``step``; the results go to RUN_DIR/eval/step-N-TIMESTAMP.json."""
     dtype = autocast_dtype(recipe.train.precision, model.output.weight.device)

@@ -40,21 +40,41 @@ from minsota.recipe import ModelConfig, Recipe, TrainConfig, component, layer_sp
 
 ROTARY_FAMILIES = ("llama", "mistral", "olmo2")
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                 **hf_moe.ARCHITECTURES}
-BASE_PREFIXES = {"llama": "model.", "mistral": "model.", "olmo2": "model.", "gpt2": "transformer.",
-                 "gemma2": "model.", "gemma3_text": "model.", **dict.fromkeys(hf_moe.ARCHITECTURES, "model.")}  # base_model_prefix
-SANDWICH_NORMS = {"attention_norm": "input_layernorm", "attention_out_norm": "post_attention_layernorm",
-                  "ffn_norm": "pre_feedforward_layernorm", "ffn_out_norm": "post_feedforward_layernorm"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    **hf_moe.ARCHITECTURES,
+}
+BASE_PREFIXES = {
+    "llama": "model.",
+    "mistral": "model.",
+    "olmo2": "model.",
+    "gpt2": "transformer.",
+    "gemma2": "model.",
+    "gemma3_text": "model.",
+    **dict.fromkeys(hf_moe.ARCHITECTURES, "model."),
+}  # base_model_prefix
+SANDWICH_NORMS = {
+    "attention_norm": "input_layernorm",
+    "attention_out_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "ffn_out_norm": "post_feedforward_layernorm",
+}
 NORM_NAMES = {  # a block's norms -> HF's, per family
     "llama": {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
     "olmo2": {"attention_out_norm": "post_attention_layernorm", "ffn_out_norm": "post_feedforward_layernorm"},
-    "gemma2": SANDWICH_NORMS, "gemma3_text": SANDWICH_NORMS}
+    "gemma2": SANDWICH_NORMS,
+    "gemma3_text": SANDWICH_NORMS,
+}
 HF_LAYER_TYPES = {"sliding_attention": "local", "full_attention": "global"}  # Gemma's layer_types -> ours
-ROPE_SCALINGS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-                 "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-                          "attention_factor", "truncate")}
+ROPE_SCALINGS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "truncate"),
+}
 
 
 # ------------------------------------------------------------------------------------- weight layout
@@ -96,38 +116,70 @@ def _rules(cfg: ModelConfig, specs: list[dict], family: str, ffn_dim: int) -> li
     """Every tensor of a decoder of this family, minsota name <- HF names (``specs``: each layer's components)."""
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     if family == "gpt2":
-        rules = [Rule("tok_embeddings.weight", ("transformer.wte.weight",)),
-                 Rule("positional.wpe.weight", ("transformer.wpe.weight",)),
-                 Rule("norm.weight", ("transformer.ln_f.weight",)), Rule("norm.bias", ("transformer.ln_f.bias",))]
-        layer = [("attention_norm", "ln_1", False), ("attention.wqkv", "attn.c_attn", True),
-                 ("attention.wo", "attn.c_proj", True), ("ffn_norm", "ln_2", False),
-                 ("feed_forward.w1", "mlp.c_fc", True), ("feed_forward.w2", "mlp.c_proj", True)]
+        rules = [
+            Rule("tok_embeddings.weight", ("transformer.wte.weight",)),
+            Rule("positional.wpe.weight", ("transformer.wpe.weight",)),
+            Rule("norm.weight", ("transformer.ln_f.weight",)),
+            Rule("norm.bias", ("transformer.ln_f.bias",)),
+        ]
+        layer = [
+            ("attention_norm", "ln_1", False),
+            ("attention.wqkv", "attn.c_attn", True),
+            ("attention.wo", "attn.c_proj", True),
+            ("ffn_norm", "ln_2", False),
+            ("feed_forward.w1", "mlp.c_fc", True),
+            ("feed_forward.w2", "mlp.c_proj", True),
+        ]
         for i in range(cfg.n_layers):
-            rules += [Rule(f"layers.{i}.{ours}.{kind}", (f"transformer.h.{i}.{theirs}.{kind}",),
-                           transpose=transpose and kind == "weight")
-                      for ours, theirs, transpose in layer for kind in ("weight", "bias")]
+            rules += [
+                Rule(
+                    f"layers.{i}.{ours}.{kind}",
+                    (f"transformer.h.{i}.{theirs}.{kind}",),
+                    transpose=transpose and kind == "weight",
+                )
+                for ours, theirs, transpose in layer
+                for kind in ("weight", "bias")
+            ]
     else:
-        rules = [Rule("tok_embeddings.weight", ("model.embed_tokens.weight",)),
-                 Rule("norm.weight", ("model.norm.weight",))]
+        rules = [
+            Rule("tok_embeddings.weight", ("model.embed_tokens.weight",)),
+            Rule("norm.weight", ("model.norm.weight",)),
+        ]
         norms = NORM_NAMES.get(family, NORM_NAMES["llama"])
         for i, spec in enumerate(specs):
             if family in hf_moe.ARCHITECTURES:  # experts / latent attention: minsota.hf_moe knows their tensors
-                rules += [r if isinstance(r, hf_moe.Experts) else Rule(*r) for r in hf_moe.layer_rules(cfg, spec, i, family)]
+                rules += [
+                    r if isinstance(r, hf_moe.Experts) else Rule(*r) for r in hf_moe.layer_rules(cfg, spec, i, family)
+                ]
                 continue
             ours, theirs = f"layers.{i}.", f"model.layers.{i}."
             kinds = ("weight", "bias") if component(spec["attention"])[1].get("bias") else ("weight",)
-            rules += [Rule(f"{ours}attention.wqkv.{kind}", tuple(f"{theirs}self_attn.{x}_proj.{kind}" for x in "qkv"),
-                           (H * hd, KV * hd, KV * hd), (H, KV, 0)) for kind in kinds]
+            rules += [
+                Rule(
+                    f"{ours}attention.wqkv.{kind}",
+                    tuple(f"{theirs}self_attn.{x}_proj.{kind}" for x in "qkv"),
+                    (H * hd, KV * hd, KV * hd),
+                    (H, KV, 0),
+                )
+                for kind in kinds
+            ]
             rules += [Rule(f"{ours}attention.wo.{kind}", (f"{theirs}self_attn.o_proj.{kind}",)) for kind in kinds]
-            rules += [Rule(f"{ours}feed_forward.w13.weight",
-                           (f"{theirs}mlp.gate_proj.weight", f"{theirs}mlp.up_proj.weight"), (ffn_dim, ffn_dim)),
-                      Rule(f"{ours}feed_forward.w2.weight", (f"{theirs}mlp.down_proj.weight",))]
+            rules += [
+                Rule(
+                    f"{ours}feed_forward.w13.weight",
+                    (f"{theirs}mlp.gate_proj.weight", f"{theirs}mlp.up_proj.weight"),
+                    (ffn_dim, ffn_dim),
+                ),
+                Rule(f"{ours}feed_forward.w2.weight", (f"{theirs}mlp.down_proj.weight",)),
+            ]
             rules += [Rule(f"{ours}{mine}.weight", (f"{theirs}{hf_name}.weight",)) for mine, hf_name in norms.items()]
             # QK-norm gains follow their rows: over the whole projections (OLMo 2) or one head's (Gemma 3)
             qk_heads = {"olmo2": (H, KV), "gemma3_text": (1, 1)}.get(family)
             if qk_heads:
-                rules += [Rule(f"{ours}attention.{x}_norm.weight", (f"{theirs}self_attn.{x}_norm.weight",), heads=(h,))
-                          for x, h in zip("qk", qk_heads)]
+                rules += [
+                    Rule(f"{ours}attention.{x}_norm.weight", (f"{theirs}self_attn.{x}_norm.weight",), heads=(h,))
+                    for x, h in zip("qk", qk_heads)
+                ]
     if not cfg.tie_embeddings:
         rules.append(Rule("output.weight", ("lm_head.weight",)))
     return rules
@@ -169,12 +221,22 @@ def _model_from_hf(c: dict) -> dict:
         gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(activation)
         if gelu is None:
             raise UserError(f"config.json: activation_function = {activation!r} has no minsota equivalent")
-        return {"dim": c["n_embd"], "n_layers": c["n_layer"], "n_heads": c["n_head"], "n_kv_heads": c["n_head"],
-                "vocab_size": c["vocab_size"], "ffn_dim": c.get("n_inner") or 4 * c["n_embd"],
-                "max_seq_len": c["n_positions"], "norm": {"name": "layernorm", "eps": c.get("layer_norm_epsilon", 1e-5)},
-                "positional": "learned", "attention": {"name": "sdpa", "bias": True},
-                "feedforward": {"name": "mlp", "approximate": gelu, "bias": True}, "block": "prenorm",
-                "tie_embeddings": c.get("tie_word_embeddings", True), "init_std": c.get("initializer_range", 0.02)}
+        return {
+            "dim": c["n_embd"],
+            "n_layers": c["n_layer"],
+            "n_heads": c["n_head"],
+            "n_kv_heads": c["n_head"],
+            "vocab_size": c["vocab_size"],
+            "ffn_dim": c.get("n_inner") or 4 * c["n_embd"],
+            "max_seq_len": c["n_positions"],
+            "norm": {"name": "layernorm", "eps": c.get("layer_norm_epsilon", 1e-5)},
+            "positional": "learned",
+            "attention": {"name": "sdpa", "bias": True},
+            "feedforward": {"name": "mlp", "approximate": gelu, "bias": True},
+            "block": "prenorm",
+            "tie_embeddings": c.get("tie_word_embeddings", True),
+            "init_std": c.get("initializer_range", 0.02),
+        }
     if family in GEMMA_FAMILIES:
         return _gemma_from_hf(c, family)
     if family in hf_moe.ARCHITECTURES:
@@ -191,12 +253,23 @@ def _model_from_hf(c: dict) -> dict:
         attention["window"] = c["sliding_window"]
     if family == "olmo2":
         attention["qk_norm"] = "full"
-    return {"dim": c["hidden_size"], "n_layers": c["num_hidden_layers"], "n_heads": heads,
-            "n_kv_heads": c.get("num_key_value_heads") or heads, "head_dim": c.get("head_dim") or c["hidden_size"] // heads,
-            "vocab_size": c["vocab_size"], "ffn_dim": c["intermediate_size"], "max_seq_len": c["max_position_embeddings"],
-            "norm": {"name": "rmsnorm", "eps": c["rms_norm_eps"]}, "positional": _rope_from_hf(c), "attention": attention,
-            "feedforward": "swiglu", "block": {"name": "sandwich", "pre": False} if family == "olmo2" else "prenorm",
-            "tie_embeddings": c.get("tie_word_embeddings", False), "init_std": c.get("initializer_range", 0.02)}
+    return {
+        "dim": c["hidden_size"],
+        "n_layers": c["num_hidden_layers"],
+        "n_heads": heads,
+        "n_kv_heads": c.get("num_key_value_heads") or heads,
+        "head_dim": c.get("head_dim") or c["hidden_size"] // heads,
+        "vocab_size": c["vocab_size"],
+        "ffn_dim": c["intermediate_size"],
+        "max_seq_len": c["max_position_embeddings"],
+        "norm": {"name": "rmsnorm", "eps": c["rms_norm_eps"]},
+        "positional": _rope_from_hf(c),
+        "attention": attention,
+        "feedforward": "swiglu",
+        "block": {"name": "sandwich", "pre": False} if family == "olmo2" else "prenorm",
+        "tie_embeddings": c.get("tie_word_embeddings", False),
+        "init_std": c.get("initializer_range", 0.02),
+    }
 
 
 def _period(items: list) -> list:
@@ -222,25 +295,42 @@ def _gemma_from_hf(c: dict, family: str) -> dict:
         rope = {kind: _rope_from_hf({**c, "rope_parameters": ropes[kind]}) for kind in HF_LAYER_TYPES}
     else:
         rope = dict.fromkeys(HF_LAYER_TYPES, _rope_from_hf(c))
-    types = {"full_attention": {"attention": attention, "positional": rope["full_attention"]},
-             "sliding_attention": {"attention": {**attention, "window": c["sliding_window"]},
-                                   "positional": rope["sliding_attention"]}}
+    types = {
+        "full_attention": {"attention": attention, "positional": rope["full_attention"]},
+        "sliding_attention": {
+            "attention": {**attention, "window": c["sliding_window"]},
+            "positional": rope["sliding_attention"],
+        },
+    }
     pattern = _period(list(c["layer_types"]))
     unknown = set(pattern) - set(HF_LAYER_TYPES)
     if unknown:
         raise UserError(f"config.json: layer_types {sorted(unknown)} have no minsota equivalent")
     top = types["full_attention"]
     norm = {"name": "rmsnorm", "eps": c["rms_norm_eps"], "offset": 1.0}
-    return {"dim": c["hidden_size"], "n_layers": c["num_hidden_layers"], "n_heads": heads,
-            "n_kv_heads": c.get("num_key_value_heads") or heads, "head_dim": c["head_dim"],
-            "vocab_size": c["vocab_size"], "ffn_dim": c["intermediate_size"], "max_seq_len": c["max_position_embeddings"], "norm": norm,
-            "positional": top["positional"], "attention": top["attention"],
-            "feedforward": {"name": "geglu", "approximate": "tanh"}, "block": "sandwich",
-            "tie_embeddings": c.get("tie_word_embeddings", True), "init_std": c.get("initializer_range", 0.02),
-            "embed_scale": c["hidden_size"] ** 0.5, "logit_softcap": float(c.get("final_logit_softcapping") or 0.0),
-            "layer_pattern": [HF_LAYER_TYPES[t] for t in pattern],
-            "layer_types": {HF_LAYER_TYPES[t]: {k: v for k, v in types[t].items() if v != top[k]}
-                            for t in dict.fromkeys(pattern)}}
+    return {
+        "dim": c["hidden_size"],
+        "n_layers": c["num_hidden_layers"],
+        "n_heads": heads,
+        "n_kv_heads": c.get("num_key_value_heads") or heads,
+        "head_dim": c["head_dim"],
+        "vocab_size": c["vocab_size"],
+        "ffn_dim": c["intermediate_size"],
+        "max_seq_len": c["max_position_embeddings"],
+        "norm": norm,
+        "positional": top["positional"],
+        "attention": top["attention"],
+        "feedforward": {"name": "geglu", "approximate": "tanh"},
+        "block": "sandwich",
+        "tie_embeddings": c.get("tie_word_embeddings", True),
+        "init_std": c.get("initializer_range", 0.02),
+        "embed_scale": c["hidden_size"] ** 0.5,
+        "logit_softcap": float(c.get("final_logit_softcapping") or 0.0),
+        "layer_pattern": [HF_LAYER_TYPES[t] for t in pattern],
+        "layer_types": {
+            HF_LAYER_TYPES[t]: {k: v for k, v in types[t].items() if v != top[k]} for t in dict.fromkeys(pattern)
+        },
+    }
 
 
 def _hf_directory(path) -> Path:
@@ -297,13 +387,16 @@ def read_hf(path) -> tuple[Recipe, dict[str, torch.Tensor]]:
     except KeyError as e:
         raise UserError(f"{directory / 'config.json'}: no {e.args[0]!r}") from None
     has_tokenizer = any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-    recipe = recipe_from_dict({
-        "name": directory.name,
-        "description": f"imported from Hugging Face {config.get('model_type')} checkpoint {directory.resolve()}",
-        "model": model,
-        "train": {"seq_len": min(TrainConfig.seq_len, model["max_seq_len"])},  # a short context caps the default
-        "data": {"tokenizer": str(directory.resolve())} if has_tokenizer else {},  # the checkpoint's own tokenizer
-    }, str(directory / "config.json"))
+    recipe = recipe_from_dict(
+        {
+            "name": directory.name,
+            "description": f"imported from Hugging Face {config.get('model_type')} checkpoint {directory.resolve()}",
+            "model": model,
+            "train": {"seq_len": min(TrainConfig.seq_len, model["max_seq_len"])},  # a short context caps the default
+            "data": {"tokenizer": str(directory.resolve())} if has_tokenizer else {},  # the checkpoint's own tokenizer
+        },
+        str(directory / "config.json"),
+    )
     hf = _with_base_prefix(_read_weights(directory), config["model_type"])
     rules = _rules(recipe.model, layer_specs(recipe.model), config["model_type"], recipe.model.ffn_dim)
     try:
@@ -348,7 +441,9 @@ def _options(spec: dict, key: str, names: tuple[str, ...], family: str, **allowe
     cannot hold."""
     name, options = component(spec[key])
     if name not in names:
-        raise UserError(f"cannot export to Hugging Face {family}: model.{key} = '{name}' (it needs {' or '.join(names)})")
+        raise UserError(
+            f"cannot export to Hugging Face {family}: model.{key} = '{name}' (it needs {' or '.join(names)})"
+        )
     unknown = [o for o in options if o not in allowed]
     if unknown:
         raise UserError(f"cannot export to Hugging Face {family}: model.{key} option {unknown[0]} has no equivalent")
@@ -367,8 +462,11 @@ def _rope_to_hf(positional, family: str) -> dict:
     options = dict(options)
     theta, scaling = options.pop("theta", 10000.0), options.pop("scaling", None)
     factor = options.pop("interpolate_factor", 1.0)
-    _refuse(options.pop("use_xpos", False) or options.pop("theta_rescale_factor", 1.0) != 1, family,
-            "xPos and NTK theta rescaling have no HF equivalent")
+    _refuse(
+        options.pop("use_xpos", False) or options.pop("theta_rescale_factor", 1.0) != 1,
+        family,
+        "xPos and NTK theta rescaling have no HF equivalent",
+    )
     options.pop("xpos_scale_base", None)
     if scaling is not None:
         return {"rope_theta": theta, "rope_scaling": {"rope_type": scaling, **options}}
@@ -380,36 +478,77 @@ ATTENTION_OPTIONS = {"bias": False, "qk_norm": "none", "window": 0, "softcap": 0
 
 def _config_to_hf(cfg: ModelConfig, spec: dict, family: str, ffn_dim: int) -> dict:
     """The config of a family whose layers are all alike (``spec``: every layer's components)."""
-    _refuse(not cfg.final_norm or cfg.logit_softcap or cfg.embed_scale != 1, family,
-            "final_norm = false, logit_softcap and embed_scale have no equivalent")
-    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
-              "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    _refuse(
+        not cfg.final_norm or cfg.logit_softcap or cfg.embed_scale != 1,
+        family,
+        "final_norm = false, logit_softcap and embed_scale have no equivalent",
+    )
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
     attention = _options(spec, "attention", ("sdpa", "math"), family, **ATTENTION_OPTIONS)
-    _refuse(attention["softcap"] or attention["scale"] not in (None, cfg.head_dim**-0.5), family,
-            "attention softcap and scale have no equivalent")
+    _refuse(
+        attention["softcap"] or attention["scale"] not in (None, cfg.head_dim**-0.5),
+        family,
+        "attention softcap and scale have no equivalent",
+    )
     if family == "gpt2":
         norm = _options(spec, "norm", ("layernorm",), family, eps=1e-5, bias=True)
         ff = _options(spec, "feedforward", ("mlp",), family, approximate="none", bias=False)
         _options(spec, "block", ("prenorm",), family)
         _refuse(not (norm["bias"] and ff["bias"] and attention["bias"]), family, "GPT-2 has biases everywhere")
-        _refuse(attention["window"] or attention["qk_norm"] != "none" or cfg.n_kv_heads != cfg.n_heads
-                or cfg.head_dim * cfg.n_heads != cfg.dim, family, "GPT-2 attention is plain multi-head")
-        return {**common, "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": ffn_dim,
-                "n_positions": cfg.max_seq_len, "layer_norm_epsilon": norm["eps"],
-                "activation_function": "gelu_new" if ff["approximate"] == "tanh" else "gelu",
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        _refuse(
+            attention["window"]
+            or attention["qk_norm"] != "none"
+            or cfg.n_kv_heads != cfg.n_heads
+            or cfg.head_dim * cfg.n_heads != cfg.dim,
+            family,
+            "GPT-2 attention is plain multi-head",
+        )
+        return {
+            **common,
+            "n_embd": cfg.dim,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_inner": ffn_dim,
+            "n_positions": cfg.max_seq_len,
+            "layer_norm_epsilon": norm["eps"],
+            "activation_function": "gelu_new" if ff["approximate"] == "tanh" else "gelu",
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
     norm = _options(spec, "norm", ("rmsnorm",), family, eps=1e-5)
     _options(spec, "feedforward", ("swiglu",), family)
     block = _options(spec, "block", ("sandwich",) if family == "olmo2" else ("prenorm",), family, pre=True)
     _refuse(family == "olmo2" and block["pre"], family, "OLMo 2 norms only the sublayer outputs (sandwich pre = false)")
-    _refuse(attention["qk_norm"] != ("full" if family == "olmo2" else "none"), family,
-            f"attention qk_norm = {attention['qk_norm']!r}")
+    _refuse(
+        attention["qk_norm"] != ("full" if family == "olmo2" else "none"),
+        family,
+        f"attention qk_norm = {attention['qk_norm']!r}",
+    )
     _refuse(attention["window"] and family != "mistral", family, "sliding windows need the mistral family")
     _refuse(attention["bias"] and family == "mistral", family, "Mistral has no attention biases")
-    _refuse(family == "olmo2" and cfg.head_dim * cfg.n_heads != cfg.dim, family, "OLMo 2 needs head_dim = dim / n_heads")
-    config = {**common, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-              "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": ffn_dim, "max_position_embeddings": cfg.max_seq_len,
-              "rms_norm_eps": norm["eps"], "hidden_act": "silu", **_rope_to_hf(spec["positional"], family)}
+    _refuse(
+        family == "olmo2" and cfg.head_dim * cfg.n_heads != cfg.dim, family, "OLMo 2 needs head_dim = dim / n_heads"
+    )
+    config = {
+        **common,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "intermediate_size": ffn_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": norm["eps"],
+        "hidden_act": "silu",
+        **_rope_to_hf(spec["positional"], family),
+    }
     if family != "olmo2":
         config["head_dim"] = cfg.head_dim
     if family == "mistral":
@@ -428,36 +567,62 @@ def _gemma_config_to_hf(cfg: ModelConfig, specs: list[dict], family: str, ffn_di
     of_kind = {}
     for spec, kind in zip(specs, kinds):
         _refuse(of_kind.setdefault(kind, spec) != spec, family, f"two {kind} layers differ")
-    attentions = {kind: _options(spec, "attention", ("sdpa", "math"), family, **ATTENTION_OPTIONS)
-                  for kind, spec in of_kind.items()}
+    attentions = {
+        kind: _options(spec, "attention", ("sdpa", "math"), family, **ATTENTION_OPTIONS)
+        for kind, spec in of_kind.items()
+    }
     shared = [{k: v for k, v in a.items() if k != "window"} for a in attentions.values()]
     _refuse(any(a != shared[0] for a in shared), family, "local and global attention differ beyond the window")
     attention = shared[0]
-    _refuse(attention["bias"] or attention["qk_norm"] != ("head" if family == "gemma3_text" else "none"), family,
-            f"attention bias / qk_norm = {attention['qk_norm']!r}")
+    _refuse(
+        attention["bias"] or attention["qk_norm"] != ("head" if family == "gemma3_text" else "none"),
+        family,
+        f"attention bias / qk_norm = {attention['qk_norm']!r}",
+    )
     norm = _options(specs[0], "norm", ("rmsnorm",), family, eps=1e-6, offset=0.0)
     ff = _options(specs[0], "feedforward", ("geglu",), family, approximate="none")
     block = _options(specs[0], "block", ("sandwich",), family, pre=True)
-    _refuse(norm["offset"] != 1 or ff["approximate"] != "tanh" or not block["pre"], family,
-            "Gemma has (1 + w) RMSNorm (offset = 1.0), tanh-GeGLU and sandwich norms")
-    _refuse(not cfg.final_norm or not math.isclose(cfg.embed_scale, cfg.dim**0.5, rel_tol=1e-12), family,
-            "it needs the final norm and embed_scale √dim")
+    _refuse(
+        norm["offset"] != 1 or ff["approximate"] != "tanh" or not block["pre"],
+        family,
+        "Gemma has (1 + w) RMSNorm (offset = 1.0), tanh-GeGLU and sandwich norms",
+    )
+    _refuse(
+        not cfg.final_norm or not math.isclose(cfg.embed_scale, cfg.dim**0.5, rel_tol=1e-12),
+        family,
+        "it needs the final norm and embed_scale √dim",
+    )
     ropes = {kind: _rope_to_hf(spec["positional"], family) for kind, spec in of_kind.items()}
     scalar = (attention["scale"] or cfg.head_dim**-0.5) ** -2  # scale = query_pre_attn_scalar^-0.5, an integer
     _refuse(abs(scalar - round(scalar)) > 1e-6 * scalar, family, f"attention scale^-2 = {scalar} is not an integer")
-    config = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "initializer_range": cfg.init_std, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-              "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-              "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": ffn_dim, "max_position_embeddings": cfg.max_seq_len,
-              "rms_norm_eps": norm["eps"], "hidden_activation": "gelu_pytorch_tanh", "layer_types": kinds,
-              "sliding_window": attentions.get("sliding_attention", {}).get("window") or None,
-              "query_pre_attn_scalar": round(scalar),
-              "attn_logit_softcapping": attention["softcap"] or None,
-              "final_logit_softcapping": cfg.logit_softcap or None}
+    config = {
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": ffn_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": norm["eps"],
+        "hidden_activation": "gelu_pytorch_tanh",
+        "layer_types": kinds,
+        "sliding_window": attentions.get("sliding_attention", {}).get("window") or None,
+        "query_pre_attn_scalar": round(scalar),
+        "attn_logit_softcapping": attention["softcap"] or None,
+        "final_logit_softcapping": cfg.logit_softcap or None,
+    }
     if family == "gemma2":
         return {**config, **next(iter(ropes.values()))}
-    config["rope_parameters"] = {kind: {"rope_type": "default", "rope_theta": rope["rope_theta"],
-                                        **(rope["rope_scaling"] or {})} for kind, rope in ropes.items()}
+    config["rope_parameters"] = {
+        kind: {"rope_type": "default", "rope_theta": rope["rope_theta"], **(rope["rope_scaling"] or {})}
+        for kind, rope in ropes.items()
+    }
     return config
 
 
@@ -481,8 +646,11 @@ def _family(decoder: Decoder) -> str:
     families = sorted({_layer_family(spec) for spec in decoder.specs})
     _refuse(len(families) > 1, " / ".join(families), "its layers belong to different families")
     family = families[0]
-    _refuse(family not in GEMMA_FAMILIES and any(s != decoder.specs[0] for s in decoder.specs), family,
-            "its layers differ, and this family has one kind of layer")
+    _refuse(
+        family not in GEMMA_FAMILIES and any(s != decoder.specs[0] for s in decoder.specs),
+        family,
+        "its layers differ, and this family has one kind of layer",
+    )
     return family
 
 
@@ -497,8 +665,12 @@ def hf_config(decoder: Decoder):
         config = _gemma_config_to_hf(cfg, decoder.specs, family, _ffn_dim(decoder, family))
     else:
         config = _config_to_hf(cfg, decoder.specs[0], family, _ffn_dim(decoder, family))
-    return AutoConfig.for_model(family, architectures=[ARCHITECTURES[family]],
-                                dtype=str(decoder.tok_embeddings.weight.dtype).removeprefix("torch."), **config)
+    return AutoConfig.for_model(
+        family,
+        architectures=[ARCHITECTURES[family]],
+        dtype=str(decoder.tok_embeddings.weight.dtype).removeprefix("torch."),
+        **config,
+    )
 
 
 def _ffn_dim(decoder: Decoder, family: str) -> int:
@@ -540,7 +712,9 @@ def _export_tokenizer(recipe: Recipe, out_dir: Path) -> None:
         print(f"minsota: warning: tokenizer not exported: {e}", file=sys.stderr)
         return
     if not hasattr(tokenizer, "save_pretrained"):
-        print(f"minsota: warning: tokenizer '{tokenizer.name}' has no Hugging Face form; {out_dir} holds the "
-              f"model alone", file=sys.stderr)
+        print(
+            f"minsota: warning: tokenizer '{tokenizer.name}' has no Hugging Face form; {out_dir} holds the model alone",
+            file=sys.stderr,
+        )
         return
     tokenizer.save_pretrained(out_dir)

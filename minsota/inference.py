@@ -27,8 +27,9 @@ def load_run(path: Path, overrides: dict | None = None, plugin_specs=(), device=
         raise UserError(f"{path}: not a run directory (no recipe.json)")
     run_dir, newest = checkpoint.find_resumable(path)
     if newest is None:
-        raise UserError(f"{run_dir}: no checkpoint yet (the trainer writes one every train.checkpoint_every "
-                        f"steps and at the end)")
+        raise UserError(
+            f"{run_dir}: no checkpoint yet (the trainer writes one every train.checkpoint_every steps and at the end)"
+        )
     saved = checkpoint.load(newest, weights_only=True)
     recipe = recipe_from_dict(saved["recipe"], str(newest / checkpoint.RECIPE), overrides, plugin_specs)
     model = build_model(recipe, device or resolve_device(recipe.train.device))
@@ -56,27 +57,46 @@ def evaluate_run(path: Path, overrides: dict | None = None, plugin_specs=(), bat
     device = model.output.weight.device
     autocast = autocast_context(device, autocast_dtype(recipe.train.precision, device))
     loss = evaluate(model, val, autocast, device, recipe.data.packing == "document")
-    result = {"step": step, "source": recipe.data.source, "tokens": sum(b["targets"].numel() for b in val),
-              "loss": loss, "perplexity": math.exp(loss)}
+    result = {
+        "step": step,
+        "source": recipe.data.source,
+        "tokens": sum(b["targets"].numel() for b in val),
+        "loss": loss,
+        "perplexity": math.exp(loss),
+    }
     if tokenizer.name == "bytes":
         result["bits_per_byte"] = loss / math.log(2)
     return result
 
 
 def format_evaluation(result: dict) -> str:
-    lines = [f"step:        {result['step']}", f"source:      {result['source']} (validation, {result['tokens']:,} tokens)",
-             f"loss:        {result['loss']:.4f}", f"perplexity:  {result['perplexity']:.4g}"]
+    lines = [
+        f"step:        {result['step']}",
+        f"source:      {result['source']} (validation, {result['tokens']:,} tokens)",
+        f"loss:        {result['loss']:.4f}",
+        f"perplexity:  {result['perplexity']:.4g}",
+    ]
     if "bits_per_byte" in result:
         lines.append(f"bits/byte:   {result['bits_per_byte']:.4f}")
     return "\n".join(lines)
 
 
-def sample_text(path: Path, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, seed: int = 0, overrides: dict | None = None, plugin_specs=()) -> str:
+def sample_text(
+    path: Path,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    overrides: dict | None = None,
+    plugin_specs=(),
+) -> str:
     """The prompt and what a run's model writes after it, until max_new_tokens or the end of the document."""
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise UserError(f"sampling needs temperature >= 0, top-k >= 0 and 0 < top-p <= 1 "
-                        f"(got {temperature}, {top_k}, {top_p})")
+        raise UserError(
+            f"sampling needs temperature >= 0, top-k >= 0 and 0 < top-p <= 1 (got {temperature}, {top_k}, {top_p})"
+        )
     recipe, model, _ = load_run(path, overrides, plugin_specs)
     tokenizer = build_tokenizer(recipe)
     ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]  # after EOS: the start of a document, as in training
@@ -84,9 +104,16 @@ def sample_text(path: Path, prompt: str, max_new_tokens: int = 200, temperature:
     return prompt + tokenizer.decode(new)
 
 
-def evaluate_run_tasks(path: Path, tasks: list[str], num_fewshot: int | None = None, limit: int | None = None,
-                       batch_size: int = 8, include_path: str | None = None, overrides: dict | None = None,
-                       plugin_specs=()) -> str:
+def evaluate_run_tasks(
+    path: Path,
+    tasks: list[str],
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    include_path: str | None = None,
+    overrides: dict | None = None,
+    plugin_specs=(),
+) -> str:
     """``minsota eval RUN_DIR --tasks ...``: lm-evaluation-harness tasks (`minsota.harness`, the optional [eval]
     extra, imported only here) on a run's newest checkpoint or RUN_DIR/checkpoints/step-N; task names are checked
     before the model is loaded."""

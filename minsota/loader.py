@@ -61,6 +61,11 @@ def recipe_record(recipe: Recipe) -> dict:
     """What a run saves as ``recipe.json``: the resolved recipe with the plugins (and versions) it was built with."""
     data = recipe.to_dict()
     loaded = load_plugins(recipe.plugins).infos.values()
-    return {"name": data["name"], "description": data["description"], "plugins": data["plugins"],
-            "loaded_plugins": {i.name: f"{i.distribution} {i.version}".strip() for i in loaded},
-            **{section: data[section] for section in SECTIONS}, "layers": data["layers"]}
+    return {
+        "name": data["name"],
+        "description": data["description"],
+        "plugins": data["plugins"],
+        "loaded_plugins": {i.name: f"{i.distribution} {i.version}".strip() for i in loaded},
+        **{section: data[section] for section in SECTIONS},
+        "layers": data["layers"],
+    }

@@ -101,8 +101,16 @@ def _fused(hidden, weight, targets, cap: float, z_loss: float, chunk_size: int, 
     ce_sum = z_sum = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
-        ce, z = _chunk(hidden[rows], weight, targets[rows], valid[rows], cap, z_loss,
-                       grad_hidden[rows] if with_grads else None, grad_weight)
+        ce, z = _chunk(
+            hidden[rows],
+            weight,
+            targets[rows],
+            valid[rows],
+            cap,
+            z_loss,
+            grad_hidden[rows] if with_grads else None,
+            grad_weight,
+        )
         ce_sum, z_sum = ce_sum + ce, z_sum + z
     loss = ce_sum / count + z_loss * z_sum / count.clamp_min(1)  # 0/0 = NaN when all ignored, as F.cross_entropy
     return loss, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), count
@@ -111,8 +119,9 @@ def _fused(hidden, weight, targets, cap: float, z_loss: float, chunk_size: int, 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, cap: float, z_loss: float, chunk_size: int):
-        loss, grad_hidden, grad_weight, count = _fused(hidden, weight, targets, cap, z_loss, chunk_size,
-                                                       with_grads=True)
+        loss, grad_hidden, grad_weight, count = _fused(
+            hidden, weight, targets, cap, z_loss, chunk_size, with_grads=True
+        )
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         return loss
 
@@ -137,8 +146,15 @@ def chunk_rows(weight: torch.Tensor) -> int:
     return max(256, CUDA_CHUNK_BYTES // (weight.shape[0] * 4 * 2) // 256 * 256)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         logit_softcap: float = 0.0, z_loss: float = 0.0, chunk_size: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    logit_softcap: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy (+ z-loss) of ``softcap(hidden @ weight.T)`` against ``targets``; -100 is ignored.
 
     hidden (N, D), weight (V, D), targets (N,) int64. The gradient of ``weight`` is summed over chunks in fp32

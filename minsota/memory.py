@@ -43,8 +43,10 @@ class Estimate:
 
     def __str__(self) -> str:
         parts = (self.weights, self.gradients, self.optimizer, self.activations)
-        return (f"{gib(self.total)} (weights {gib(parts[0])}, gradients {gib(parts[1])}, AdamW {gib(parts[2])}, "
-                f"activations {gib(parts[3])} at {self.tokens} tokens per micro-batch)")
+        return (
+            f"{gib(self.total)} (weights {gib(parts[0])}, gradients {gib(parts[1])}, AdamW {gib(parts[2])}, "
+            f"activations {gib(parts[3])} at {self.tokens} tokens per micro-batch)"
+        )
 
 
 def gib(n: float) -> str:
@@ -68,8 +70,13 @@ def estimate(recipe: Recipe, model: nn.Module, activation_bytes: int, world: int
     activations += _scores(recipe, model, activation_bytes)
     vocab, dim = model.output.weight.shape
     activations += 4 * (tokens * dim + vocab * dim + 2 * LOSS_CHUNK_ROWS * vocab)  # the fused loss's buffers
-    return Estimate(4 * params // shard, 4 * params // shard, 8 * params // shard, activations,
-                    f"{t.micro_batch_size} x {t.seq_len}")
+    return Estimate(
+        4 * params // shard,
+        4 * params // shard,
+        8 * params // shard,
+        activations,
+        f"{t.micro_batch_size} x {t.seq_len}",
+    )
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -113,8 +120,10 @@ def check(recipe: Recipe, device: torch.device, dtype: torch.dtype | None, world
     need = estimate(recipe, build_model(recipe, "meta"), 4 if dtype is None else 2, world)
     have, what = available(device)
     if need.total > have:
-        raise UserError(f"{recipe.name} needs ~{need} on {device}, more than its {gib(have)} {what}: shrink "
-                        f"model.* or train.micro_batch_size, or set train.check_memory = false to try anyway")
+        raise UserError(
+            f"{recipe.name} needs ~{need} on {device}, more than its {gib(have)} {what}: shrink "
+            f"model.* or train.micro_batch_size, or set train.check_memory = false to try anyway"
+        )
 
 
 def summary(recipe: Recipe) -> str:

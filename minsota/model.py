@@ -22,8 +22,19 @@ from minsota.recipe import LayerComponent, ModelConfig, Recipe, canonical, compo
 from minsota.state import HIDDEN, make_state
 
 RESIDUAL_OUTPUTS = ("wo.weight", "w2.weight")  # scaled init: GPT-2 / Megatron 1/sqrt(2·n_layers)
-RESERVED_METRICS = ("step", "loss", "aux_loss", "val_loss", "lr", "grad_norm", "tokens", "epoch", "tokens_per_s",
-                    "mfu", "skipped")  # metrics.jsonl keys an auxiliary term may not take
+RESERVED_METRICS = (
+    "step",
+    "loss",
+    "aux_loss",
+    "val_loss",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "epoch",
+    "tokens_per_s",
+    "mfu",
+    "skipped",
+)  # metrics.jsonl keys an auxiliary term may not take
 
 
 class Decoder(nn.Module):
@@ -32,8 +43,16 @@ class Decoder(nn.Module):
     other distinct ones (one module per spec). ``specs`` are the resolved per-layer component specs and
     ``attentions`` each layer's attention module (as built; it lives inside its block)."""
 
-    def __init__(self, cfg: ModelConfig, positional: PositionalEncoding, layers: list[nn.Module], norm: nn.Module,
-                 positionals: list[PositionalEncoding], specs: list[dict], attentions: list[nn.Module]):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        positional: PositionalEncoding,
+        layers: list[nn.Module],
+        norm: nn.Module,
+        positionals: list[PositionalEncoding],
+        specs: list[dict],
+        attentions: list[nn.Module],
+    ):
         super().__init__()
         self.cfg = cfg
         self.specs = specs
@@ -50,13 +69,18 @@ class Decoder(nn.Module):
         object.__setattr__(self, "aux_modules", [m for m in self.modules() if getattr(m, "aux_loss_name", None)])
         # and those that log a metric (`aux_metric_name`) or act after each optimizer step (`after_optimizer_step`)
         object.__setattr__(self, "metric_modules", [m for m in self.modules() if getattr(m, "aux_metric_name", None)])
-        object.__setattr__(self, "step_modules", [m for m in self.modules() if hasattr(m, "after_optimizer_step")
-                                                  and m is not self])
-        for module, attribute in [*((m, "aux_loss_name") for m in self.aux_modules),
-                                  *((m, "aux_metric_name") for m in self.metric_modules)]:
+        object.__setattr__(
+            self, "step_modules", [m for m in self.modules() if hasattr(m, "after_optimizer_step") and m is not self]
+        )
+        for module, attribute in [
+            *((m, "aux_loss_name") for m in self.aux_modules),
+            *((m, "aux_metric_name") for m in self.metric_modules),
+        ]:
             if getattr(module, attribute) in RESERVED_METRICS:
-                raise UserError(f"{type(module).__name__}: {attribute} {getattr(module, attribute)!r} is taken by a "
-                                f"metric of its own ({', '.join(RESERVED_METRICS)})")
+                raise UserError(
+                    f"{type(module).__name__}: {attribute} {getattr(module, attribute)!r} is taken by a "
+                    f"metric of its own ({', '.join(RESERVED_METRICS)})"
+                )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -111,8 +135,9 @@ class Decoder(nn.Module):
         are never materialised, which saves ~1 GB at a 32k vocabulary and 2k tokens.
         """
         hidden = self.hidden_states(tokens, positions, document_ids).flatten(0, 1)  # (B·T, D)
-        return linear_cross_entropy(hidden, self.output.weight, targets.flatten(),
-                                    logit_softcap=self.cfg.logit_softcap, z_loss=self.cfg.z_loss)
+        return linear_cross_entropy(
+            hidden, self.output.weight, targets.flatten(), logit_softcap=self.cfg.logit_softcap, z_loss=self.cfg.z_loss
+        )
 
     def losses(self, tokens, targets, positions=None, document_ids=None) -> dict[str, torch.Tensor]:
         """What training minimises, by name: ``loss`` (the LM cross-entropy, as `loss`) and, when components
@@ -205,8 +230,9 @@ def takes_layer(factory) -> bool:
         return False
 
 
-def _build_component(recipe: Recipe, loaded: LoadedPlugins, kind: str, part: LayerComponent, layer: int | None,
-                     *args, **kwargs):
+def _build_component(
+    recipe: Recipe, loaded: LoadedPlugins, kind: str, part: LayerComponent, layer: int | None, *args, **kwargs
+):
     """Build one component from its registry, turning a bad option into one line naming the recipe key it came
     from. A factory that names a ``layer`` parameter gets the 0-based index of the layer it is built for (None
     for the decoder's own: the final norm and the positional encoding that embeds the tokens)."""
@@ -248,8 +274,12 @@ def build_model(recipe: Recipe, device: str | torch.device | None = None) -> Dec
             return positionals[key]
 
         embedding = positional(LayerComponent(cfg.positional, "model.positional"), None)
-        layers, attentions = zip(*(_build_layer(recipe, loaded, layer, i, positional(layer["positional"], i))
-                                   for i, layer in enumerate(resolved)))
+        layers, attentions = zip(
+            *(
+                _build_layer(recipe, loaded, layer, i, positional(layer["positional"], i))
+                for i, layer in enumerate(resolved)
+            )
+        )
         # post-norm blocks already end on a norm: `final_norm = false` leaves the LM head without one
         final = LayerComponent(cfg.norm, "model.norm")
         norm = _build_component(recipe, loaded, "norm", final, None, cfg.dim, cfg) if cfg.final_norm else nn.Identity()
@@ -267,6 +297,7 @@ def _build_layer(recipe: Recipe, loaded: LoadedPlugins, layer: dict[str, LayerCo
 
     attention = _build_component(recipe, loaded, "attention", layer["attention"], i, cfg, positional, norm=norm)
     feedforward = _build_component(recipe, loaded, "feedforward", layer["feedforward"], i, cfg)
-    block = _build_component(recipe, loaded, "block", layer["block"], i, cfg, norm=norm, attention=attention,
-                            feedforward=feedforward)
+    block = _build_component(
+        recipe, loaded, "block", layer["block"], i, cfg, norm=norm, attention=attention, feedforward=feedforward
+    )
     return block, attention

@@ -67,17 +67,28 @@ def param_groups(model: nn.Module, t: TrainConfig) -> list[dict]:
             matched.update(g for g in rules[rule]["params"] if fnmatch.fnmatchcase(name, g))
             lr_scale = float(rules[rule].get("lr_scale", lr_scale))
             weight_decay = float(rules[rule].get("weight_decay", weight_decay))
-        group = groups.setdefault((role, rule, weight_decay), {
-            "params": [], "names": [], "splits": [], "role": role, "lr": t.lr * lr_scale, "lr_scale": lr_scale,
-            "weight_decay": weight_decay})
+        group = groups.setdefault(
+            (role, rule, weight_decay),
+            {
+                "params": [],
+                "names": [],
+                "splits": [],
+                "role": role,
+                "lr": t.lr * lr_scale,
+                "lr_scale": lr_scale,
+                "weight_decay": weight_decay,
+            },
+        )
         group["params"].append(params[name])
         group["names"].append(name)
         group["splits"].append(splits.get(name))
     for i, rule in enumerate(rules):
         for glob in rule["params"]:
             if glob not in matched:
-                raise UserError(f"train.param_groups[{i}]: params glob {glob!r} matches no parameter of this model "
-                                f"(see `minsota show`)")
+                raise UserError(
+                    f"train.param_groups[{i}]: params glob {glob!r} matches no parameter of this model "
+                    f"(see `minsota show`)"
+                )
     return list(groups.values())
 
 
@@ -99,12 +110,22 @@ def describe_groups(optimizer: torch.optim.Optimizer) -> list[str]:
     tensor's name, and the algorithm where one optimizer runs several."""
     rows = [("role", "tensors", "parameters", "lr", "weight_decay", "first")]
     for g in optimizer.param_groups:
-        rows.append((g.get("role", "?"), str(len(g["params"])), f"{sum(p.numel() for p in g['params']):,}",
-                     f"{g['initial_lr']:.1e}", f"{g['weight_decay']:g}", g.get("names", ["?"])[0],
-                     *([g["algorithm"]] if "algorithm" in g else [])))
+        rows.append(
+            (
+                g.get("role", "?"),
+                str(len(g["params"])),
+                f"{sum(p.numel() for p in g['params']):,}",
+                f"{g['initial_lr']:.1e}",
+                f"{g['weight_decay']:g}",
+                g.get("names", ["?"])[0],
+                *([g["algorithm"]] if "algorithm" in g else []),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(6)]
-    return [("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "".join(f"  {c}" for c in row[6:])).rstrip()
-            for row in rows]
+    return [
+        ("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "".join(f"  {c}" for c in row[6:])).rstrip()
+        for row in rows
+    ]
 
 
 def build_schedule(t: TrainConfig, plugin_specs=()):

@@ -128,8 +128,14 @@ _SOURCES: dict[str, PluginInfo] = {}
 
 def plugin_of(filename: str) -> PluginInfo | None:
     """The loaded plugin (not minsota's own) whose code ``filename`` is, if any."""
-    return next((info for where, info in _SOURCES.items()
-                 if filename == where or (where.endswith(os.sep) and filename.startswith(where))), None)
+    return next(
+        (
+            info
+            for where, info in _SOURCES.items()
+            if filename == where or (where.endswith(os.sep) and filename.startswith(where))
+        ),
+        None,
+    )
 
 
 def _register(pm: pluggy.PluginManager, load, info: PluginInfo, infos: dict):
@@ -156,7 +162,9 @@ def _load(extra: tuple[str, ...], autoload_disabled: bool) -> LoadedPlugins:
     infos: dict[str, PluginInfo] = {}
     entry_points = _entry_point_plugins()
     if not any(info.distribution == "minsota" for _, info in entry_points):
-        raise UserError("minsota's built-in plugins are not installed (no 'minsota' entry points): run `pip install -e .`")
+        raise UserError(
+            "minsota's built-in plugins are not installed (no 'minsota' entry points): run `pip install -e .`"
+        )
     for load, info in entry_points:
         if autoload_disabled and info.distribution != "minsota":
             continue

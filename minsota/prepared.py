@@ -41,8 +41,10 @@ FORMAT = "minsota-prepared-1"
 MANIFEST = "prepared.json"
 SPLITS = ("train", "validation")
 # Text the fingerprint tokenizes: prose, code, digits, whitespace runs and non-ASCII, where tokenizers differ.
-PROBE = ("The quick brown fox jumps over the lazy dog. def f(x):\n\treturn x ** 2  # 1234567890\n\n"
-         "Ünïcödé — naïve café, 東京, Москва, ☃ <|endoftext|> </s>   end.")
+PROBE = (
+    "The quick brown fox jumps over the lazy dog. def f(x):\n\treturn x ** 2  # 1234567890\n\n"
+    "Ünïcödé — naïve café, 東京, Москва, ☃ <|endoftext|> </s>   end."
+)
 
 
 def is_prepared(path) -> bool:
@@ -51,8 +53,12 @@ def is_prepared(path) -> bool:
 
 def identity(tokenizer: Tokenizer) -> dict:
     fingerprint = hashlib.sha256(json.dumps(tokenizer.encode(PROBE)).encode()).hexdigest()[:16]
-    return {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "fingerprint": fingerprint}
+    return {
+        "name": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "fingerprint": fingerprint,
+    }
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -68,18 +74,26 @@ def prepare(recipe, out: Path, workers: int, shard_tokens: int = 1 << 28, max_to
     tokenizer = build_tokenizer(recipe, check_model=False)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     d = recipe.data
-    manifest = {"format": FORMAT, "tokenizer": identity(tokenizer), "dtype": np.dtype(dtype).name,
-                "data": {"source": d.source, "text_field": d.text_field, "holdout_every": d.holdout_every},
-                "splits": {}}
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": identity(tokenizer),
+        "dtype": np.dtype(dtype).name,
+        "data": {"source": d.source, "text_field": d.text_field, "holdout_every": d.holdout_every},
+        "splits": {},
+    }
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         for split in SPLITS:
             source = build_source(recipe, split)
-            manifest["splits"][split] = _write_split(source, tokenizer, d.block_docs, workers, partial / split,
-                                                     dtype, shard_tokens, max_tokens)
+            manifest["splits"][split] = _write_split(
+                source, tokenizer, d.block_docs, workers, partial / split, dtype, shard_tokens, max_tokens
+            )
             counts = manifest["splits"][split]
-            print(f"minsota: {split}: {counts['tokens']:,} tokens, {counts['documents']:,} documents "
-                  f"({counts['empty_documents']} empty skipped) in {len(counts['shards'])} shard(s)", file=sys.stderr)
+            print(
+                f"minsota: {split}: {counts['tokens']:,} tokens, {counts['documents']:,} documents "
+                f"({counts['empty_documents']} empty skipped) in {len(counts['shards'])} shard(s)",
+                file=sys.stderr,
+            )
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         partial.rename(out)
     finally:
@@ -90,8 +104,7 @@ def prepare(recipe, out: Path, workers: int, shard_tokens: int = 1 << 28, max_to
 def _write_split(source, tokenizer, block_docs, workers, folder: Path, dtype, shard_tokens, max_tokens) -> dict:
     """One epoch of ``source``, tokenized in order (the on-the-fly loader's own blocks), into shards."""
     folder.mkdir(parents=True)
-    blocks = DataLoader(TokenizedBlocks(source, tokenizer, block_docs, 0, None), batch_size=None,
-                        num_workers=workers)
+    blocks = DataLoader(TokenizedBlocks(source, tokenizer, block_docs, 0, None), batch_size=None, num_workers=workers)
     shards, tokens, empty, shard, in_shard = [], 0, 0, None, 0
     with open(folder / "documents.bin", "wb") as documents:
         for block in blocks:
@@ -105,7 +118,7 @@ def _write_split(source, tokenizer, block_docs, workers, folder: Path, dtype, sh
                         shard.close()
                     shards.append({"file": f"tokens-{len(shards):05}.bin", "tokens": 0})
                     shard, in_shard = open(folder / shards[-1]["file"], "wb"), 0
-                piece, ids = ids[:shard_tokens - in_shard], ids[shard_tokens - in_shard:]
+                piece, ids = ids[: shard_tokens - in_shard], ids[shard_tokens - in_shard :]
                 shard.write(piece.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
                 in_shard += len(piece)
                 shards[-1]["tokens"] += len(piece)
@@ -113,8 +126,12 @@ def _write_split(source, tokenizer, block_docs, workers, folder: Path, dtype, sh
             empty += block["empty"]
     if shard:
         shard.close()
-    return {"tokens": tokens, "documents": (folder / "documents.bin").stat().st_size // 8, "empty_documents": empty,
-            "shards": shards}
+    return {
+        "tokens": tokens,
+        "documents": (folder / "documents.bin").stat().st_size // 8,
+        "empty_documents": empty,
+        "shards": shards,
+    }
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -145,9 +162,11 @@ class PreparedSource:
         prepared, given = self.manifest["tokenizer"], identity(tokenizer)
         if prepared != given:
             differs = next(key for key in given if given[key] != prepared.get(key))
-            raise UserError(f"{recipe.where('data.tokenizer')}: data.tokenizer = '{recipe.data.tokenizer}' is not the "
-                            f"tokenizer {self.path} was prepared with ('{prepared['name']}': {differs} "
-                            f"{prepared.get(differs)} vs {given[differs]}): set data.tokenizer to it, or prepare again")
+            raise UserError(
+                f"{recipe.where('data.tokenizer')}: data.tokenizer = '{recipe.data.tokenizer}' is not the "
+                f"tokenizer {self.path} was prepared with ('{prepared['name']}': {differs} "
+                f"{prepared.get(differs)} vs {given[differs]}): set data.tokenizer to it, or prepare again"
+            )
         return PreparedBatches(recipe, self, rank, world_size)
 
     def read(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +186,7 @@ class PreparedSource:
         pieces = []
         while start < end:
             offset = start - self.shard_starts[shard]
-            piece = self.shards[shard][offset:offset + end - start]
+            piece = self.shards[shard][offset : offset + end - start]
             pieces.append(piece)
             start, shard = start + len(piece), shard + 1
         return pieces

@@ -78,7 +78,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the schedule decays to min_lr_ratio·lr
     warmup_steps: int | float = 0.03  # steps, or a fraction of `steps` when < 1
     warmup_shape: str = "linear"  # linear | cosine | none
-    schedule: Component = "cosine"  # cosine | wsd | constant | linear | inverse-sqrt | a plugin's (`minsota list schedules`)
+    schedule: Component = (
+        "cosine"  # cosine | wsd | constant | linear | inverse-sqrt | a plugin's (`minsota list schedules`)
+    )
     decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
     optimizer: Component = "adamw"  # adamw | muon | lion | schedulefree-adamw | a plugin's; options inline
     # [[train.param_groups]]: {params = ["glob", ...], lr_scale = x, weight_decay = y}; the first match wins
@@ -225,8 +227,9 @@ def _read_toml(path: Path) -> dict:
     except OSError as e:
         raise UserError(f"{path}: cannot read recipe: {e.strerror or e}") from None
     except UnicodeDecodeError as e:  # TOML is UTF-8 by definition
-        raise UserError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); TOML recipes "
-                        f"must be UTF-8") from None
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); TOML recipes must be UTF-8"
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:  # its message carries "(at line L, column C)"
@@ -388,22 +391,57 @@ def _build_section(section: str, values: dict, recipe_origins: dict, default_whe
         if key not in fields:
             raise UserError(f"{where}: unknown key {dotted}{_did_you_mean(key, fields)}")
         kwargs[key] = _coerce(section, key, value, hints, where, dotted in override_keys)
-    missing = [name for name, f in fields.items() if f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING and name not in kwargs]
+    missing = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in kwargs
+    ]
     if missing:
         raise UserError(f"{default_where}: missing key {section}.{missing[0]}")
     return cls(**kwargs)
 
 
 _POSITIVE = {
-    "model": ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim", "ffn_multiple_of", "max_seq_len"),
-    "train": ("steps", "batch_size", "micro_batch_size", "seq_len", "lr", "keep_checkpoints", "log_every", "eval_batches"),
+    "model": (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "vocab_size",
+        "ffn_dim",
+        "ffn_multiple_of",
+        "max_seq_len",
+    ),
+    "train": (
+        "steps",
+        "batch_size",
+        "micro_batch_size",
+        "seq_len",
+        "lr",
+        "keep_checkpoints",
+        "log_every",
+        "eval_batches",
+    ),
     "data": ("holdout_every", "block_docs"),
 }
 _NON_NEGATIVE = {
     "model": ("init_std", "z_loss", "logit_softcap"),
-    "train": ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every", "max_bad_steps",
-              "sample_tokens", "min_lr_ratio", "decay_fraction", "eps", "seed", "eval_tasks_every", "eval_tasks_limit"),
+    "train": (
+        "warmup_steps",
+        "weight_decay",
+        "grad_clip",
+        "eval_every",
+        "checkpoint_every",
+        "max_bad_steps",
+        "sample_tokens",
+        "min_lr_ratio",
+        "decay_fraction",
+        "eps",
+        "seed",
+        "eval_tasks_every",
+        "eval_tasks_limit",
+    ),
     "data": ("num_workers",),
 }
 _CHOICES = {
@@ -432,26 +470,37 @@ def _validate(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
             raise UserError(f"{recipe.where(dotted)}: {dotted} must be one of {', '.join(choices)}, got {value!r}")
     m, t = recipe.model, recipe.train
     if m.head_dim is None and m.dim % m.n_heads:
-        raise UserError(f"{recipe.where('model.n_heads')}: model.n_heads = {m.n_heads} does not divide model.dim = {m.dim}")
+        raise UserError(
+            f"{recipe.where('model.n_heads')}: model.n_heads = {m.n_heads} does not divide model.dim = {m.dim}"
+        )
     if m.n_heads % m.n_kv_heads:
-        raise UserError(f"{recipe.where('model.n_kv_heads')}: model.n_kv_heads = {m.n_kv_heads} does not divide "
-                        f"model.n_heads = {m.n_heads}")
+        raise UserError(
+            f"{recipe.where('model.n_kv_heads')}: model.n_kv_heads = {m.n_kv_heads} does not divide "
+            f"model.n_heads = {m.n_heads}"
+        )
     if component(m.positional)[0] == "learned" and t.seq_len > m.max_seq_len:
-        raise UserError(f"{recipe.where('train.seq_len')}: train.seq_len = {t.seq_len} is longer than the learned "
-                        f"position table (model.max_seq_len = {m.max_seq_len})")
+        raise UserError(
+            f"{recipe.where('train.seq_len')}: train.seq_len = {t.seq_len} is longer than the learned "
+            f"position table (model.max_seq_len = {m.max_seq_len})"
+        )
     if isinstance(t.warmup_steps, float) and t.warmup_steps >= 1:
-        raise UserError(f"{recipe.where('train.warmup_steps')}: train.warmup_steps as a fraction must be < 1, "
-                        f"got {t.warmup_steps} (use an integer for a step count)")
+        raise UserError(
+            f"{recipe.where('train.warmup_steps')}: train.warmup_steps as a fraction must be < 1, "
+            f"got {t.warmup_steps} (use an integer for a step count)"
+        )
     for tracker in t.trackers:
         if tracker not in ("tensorboard", "wandb"):
-            raise UserError(f"{recipe.where('train.trackers')}: train.trackers: unknown tracker {tracker!r} "
-                            f"(tensorboard, wandb)")
+            raise UserError(
+                f"{recipe.where('train.trackers')}: train.trackers: unknown tracker {tracker!r} (tensorboard, wandb)"
+            )
     for key in ("min_lr_ratio", "decay_fraction"):
         if getattr(t, key) > 1:
             raise UserError(f"{recipe.where(f'train.{key}')}: train.{key} must be <= 1, got {getattr(t, key)}")
     if t.batch_size % t.micro_batch_size:
-        raise UserError(f"{recipe.where('train.micro_batch_size')}: train.micro_batch_size = {t.micro_batch_size} "
-                        f"does not divide train.batch_size = {t.batch_size}")
+        raise UserError(
+            f"{recipe.where('train.micro_batch_size')}: train.micro_batch_size = {t.micro_batch_size} "
+            f"does not divide train.batch_size = {t.batch_size}"
+        )
     for key in COMPONENT_KEYS:
         _check_component(recipe, registries, key, getattr(m, key), f"model.{key}")
     _validate_layers(recipe, registries)
@@ -461,8 +510,10 @@ def _validate(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
 def _check_component(recipe: Recipe, registries: Mapping[str, Registry], kind: str, spec, dotted: str) -> None:
     """A component spec names a registered component of its kind (an inline table: with a string name)."""
     if not (isinstance(spec, str) or (isinstance(spec, dict) and isinstance(spec.get("name"), str))):
-        raise UserError(f"{recipe.where(dotted)}: {dotted} must be a component name or an inline table with a "
-                        f"string 'name', got {spec!r}")
+        raise UserError(
+            f"{recipe.where(dotted)}: {dotted} must be a component name or an inline table with a "
+            f"string 'name', got {spec!r}"
+        )
     try:
         registries[kind].describe(component(spec)[0])
     except UserError as e:
@@ -474,15 +525,20 @@ def _validate_layers(recipe: Recipe, registries: Mapping[str, Registry]) -> None
     registered components only."""
     m = recipe.model
     if not all(isinstance(name, str) for name in m.layer_pattern):
-        raise UserError(f"{recipe.where('model.layer_pattern')}: model.layer_pattern must be a list of layer "
-                        f"type names")
+        raise UserError(
+            f"{recipe.where('model.layer_pattern')}: model.layer_pattern must be a list of layer type names"
+        )
     if m.layer_pattern and not m.layer_types:
-        raise UserError(f"{recipe.where('model.layer_pattern')}: model.layer_pattern needs its types defined as "
-                        f"tables ([model.layer_types.NAME]; an empty table is a valid type)")
+        raise UserError(
+            f"{recipe.where('model.layer_pattern')}: model.layer_pattern needs its types defined as "
+            f"tables ([model.layer_types.NAME]; an empty table is a valid type)"
+        )
     for name in m.layer_pattern:
         if name not in m.layer_types:
-            raise UserError(f"{recipe.where('model.layer_pattern')}: model.layer_pattern: type '{name}' is not defined "
-                            f"in model.layer_types{_did_you_mean(name, m.layer_types)}")
+            raise UserError(
+                f"{recipe.where('model.layer_pattern')}: model.layer_pattern: type '{name}' is not defined "
+                f"in model.layer_types{_did_you_mean(name, m.layer_types)}"
+            )
     seen = {}
     for index in m.layer_overrides:
         dotted = f"model.layer_overrides.{index}"
@@ -491,11 +547,14 @@ def _validate_layers(recipe: Recipe, registries: Mapping[str, Registry]) -> None
         except ValueError:
             raise UserError(f"{recipe.where(dotted)}: {dotted}: a layer index must be an integer") from None
         if not -m.n_layers <= layer < m.n_layers:
-            raise UserError(f"{recipe.where(dotted)}: {dotted}: layer {layer} is out of range for model.n_layers = "
-                            f"{m.n_layers}")
+            raise UserError(
+                f"{recipe.where(dotted)}: {dotted}: layer {layer} is out of range for model.n_layers = {m.n_layers}"
+            )
         if layer % m.n_layers in seen:
-            raise UserError(f"{recipe.where(dotted)}: {dotted} names the same layer as "
-                            f"model.layer_overrides.{seen[layer % m.n_layers]}")
+            raise UserError(
+                f"{recipe.where(dotted)}: {dotted} names the same layer as "
+                f"model.layer_overrides.{seen[layer % m.n_layers]}"
+            )
         seen[layer % m.n_layers] = index
     for key in LAYER_TABLES:
         for name, table in getattr(m, key).items():
@@ -504,8 +563,10 @@ def _validate_layers(recipe: Recipe, registries: Mapping[str, Registry]) -> None
                 raise UserError(f"{recipe.where(prefix)}: {prefix} must be a table of components, got {table!r}")
             for kind, spec in table.items():
                 if kind not in COMPONENT_KEYS:
-                    raise UserError(f"{recipe.where(f'{prefix}.{kind}')}: unknown key {prefix}.{kind} (a layer table "
-                                    f"holds {', '.join(COMPONENT_KEYS)}){_did_you_mean(kind, COMPONENT_KEYS)}")
+                    raise UserError(
+                        f"{recipe.where(f'{prefix}.{kind}')}: unknown key {prefix}.{kind} (a layer table "
+                        f"holds {', '.join(COMPONENT_KEYS)}){_did_you_mean(kind, COMPONENT_KEYS)}"
+                    )
                 _check_component(recipe, registries, kind, spec, f"{prefix}.{kind}")
 
 
@@ -526,19 +587,25 @@ def _validate_train_plugins(recipe: Recipe, registries: Mapping[str, Registry]) 
             raise UserError(f"{where}: train.{key}: {name}: {e}") from None
     for i, rule in enumerate(t.param_groups):
         where = recipe.where("train.param_groups")
-        if not isinstance(rule, dict) or not isinstance(rule.get("params"), list) or not rule["params"] \
-                or not all(isinstance(g, str) for g in rule["params"]):
-            raise UserError(f"{where}: train.param_groups[{i}] needs params = [\"glob\", ...]")
+        if (
+            not isinstance(rule, dict)
+            or not isinstance(rule.get("params"), list)
+            or not rule["params"]
+            or not all(isinstance(g, str) for g in rule["params"])
+        ):
+            raise UserError(f'{where}: train.param_groups[{i}] needs params = ["glob", ...]')
         for key, value in rule.items():
             if key not in GROUP_RULE_KEYS:
-                raise UserError(f"{where}: train.param_groups[{i}]: unknown key {key!r}"
-                                f"{_did_you_mean(key, GROUP_RULE_KEYS)}")
+                raise UserError(
+                    f"{where}: train.param_groups[{i}]: unknown key {key!r}{_did_you_mean(key, GROUP_RULE_KEYS)}"
+                )
             if key != "params" and not (_type_ok(value, float) and value >= 0):
                 raise UserError(f"{where}: train.param_groups[{i}].{key} must be a number >= 0, got {value!r}")
 
 
-def build_recipe(merged: dict, origins: dict, name: str, source: str, override_keys: set,
-                 registries: Mapping[str, Registry]) -> Recipe:
+def build_recipe(
+    merged: dict, origins: dict, name: str, source: str, override_keys: set, registries: Mapping[str, Registry]
+) -> Recipe:
     """The validated `Recipe` of a merged raw recipe (`read_chain`, `apply_overrides`); ``registries`` (kind ->
     `Registry`) are the components it may name."""
     sections = {s: _build_section(s, merged.get(s, {}), origins, source, override_keys) for s in SECTIONS}
@@ -549,8 +616,16 @@ def build_recipe(merged: dict, origins: dict, name: str, source: str, override_k
         model.head_dim = model.dim // model.n_heads
     if sections["train"].micro_batch_size is None:
         sections["train"].micro_batch_size = sections["train"].batch_size
-    recipe = Recipe(name, source, str(merged.get("description", "")), sections["model"], sections["train"],
-                    sections["data"], list(merged.get("plugins", [])), origins)
+    recipe = Recipe(
+        name,
+        source,
+        str(merged.get("description", "")),
+        sections["model"],
+        sections["train"],
+        sections["data"],
+        list(merged.get("plugins", [])),
+        origins,
+    )
     _validate(recipe, registries)
     return recipe
 
@@ -576,8 +651,10 @@ def apply_overrides(merged: dict, origins: dict, overrides: dict | None) -> set:
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
-            raise UserError(f"--set {dotted}: expected one of {', '.join(f'{s}.KEY' for s in SECTIONS)}"
-                            f"{_did_you_mean(section, SECTIONS)}")
+            raise UserError(
+                f"--set {dotted}: expected one of {', '.join(f'{s}.KEY' for s in SECTIONS)}"
+                f"{_did_you_mean(section, SECTIONS)}"
+            )
         try:
             _set_nested(merged.setdefault(section, {}), key, value)
         except ValueError as e:

@@ -25,12 +25,22 @@ MODES = ("none", "full", "selective")
 
 _aten = torch.ops.aten
 # What selective checkpointing keeps: outputs of matmuls and fused attention (whichever backend runs).
-COSTLY = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
-          *(getattr(_aten, name).default for name in ("_scaled_dot_product_flash_attention",
-                                                      "_scaled_dot_product_efficient_attention",
-                                                      "_scaled_dot_product_cudnn_attention",
-                                                      "_scaled_dot_product_flash_attention_for_cpu")
-            if hasattr(_aten, name))}
+COSTLY = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten.baddbmm.default,
+    *(
+        getattr(_aten, name).default
+        for name in (
+            "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention",
+            "_scaled_dot_product_cudnn_attention",
+            "_scaled_dot_product_flash_attention_for_cpu",
+        )
+        if hasattr(_aten, name)
+    ),
+}
 
 
 def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:

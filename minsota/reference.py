@@ -35,8 +35,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what
     diff = (actual.detach().double() - expected.detach().double()).abs()
     allowed = rtol * expected.detach().double().abs().max().item()
     if not diff.max().item() <= allowed:
-        raise AssertionError(f"{what}: max abs diff {diff.max().item():.3e}, mean abs diff {diff.mean().item():.3e}, "
-                             f"allowed {allowed:.3e} ({rtol} relative)")
+        raise AssertionError(
+            f"{what}: max abs diff {diff.max().item():.3e}, mean abs diff {diff.mean().item():.3e}, "
+            f"allowed {allowed:.3e} ({rtol} relative)"
+        )
 
 
 def of(module: nn.Module):
@@ -61,8 +63,10 @@ def _identity(module, x):
 def spec(module: nn.Module):
     """The `minsota.model.Spec` recorded when ``module`` was built (`minsota.model.build_component`)."""
     if not hasattr(module, "spec"):
-        raise LookupError(f"{type(module).__name__} was not built through minsota.model.build_component: its "
-                          f"reference has no recipe options to restate")
+        raise LookupError(
+            f"{type(module).__name__} was not built through minsota.model.build_component: its "
+            f"reference has no recipe options to restate"
+        )
     return module.spec
 
 
@@ -74,7 +78,9 @@ def option(module: nn.Module, key: str, default):
 def linear(layer: nn.Linear, x, bias: bool = False):
     """x·Wᵀ (+ b when the recipe asks for a bias; a layer without the asked one, or with an unasked one, fails)."""
     if bias != (layer.bias is not None):
-        raise AssertionError(f"the recipe asks for bias = {bias}, the layer has {'a' if layer.bias is not None else 'no'} bias")
+        raise AssertionError(
+            f"the recipe asks for bias = {bias}, the layer has {'a' if layer.bias is not None else 'no'} bias"
+        )
     return x @ layer.weight.T + (layer.bias if bias else 0)
 
 
@@ -164,16 +170,28 @@ def _llama3(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_po
         elif wavelength < original_max_position_embeddings / high_freq_factor:
             scaled.append(f)
         else:
-            smooth = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            smooth = (original_max_position_embeddings / wavelength - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
             scaled.append((1 - smooth) * f / factor + smooth * f)
     return torch.tensor(scaled, dtype=torch.float64)
 
 
-def _yarn(inv_freq, theta, head_dim, factor, original_max_position_embeddings, beta_fast=32.0, beta_slow=1.0,
-          attention_factor=None, truncate=True):
+def _yarn(
+    inv_freq,
+    theta,
+    head_dim,
+    factor,
+    original_max_position_embeddings,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    attention_factor=None,
+    truncate=True,
+):
     """YaRN (Peng et al. 2023 §3.2-3.4): frequency index i blends from kept (turning > beta_fast times over the
     original context) to interpolated (< beta_slow), linearly over the indices between; q, k scaled by
     0.1·ln(factor) + 1 unless attention_factor is given."""
+
     def index(turns):  # solves original · θ^(-2i/hd) = 2π · turns for i
         return head_dim * math.log(original_max_position_embeddings / (2 * math.pi * turns)) / (2 * math.log(theta))
 
@@ -310,8 +328,9 @@ def decoder(model, tokens, positions=None, document_ids=None):
     """(B, T) tokens -> (B, T, vocab) logits of a `minsota.model.Decoder`, from references only."""
     if positions is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    x = of(model.positional).embed(model.positional, model.tok_embeddings.weight[tokens] * model.cfg.embed_scale,
-                                   positions)
+    x = of(model.positional).embed(
+        model.positional, model.tok_embeddings.weight[tokens] * model.cfg.embed_scale, positions
+    )
     for layer in model.layers:
         x = call(layer, x, positions, document_ids)
     logits = call(model.norm, x) @ model.output.weight.T

@@ -24,8 +24,17 @@ from minsota.recipe import SECTIONS, Recipe
 
 # Keys a resumed run may not change unnoticed: they change what the weights mean or what the saved data
 # position points at. `--allow-change KEY` (or a whole table, `--allow-change model`) accepts a change.
-GUARDED = ("model", "data.source", "data.tokenizer", "data.text_field", "data.holdout_every", "train.batch_size",
-           "train.seq_len", "train.optimizer", "train.param_groups")
+GUARDED = (
+    "model",
+    "data.source",
+    "data.tokenizer",
+    "data.text_field",
+    "data.holdout_every",
+    "train.batch_size",
+    "train.seq_len",
+    "train.optimizer",
+    "train.param_groups",
+)
 
 
 @contextlib.contextmanager
@@ -74,9 +83,11 @@ def prepare(run_dir: Path, recipe: Recipe, abandon_after: int | None) -> None:
 
 def _defaults(cls) -> dict:
     """A recipe table's defaults, as JSON would hold them."""
-    return {f.name: json.loads(json.dumps(f.default if f.default_factory is dataclasses.MISSING else f.default_factory()))
-            for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
-            or f.default_factory is not dataclasses.MISSING}
+    return {
+        f.name: json.loads(json.dumps(f.default if f.default_factory is dataclasses.MISSING else f.default_factory()))
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
 
 
 def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
@@ -97,8 +108,10 @@ def check_changes(saved: dict, recipe: Recipe, where: Path, allowed) -> None:
             if old == new:
                 continue
             if covered(dotted, GUARDED) and not covered(dotted, allowed):
-                raise UserError(f"{dotted} changed from {old!r} to {new!r} since {where}; resuming would "
-                                f"continue a different run (pass --allow-change {dotted} to accept)")
+                raise UserError(
+                    f"{dotted} changed from {old!r} to {new!r} since {where}; resuming would "
+                    f"continue a different run (pass --allow-change {dotted} to accept)"
+                )
             changed.append(f"{dotted} {old!r} -> {new!r}")
     if changed:
         print(f"minsota: resuming with {', '.join(changed)}", file=sys.stderr)
@@ -110,8 +123,10 @@ def check_allowed(allowed, recipe: dict) -> None:
     for key in allowed:
         if key not in keys:
             hint = did_you_mean(key, keys)
-            raise UserError(f"--allow-change {key}: no such recipe key (a table such as model, or a key such as "
-                            f"data.source){'; ' + hint if hint else ''}")
+            raise UserError(
+                f"--allow-change {key}: no such recipe key (a table such as model, or a key such as "
+                f"data.source){'; ' + hint if hint else ''}"
+            )
 
 
 def discard_unstarted(run_dir: Path) -> None:
@@ -159,8 +174,14 @@ def open_trackers(recipe: Recipe, run_dir: Path, stack: contextlib.ExitStack) ->
                 import wandb
 
                 run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
-                run = wandb.init(project="minsota", name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
-                                 config=recipe_record(recipe))
+                run = wandb.init(
+                    project="minsota",
+                    name=run_dir.name,
+                    id=run_id,
+                    resume="allow",
+                    dir=str(run_dir),
+                    config=recipe_record(recipe),
+                )
                 stack.callback(run.finish)
 
                 def track(step, scalars, run=run):

@@ -68,9 +68,21 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; the first name that
 # occurs in the device's name wins, so the specific variants come before the family.
-DATASHEET_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                   ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12),
-                   ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("MI300X", 1307e12)]
+DATASHEET_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("MI300X", 1307e12),
+]
 
 
 def datasheet_flops(device_name: str, dtype: torch.dtype | None) -> float | None:
@@ -86,8 +98,9 @@ def micro_loss(loss_fn, batch: dict, device: torch.device, document: bool):
     """``loss_fn`` (`Decoder.losses`, maybe wrapped: the loss terms by name) on one micro-batch. Document ids go
     to the model only under document packing (attention stays inside a document); under causal packing the
     data's positions simply run 0..T-1 in every window."""
-    tokens, targets, positions, document_ids = (batch[key].to(device, non_blocking=True) for key in
-                                                ("tokens", "targets", "positions", "document_ids"))
+    tokens, targets, positions, document_ids = (
+        batch[key].to(device, non_blocking=True) for key in ("tokens", "targets", "positions", "document_ids")
+    )
     return loss_fn(tokens, targets, positions, document_ids if document else None)
 
 

@@ -29,9 +29,19 @@ class StepResult:
     aux: dict[str, float] = field(default_factory=dict)  # auxiliary terms' means: aux_loss and each by name
 
 
-def train_step(state: TrainState, loss_fn, lr_scale: float, *, device: torch.device, accum: int = 1,
-               grad_clip: float = 0.0, autocast=None, document: bool = False,
-               loss_module=None, stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
+def train_step(
+    state: TrainState,
+    loss_fn,
+    lr_scale: float,
+    *,
+    device: torch.device,
+    accum: int = 1,
+    grad_clip: float = 0.0,
+    autocast=None,
+    document: bool = False,
+    loss_module=None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> StepResult:
     """Run one optimizer step on ``accum`` micro-batches drawn from ``state.batches``, each group's lr its
     ``initial_lr`` × ``lr_scale`` (the warmup and schedule multiplier, `minsota.optim.lr_multiplier`).
 
@@ -55,8 +65,9 @@ def train_step(state: TrainState, loss_fn, lr_scale: float, *, device: torch.dev
             totals[name] = totals.get(name, 0) + value.detach().float() / accum
     # One all-reduce: the global batch's mean loss terms, and whether any rank was asked to stop (every rank then
     # stops together). torch.full, not torch.tensor(value, device=cuda): a host-to-device copy syncs (pytorch#120996).
-    *reduced, asked = mean_over_ranks(torch.stack([*totals.values(), torch.full((), float(stop_requested()),
-                                                                               device=device)]))
+    *reduced, asked = mean_over_ranks(
+        torch.stack([*totals.values(), torch.full((), float(stop_requested()), device=device)])
+    )
     totals = dict(zip(totals, reduced, strict=True))
     scaler.unscale_(optimizer)  # (fp16) clip and check the true gradients
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf, foreach=True)

@@ -60,8 +60,11 @@ def graceful_signals():
             os.write(2, b"\nminsota: second signal: exiting now; the last checkpoint is intact\n")
             os._exit(128 + signum)
         received.append(signum)
-        os.write(2, f"\nminsota: {signal.Signals(signum).name}: finishing this step, then checkpointing "
-                    f"(signal again to quit at once)\n".encode())
+        os.write(
+            2,
+            f"\nminsota: {signal.Signals(signum).name}: finishing this step, then checkpointing "
+            f"(signal again to quit at once)\n".encode(),
+        )
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -140,30 +143,44 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     loss_fn = torch.compile(loss_module) if t.compile else loss_module
     tokenizer = build_tokenizer(recipe)
     state.batches = build_batches(recipe, tokenizer, "train", rank, world)
-    val_batches = list(itertools.islice(build_batches(recipe, tokenizer, "validation", rank, world),
-                                        math.ceil(t.eval_batches / world)))  # ~eval_batches over all ranks
+    val_batches = list(
+        itertools.islice(build_batches(recipe, tokenizer, "validation", rank, world), math.ceil(t.eval_batches / world))
+    )  # ~eval_batches over all ranks
     accum = t.batch_size // (t.micro_batch_size * world)
     if ckpt:
         restore(ckpt, state)
         train_mode(state.optimizer)  # checkpoints hold the optimizer's evaluation mode (`eval_mode`)
     if state.step >= t.steps:
-        print(f"minsota: {run_dir} is complete at step {state.step}; extend it with --set train.steps=N",
-              file=sys.stderr)
+        print(
+            f"minsota: {run_dir} is complete at step {state.step}; extend it with --set train.steps=N", file=sys.stderr
+        )
         return 0
     if main:
         rundir.prepare(run_dir, recipe, abandon_after)
         where = f"{device} {str(dtype or torch.float32).removeprefix('torch.')}"
-        print(f"minsota: {recipe.name} -> {run_dir} | {model.num_parameters():,} parameters | "
-              f"{f'{world}x {where} {t.parallelism}' if world > 1 else where} | {t.batch_size}x{t.seq_len} tokens "
-              f"per step, {accum} micro-step(s) | {'resuming at' if ckpt else 'from'} step {state.step} of {t.steps}",
-              file=sys.stderr)
+        print(
+            f"minsota: {recipe.name} -> {run_dir} | {model.num_parameters():,} parameters | "
+            f"{f'{world}x {where} {t.parallelism}' if world > 1 else where} | {t.batch_size}x{t.seq_len} tokens "
+            f"per step, {accum} micro-step(s) | {'resuming at' if ckpt else 'from'} step {state.step} of {t.steps}",
+            file=sys.stderr,
+        )
 
     autocast = autocast_context(device, dtype)
     document = recipe.data.packing == "document"
 
     def step(lr_scale: float, stop_requested):
-        return train_step(state, loss_fn, lr_scale, device=device, accum=accum, grad_clip=t.grad_clip, autocast=autocast,
-                          document=document, loss_module=loss_module, stop_requested=stop_requested)
+        return train_step(
+            state,
+            loss_fn,
+            lr_scale,
+            device=device,
+            accum=accum,
+            grad_clip=t.grad_clip,
+            autocast=autocast,
+            document=document,
+            loss_module=loss_module,
+            stop_requested=stop_requested,
+        )
 
     # evaluation, checkpoints and samples see the optimizer's evaluation weights (`minsota.optim.eval_mode`)
     def validate(final: bool) -> dict:
@@ -190,8 +207,18 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
         if main:
             print(f"--- sample ---\n{tokenizer.decode(new)}\n---")
 
-    return _loop(recipe, run_dir, state, step, validate, save, sample if t.sample_tokens else None, main,
-                 saved_step=state.step if ckpt else None, mfu=_mfu(model, t, device, dtype, world))
+    return _loop(
+        recipe,
+        run_dir,
+        state,
+        step,
+        validate,
+        save,
+        sample if t.sample_tokens else None,
+        main,
+        saved_step=state.step if ckpt else None,
+        mfu=_mfu(model, t, device, dtype, world),
+    )
 
 
 def _task_evaluator(recipe: Recipe):
@@ -216,8 +243,9 @@ def _mfu(model, t, device: torch.device, dtype: torch.dtype | None, world: int):
     return mfu
 
 
-def _loop(recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save, sample, main: bool, saved_step,
-          mfu) -> int:
+def _loop(
+    recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save, sample, main: bool, saved_step, mfu
+) -> int:
     """Steps until ``train.steps`` or a signal: log each, evaluate and checkpoint on schedule, then finish."""
     t = recipe.train
     tokens_per_step = t.batch_size * t.seq_len
@@ -227,8 +255,15 @@ def _loop(recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save
         signals = stack.enter_context(graceful_signals())
         stack.callback(state.batches.close)  # on every way out, errors included: a worker left would be joined late
         log = _logger(recipe, run_dir, stack, main)
-        bar = stack.enter_context(tqdm(total=t.steps, initial=state.step, unit="step", dynamic_ncols=True,
-                                       **({} if main else {"disable": True})))
+        bar = stack.enter_context(
+            tqdm(
+                total=t.steps,
+                initial=state.step,
+                unit="step",
+                dynamic_ncols=True,
+                **({} if main else {"disable": True}),
+            )
+        )
         stop, schedule = False, build_schedule(t, recipe.plugins)
         while state.step < t.steps and not stop:
             start = time.perf_counter()
@@ -254,8 +289,10 @@ def _loop(recipe: Recipe, run_dir: Path, state: TrainState, step, validate, save
 
         if stop:
             if main:
-                print(f"minsota: stopped at step {state.step}; continue with: minsota train --resume {run_dir}",
-                      file=sys.stderr)
+                print(
+                    f"minsota: stopped at step {state.step}; continue with: minsota train --resume {run_dir}",
+                    file=sys.stderr,
+                )
             return 128 + (signals[0] if signals else signal.SIGTERM)  # 130 after SIGINT, 143 after SIGTERM
         final = validate(final=True)
         log({"step": state.step, **final})
@@ -298,11 +335,24 @@ def _report(state: TrainState, result, lr: float, elapsed: float, t, log, bar, m
     """A step done: its line in metrics.jsonl, and the progress bar's figures every ``train.log_every`` steps."""
     tokens_per_step = t.batch_size * t.seq_len
     figures = mfu(elapsed)
-    log({"step": state.step, "loss": result.loss, **result.aux, "lr": lr, "grad_norm": result.grad_norm,
-         "tokens": state.tokens, "epoch": state.batches.epoch, "tokens_per_s": tokens_per_step / elapsed, **figures})
+    log(
+        {
+            "step": state.step,
+            "loss": result.loss,
+            **result.aux,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens": state.tokens,
+            "epoch": state.batches.epoch,
+            "tokens_per_s": tokens_per_step / elapsed,
+            **figures,
+        }
+    )
     if state.step % t.log_every == 0 or state.step == t.steps:
-        bar.set_postfix_str(f"loss {result.loss:.4f}, lr {lr:.2e}, {tokens_per_step / elapsed:,.0f} tok/s, "
-                            f"MFU {figures['mfu']:.1%}", refresh=False)
+        bar.set_postfix_str(
+            f"loss {result.loss:.4f}, lr {lr:.2e}, {tokens_per_step / elapsed:,.0f} tok/s, MFU {figures['mfu']:.1%}",
+            refresh=False,
+        )
 
 
 def _skip(state: TrainState, result, lr: float, t, log, main: bool) -> None:
@@ -311,8 +361,13 @@ def _skip(state: TrainState, result, lr: float, t, log, main: bool) -> None:
     what = "loss" if not math.isfinite(result.loss) else "gradient norm"
     log({"step": state.step, "lr": lr, "skipped": f"non-finite {what}"})
     if state.skipped > t.max_bad_steps:
-        raise DivergedError(f"step {state.step}: non-finite {what}; parameters were not updated (lower "
-                            f"train.lr, or let train.max_bad_steps skip such steps)")
+        raise DivergedError(
+            f"step {state.step}: non-finite {what}; parameters were not updated (lower "
+            f"train.lr, or let train.max_bad_steps skip such steps)"
+        )
     if main:
-        tqdm.write(f"minsota: warning: step {state.step}: non-finite {what}, step skipped "
-                   f"({state.skipped} of train.max_bad_steps = {t.max_bad_steps})", file=sys.stderr)
+        tqdm.write(
+            f"minsota: warning: step {state.step}: non-finite {what}, step skipped "
+            f"({state.skipped} of train.max_bad_steps = {t.max_bad_steps})",
+            file=sys.stderr,
+        )

@@ -90,7 +90,7 @@ def _optimizer_state(ckpt: dict, state: TrainState, options) -> dict:
     for p in [p for p, entry in state.optimizer.state.items() if not entry]:  # looked up, never filled (schedule-
         del state.optimizer.state[p]  # free's train()): DCP then takes the state as built and skips its lazy init
     optim = get_optimizer_state_dict(state.model, state.optimizer, options=options)  # this recipe's groups
-    saved = (ckpt["trainer"].get("optimizer") or {"state": {}, "param_groups": []})
+    saved = ckpt["trainer"].get("optimizer") or {"state": {}, "param_groups": []}
     received = ckpt["optimizer"] is None
     optim["state"] = {} if received else {name: dict(entry) for name, entry in saved["state"].items()}
     for key, value in (ckpt["optimizer"] or {}).items():
@@ -113,11 +113,26 @@ def save_checkpoint(run_dir, recipe: Recipe, state: TrainState, device: torch.de
     if not dist.is_initialized() or dist.get_rank() == 0:
         tensors, other = split_optimizer_state(optim)
         rng_tensors, rng_json = rng_state(device)
-        trainer = {"step": state.step, "data": state.batches.state_dict(), "skipped_steps": state.skipped,
-                   "tokens": state.tokens, "scaler": state.scaler.state_dict(), "rng": rng_json, "optimizer": other}
+        trainer = {
+            "step": state.step,
+            "data": state.batches.state_dict(),
+            "skipped_steps": state.skipped,
+            "tokens": state.tokens,
+            "scaler": state.scaler.state_dict(),
+            "rng": rng_json,
+            "optimizer": other,
+        }
         try:
-            checkpoint.save(run_dir / "checkpoints", state.step, model=weights, optimizer=tensors, rng=rng_tensors,
-                            trainer=trainer, recipe=recipe_record(recipe), keep=recipe.train.keep_checkpoints)
+            checkpoint.save(
+                run_dir / "checkpoints",
+                state.step,
+                model=weights,
+                optimizer=tensors,
+                rng=rng_tensors,
+                trainer=trainer,
+                recipe=recipe_record(recipe),
+                keep=recipe.train.keep_checkpoints,
+            )
         except UserError as e:
             error = e
     if dist.is_initialized():

@@ -64,6 +64,7 @@ def _call(fn, *args, **kwargs):
 def block_mask(document_ids, window: int, T: int, device):
     """flex_attention's BlockMask: causal, within documents and the window (built by each layer: compiled, it
     costs a (B, T/128, T/128) block table, small beside the attention it steers)."""
+
     def mask_mod(b, h, i, j):
         keep = (i >= j) & ((i - j < window) if window else True)
         return keep if document_ids is None else keep & (document_ids[b, i] == document_ids[b, j])
@@ -76,8 +77,9 @@ def flex_attend(q, k, v, document_ids, window: int, score_mod=None, scale: float
     """Causal attention within documents and the window, with a positional ``score_mod`` (ALiBi's), through
     flex_attention, compiled (CUDA; forward also on CPU)."""
     mask = block_mask(document_ids, window, q.shape[-2], q.device)
-    return _call(flex_attention, q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1],
-                 scale=scale)
+    return _call(
+        flex_attention, q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1], scale=scale
+    )
 
 
 class SDPAttention(Attention):
@@ -85,8 +87,10 @@ class SDPAttention(Attention):
 
     def __init__(self, cfg, positional, *, norm, softcap: float = 0.0, **options):
         if softcap:
-            raise ValueError("attention 'sdpa' cannot soft-cap scores (its fused kernels have no hook on them); "
-                             "use attention = { name = \"math\", softcap = ... }")
+            raise ValueError(
+                "attention 'sdpa' cannot soft-cap scores (its fused kernels have no hook on them); "
+                'use attention = { name = "math", softcap = ... }'
+            )
         super().__init__(cfg, positional, norm=norm, **options)
 
     def attend(self, q, k, v, positions, document_ids):
@@ -103,7 +107,7 @@ class SDPAttention(Attention):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=self.scale)
         mask = visible_keys(T, document_ids, window, q.device, q.shape[-2])
         if bias is not None:  # the queries' rows: the newest (all of them but in cached decoding)
-            mask = bias[..., -q.shape[-2]:, :].masked_fill(~mask, float("-inf")).to(q.dtype)
+            mask = bias[..., -q.shape[-2] :, :].masked_fill(~mask, float("-inf")).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.scale)
 
 

@@ -44,14 +44,18 @@ def files(spec: str, data_cfg, split: str):
     else:
         found = sorted(glob.glob(str(path), recursive=True))
     if not found and path.is_dir():
-        raise UserError(f"directory '{spec}' holds no file of a supported type ({', '.join(f'*{s}' for s in BUILDERS)}, "
-                        f"optionally {'/'.join(sorted(COMPRESSIONS))}-compressed)")
+        raise UserError(
+            f"directory '{spec}' holds no file of a supported type ({', '.join(f'*{s}' for s in BUILDERS)}, "
+            f"optionally {'/'.join(sorted(COMPRESSIONS))}-compressed)"
+        )
     if not found:
         raise UserError(f"no files match '{spec}' (for a Hugging Face hub dataset write hf:NAME)")
     kinds = {_builder(f) for f in found}
     if len(kinds) != 1 or None in kinds:
-        raise UserError(f"expected files of one type ({', '.join(BUILDERS)}, optionally compressed), got "
-                        f"{', '.join(sorted({''.join(Path(f).suffixes) or Path(f).name for f in found}))}")
+        raise UserError(
+            f"expected files of one type ({', '.join(BUILDERS)}, optionally compressed), got "
+            f"{', '.join(sorted({''.join(Path(f).suffixes) or Path(f).name for f in found}))}"
+        )
     builder = kinds.pop()
     if builder == "text":
         return _text_files(found, data_cfg, split)  # one document per file, not per line
@@ -69,15 +73,20 @@ def stdlib(arg: str, data_cfg, split: str):
 
 def _require_hub(what: str, local_hint: str):
     if not hub_reachable(for_datasets=True):
-        raise UserError(f"the Hugging Face hub is unreachable (or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set), "
-                        f"so {what} cannot be streamed: {local_hint}")
+        raise UserError(
+            f"the Hugging Face hub is unreachable (or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set), "
+            f"so {what} cannot be streamed: {local_hint}"
+        )
 
 
 def c4(arg: str, data_cfg, split: str):
     """C4 (allenai/c4, en: 365M web documents) streamed from the Hugging Face hub; eval uses its validation split"""
     no_argument("c4", arg)
-    _require_hub("C4", "point data.source at local copies of its json.gz files, e.g. "
-                       "--set data.source='PATH/c4/en/c4-train.*.json.gz'")
+    _require_hub(
+        "C4",
+        "point data.source at local copies of its json.gz files, e.g. "
+        "--set data.source='PATH/c4/en/c4-train.*.json.gz'",
+    )
     return hf_source(split, data_cfg, "allenai/c4", "en", text_field="text")
 
 

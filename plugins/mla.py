@@ -55,15 +55,18 @@ def mla_reference(m, x, positions, document_ids=None):
     """Per-head keys and values rebuilt from the latent, an explicit softmax over an index-built mask."""
     B, T, _ = x.shape
     H = m.n_heads
-    q = reference.linear(m.wq_b, reference.call(m.q_norm, reference.linear(m.wq_a, x))) if m.q_lora_rank \
+    q = (
+        reference.linear(m.wq_b, reference.call(m.q_norm, reference.linear(m.wq_a, x)))
+        if m.q_lora_rank
         else reference.linear(m.wq, x)
+    )
     q = q.reshape(B, T, H, -1).transpose(1, 2)
     kv = reference.linear(m.wkv_a, x)
-    latent, k_rope = reference.call(m.kv_norm, kv[..., :m.kv_lora_rank]), kv[..., m.kv_lora_rank:]
-    q_rope, k_rope = reference.of(m.positional).rotate(m.positional, q[..., m.nope:], k_rope[:, None], positions)
+    latent, k_rope = reference.call(m.kv_norm, kv[..., : m.kv_lora_rank]), kv[..., m.kv_lora_rank :]
+    q_rope, k_rope = reference.of(m.positional).rotate(m.positional, q[..., m.nope :], k_rope[:, None], positions)
     kv = reference.linear(m.wkv_b, latent).reshape(B, T, H, -1).transpose(1, 2)
-    k = torch.cat([kv[..., :m.nope], k_rope.expand(B, H, T, m.rope)], dim=-1)
-    scores = torch.cat([q[..., :m.nope], q_rope], dim=-1) @ k.transpose(-1, -2) * m.scale  # (B, H, T, T)
+    k = torch.cat([kv[..., : m.nope], k_rope.expand(B, H, T, m.rope)], dim=-1)
+    scores = torch.cat([q[..., : m.nope], q_rope], dim=-1) @ k.transpose(-1, -2) * m.scale  # (B, H, T, T)
     bias = reference.of(m.positional).bias(m.positional, positions, H)
     scores = scores if bias is None else scores + bias
     query, key = torch.arange(T)[:, None], torch.arange(T)[None, :]
@@ -71,7 +74,7 @@ def mla_reference(m, x, positions, document_ids=None):
     if document_ids is not None:
         visible = visible & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    return reference.linear(m.wo, (weights @ kv[..., m.nope:]).transpose(1, 2).reshape(B, T, -1))
+    return reference.linear(m.wo, (weights @ kv[..., m.nope :]).transpose(1, 2).reshape(B, T, -1))
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -80,14 +83,27 @@ class MultiHeadLatentAttention(nn.Module):
     reference = staticmethod(mla_reference)
     kv_cache = None  # a minsota.components.KVCache of (latent, rope key), only while generating
 
-    def __init__(self, cfg, positional, *, norm, q_lora_rank: int = 0, kv_lora_rank: int | None = None,
-                 qk_nope_head_dim: int | None = None, qk_rope_head_dim: int | None = None,
-                 v_head_dim: int | None = None, mscale_all_dim: float = 0.0, window: int = 0):
+    def __init__(
+        self,
+        cfg,
+        positional,
+        *,
+        norm,
+        q_lora_rank: int = 0,
+        kv_lora_rank: int | None = None,
+        qk_nope_head_dim: int | None = None,
+        qk_rope_head_dim: int | None = None,
+        v_head_dim: int | None = None,
+        mscale_all_dim: float = 0.0,
+        window: int = 0,
+    ):
         super().__init__()
         rope = qk_rope_head_dim or cfg.head_dim
         if rope != cfg.head_dim:
-            raise ValueError(f"qk_rope_head_dim ({rope}) must equal model.head_dim ({cfg.head_dim}): the positional "
-                             f"encoding rotates head_dim features")
+            raise ValueError(
+                f"qk_rope_head_dim ({rope}) must equal model.head_dim ({cfg.head_dim}): the positional "
+                f"encoding rotates head_dim features"
+            )
         if window:
             raise ValueError("attention 'mla' has no sliding window: use attention = { name = \"sdpa\", window = ... }")
         H = self.n_heads = cfg.n_heads
@@ -141,8 +157,11 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_latent, q_rope], dim=-1)
         k = torch.cat([latent, k_rope], dim=-1)  # (B, 1, Tk, r + rope): one key head for all query heads
         bias = self.positional.bias(positions, H)
-        mask = attention_mask(k.shape[-2], Tq, None, bias) if bias is not None else torch.ones(
-            Tq, k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - Tq)
+        mask = (
+            attention_mask(k.shape[-2], Tq, None, bias)
+            if bias is not None
+            else torch.ones(Tq, k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - Tq)
+        )
         y = F.scaled_dot_product_attention(q, k, latent, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return (y @ w_uv.transpose(1, 2)).transpose(1, 2).reshape(B, Tq, -1)  # (B, Tq, H·v)
 

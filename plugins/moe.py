@@ -135,11 +135,11 @@ def reference_route(m, x):
     if m.groups > 1:
         grouped = choice.reshape(len(x), m.groups, -1)
         group_score = grouped.sort(-1, descending=True).values[..., :2].sum(-1)  # (N, G): each group's best two
-        kept = group_score.argsort(-1, descending=True)[:, :m.top_groups]
+        kept = group_score.argsort(-1, descending=True)[:, : m.top_groups]
         hidden = torch.ones_like(group_score, dtype=torch.bool)
         hidden[torch.arange(len(x))[:, None], kept] = False
         choice = grouped.masked_fill(hidden[..., None], float("-inf")).reshape(len(x), -1)
-    experts = choice.argsort(-1, descending=True)[:, :m.top_k]
+    experts = choice.argsort(-1, descending=True)[:, : m.top_k]
     weights = scores[torch.arange(len(x))[:, None], experts]
     if m.normalize_top_k:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -153,7 +153,7 @@ def moe_reference(m, x):
         weights, experts = reference_route(m, flat)
     y = torch.zeros_like(flat)
     for e in range(m.n_experts):
-        chosen = (experts == e)  # (N, k)
+        chosen = experts == e  # (N, k)
         rows = chosen.any(-1).nonzero().flatten()
         weight = (weights * chosen).sum(-1)[rows, None]
         y = y.index_add(0, rows, weight * swiglu(flat[rows], m.w13[e], m.w2[e]))
@@ -168,11 +168,25 @@ class MoE(nn.Module):
     reference = staticmethod(moe_reference)
     aux_metric_name = "moe_imbalance"
 
-    def __init__(self, cfg, experts: int = 8, top_k: int = 2, expert_dim: int | None = None, shared_experts: int = 0,
-                 shared_dim: int | None = None, score: str = "softmax", normalize_top_k: bool = True,
-                 route_scale: float = 1.0, groups: int = 1, top_groups: int = 1, balance: str = "aux",
-                 balance_coef: float = 0.01, bias_rate: float = 1e-3, router_z_loss: float = 0.0,
-                 dispatch: str = "grouped"):
+    def __init__(
+        self,
+        cfg,
+        experts: int = 8,
+        top_k: int = 2,
+        expert_dim: int | None = None,
+        shared_experts: int = 0,
+        shared_dim: int | None = None,
+        score: str = "softmax",
+        normalize_top_k: bool = True,
+        route_scale: float = 1.0,
+        groups: int = 1,
+        top_groups: int = 1,
+        balance: str = "aux",
+        balance_coef: float = 0.01,
+        bias_rate: float = 1e-3,
+        router_z_loss: float = 0.0,
+        dispatch: str = "grouped",
+    ):
         super().__init__()
         if not 1 <= top_k <= experts:
             raise ValueError(f"top_k must be in 1..experts ({experts}), got {top_k}")
@@ -183,8 +197,10 @@ class MoE(nn.Module):
         if dispatch not in ("grouped", "loop"):
             raise ValueError(f"dispatch must be 'grouped' or 'loop', got {dispatch!r}")
         if experts % groups or not 1 <= top_groups <= groups or (groups > 1 and top_groups * experts // groups < top_k):
-            raise ValueError(f"groups ({groups}) must divide experts ({experts}) and keep >= top_k experts in "
-                             f"top_groups ({top_groups})")
+            raise ValueError(
+                f"groups ({groups}) must divide experts ({experts}) and keep >= top_k experts in "
+                f"top_groups ({top_groups})"
+            )
         if min(balance_coef, bias_rate, router_z_loss) < 0:
             raise ValueError("balance_coef, bias_rate and router_z_loss must be >= 0")
         E, D = self.n_experts, self.dim = experts, cfg.dim
@@ -200,15 +216,18 @@ class MoE(nn.Module):
         self.shared = None
         if shared_experts:
             width = shared_experts * (shared_dim or I)
-            self.shared = nn.ModuleDict({"w13": nn.Linear(D, 2 * width, bias=False),
-                                         "w2": nn.Linear(width, D, bias=False)})
+            self.shared = nn.ModuleDict(
+                {"w13": nn.Linear(D, 2 * width, bias=False), "w2": nn.Linear(width, D, bias=False)}
+            )
         # the selection bias (saved with bias balancing; zero and unsaved otherwise) and the tokens each expert
         # received since the last optimizer step (never saved: a step starts at zero)
         self.register_buffer("expert_bias", torch.zeros(E), persistent=balance == "bias")
         self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
         self.aux_loss_name = {"aux": "moe_balance_loss"}.get(balance)
         self.z_loss = RouterZLoss() if router_z_loss else None
-        self.init_weights(cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers))  # usable alone (the decoder re-inits)
+        self.init_weights(
+            cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        )  # usable alone (the decoder re-inits)
 
     @torch.no_grad()
     def init_weights(self, std: float, residual_std: float):
@@ -221,7 +240,9 @@ class MoE(nn.Module):
         shape, x = x.shape, x.reshape(-1, x.shape[-1])  # (N, D)
         logits, weights, experts = route(self, x)
         flat = experts.flatten()  # (N·k,) token t's j-th choice at t·k + j
-        counts = torch.zeros(self.n_experts, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
+        counts = torch.zeros(self.n_experts, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.float)
+        )
         order = flat.argsort(stable=True)  # the assignments sorted by expert
         token = order // self.top_k
         routed = (self.grouped if self.dispatch == "grouped" else self.looped)(x[token], counts)  # (N·k, D)

@@ -27,8 +27,9 @@ def _fused(groups) -> bool:
 
 def adamw(groups, cfg, fused: bool | None = None):
     """AdamW with the recipe's betas and eps; fused on CPU and CUDA."""
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=_fused(groups) if fused is None else fused)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=_fused(groups) if fused is None else fused
+    )
 
 
 class MuonAdamW(torch.optim.AdamW):
@@ -72,8 +73,16 @@ def _muon_step(p: torch.Tensor, buffer: torch.Tensor, sizes: list[int], group: d
         p.to_local().copy_(distribute_tensor(target, p.device_mesh, p.placements, src_data_rank=None).to_local())
 
 
-def muon(groups, cfg, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-         ns_coefficients: tuple = (3.4445, -4.775, 2.0315), match_rms_adamw: bool = False):
+def muon(
+    groups,
+    cfg,
+    lr: float = 0.02,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_coefficients: tuple = (3.4445, -4.775, 2.0315),
+    match_rms_adamw: bool = False,
+):
     """Muon (lr 0.02, momentum 0.95, Nesterov, 5 Newton-Schulz steps) for matrices, AdamW for the rest."""
     if not hasattr(torch.optim, "Muon"):
         raise ValueError(f"muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
@@ -84,10 +93,15 @@ def muon(groups, cfg, lr: float = 0.02, momentum: float = 0.95, nesterov: bool =
             if any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon orthogonalises 2-D matrices; a 'matrix' parameter is not 2-D")
             # match_rms_adamw (Liu et al. 2025): 0.2·sqrt(max(A, B)) per matrix, so AdamW's lr carries over
-            group.update(algorithm="muon", lr=group["lr"] if match_rms_adamw else lr * group["lr_scale"],
-                         momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                         ns_coefficients=tuple(ns_coefficients),
-                         adjust_lr_fn="match_rms_adamw" if match_rms_adamw else "original")
+            group.update(
+                algorithm="muon",
+                lr=group["lr"] if match_rms_adamw else lr * group["lr_scale"],
+                momentum=momentum,
+                nesterov=nesterov,
+                ns_steps=ns_steps,
+                ns_coefficients=tuple(ns_coefficients),
+                adjust_lr_fn="match_rms_adamw" if match_rms_adamw else "original",
+            )
         else:
             group["algorithm"] = "adamw"
     return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=_fused(groups))
@@ -132,9 +146,18 @@ def schedulefree_adamw(groups, cfg, warmup_steps: int = 0, r: float = 0.0, weigh
     try:
         import schedulefree
     except ImportError:
-        raise ValueError("schedulefree-adamw needs the schedulefree package: pip install 'minsota[schedulefree]'") from None
-    optimizer = schedulefree.AdamWScheduleFree(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                               warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)
+        raise ValueError(
+            "schedulefree-adamw needs the schedulefree package: pip install 'minsota[schedulefree]'"
+        ) from None
+    optimizer = schedulefree.AdamWScheduleFree(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        warmup_steps=warmup_steps,
+        r=r,
+        weight_lr_power=weight_lr_power,
+    )
     # what it counts in its groups as it trains: restored on resume, while the recipe's hyperparameters win
     optimizer.group_state_keys = ("k", "train_mode", "weight_sum", "lr_max", "scheduled_lr")
     return optimizer

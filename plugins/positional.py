@@ -28,8 +28,9 @@ from minsota import hookimpl, reference
 from minsota.components import PositionalEncoding
 
 
-def llama3_frequencies(inv_freq, factor: float, low_freq_factor: float, high_freq_factor: float,
-                       original_max_position_embeddings: int):
+def llama3_frequencies(
+    inv_freq, factor: float, low_freq_factor: float, high_freq_factor: float, original_max_position_embeddings: int
+):
     """Llama 3.1: wavelengths longer than original/low_freq_factor are interpolated (÷ factor), those shorter
     than original/high_freq_factor kept, and the band between blended linearly in original/wavelength."""
     turns = original_max_position_embeddings * inv_freq / (2 * math.pi)  # rotations over the original context
@@ -37,9 +38,16 @@ def llama3_frequencies(inv_freq, factor: float, low_freq_factor: float, high_fre
     return keep * inv_freq + (1 - keep) * inv_freq / factor
 
 
-def yarn_frequencies(inv_freq, theta: float, factor: float, original_max_position_embeddings: int,
-                     beta_fast: float = 32.0, beta_slow: float = 1.0, attention_factor: float | None = None,
-                     truncate: bool = True):
+def yarn_frequencies(
+    inv_freq,
+    theta: float,
+    factor: float,
+    original_max_position_embeddings: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    attention_factor: float | None = None,
+    truncate: bool = True,
+):
     """YaRN "NTK-by-parts": frequency i is kept if it turns more than beta_fast times over the original
     context, interpolated (÷ factor) if fewer than beta_slow, blended by a ramp over the index between.
     Returns (inverse frequencies, attention factor): q and k are both scaled by the factor, which defaults to
@@ -65,9 +73,17 @@ class Rope(PositionalEncoding):
 
     reference = reference.ROPE
 
-    def __init__(self, cfg, theta: float = 10000.0, interpolate_factor: float = 1.0,
-                 theta_rescale_factor: float = 1.0, use_xpos: bool = False, xpos_scale_base: float = 512.0,
-                 scaling: str | None = None, **scaling_options):
+    def __init__(
+        self,
+        cfg,
+        theta: float = 10000.0,
+        interpolate_factor: float = 1.0,
+        theta_rescale_factor: float = 1.0,
+        use_xpos: bool = False,
+        xpos_scale_base: float = 512.0,
+        scaling: str | None = None,
+        **scaling_options,
+    ):
         super().__init__()
         if interpolate_factor < 1:
             raise ValueError(f"interpolate_factor must be >= 1, got {interpolate_factor}")
@@ -75,9 +91,15 @@ class Rope(PositionalEncoding):
             raise ValueError(f"unknown option(s) {', '.join(scaling_options)} (scaling options need scaling = ...)")
         if scaling is not None and (interpolate_factor != 1 or theta_rescale_factor != 1 or use_xpos):
             raise ValueError(f"scaling = {scaling!r} replaces interpolate_factor, theta_rescale_factor and use_xpos")
-        rotary = RotaryEmbedding(cfg.head_dim, theta=theta, interpolate_factor=interpolate_factor,
-                                 theta_rescale_factor=theta_rescale_factor, use_xpos=use_xpos,
-                                 xpos_scale_base=xpos_scale_base, cache_if_possible=False)
+        rotary = RotaryEmbedding(
+            cfg.head_dim,
+            theta=theta,
+            interpolate_factor=interpolate_factor,
+            theta_rescale_factor=theta_rescale_factor,
+            use_xpos=use_xpos,
+            xpos_scale_base=xpos_scale_base,
+            cache_if_possible=False,
+        )
         inv_freq = rotary.freqs.detach().float().clone()  # (hd/2,)
         self.interpolate_factor = interpolate_factor
         self.attention_factor = 1.0

@@ -45,8 +45,10 @@ def _load_transformers_tokenizer(spec: str):
             return AutoTokenizer.from_pretrained(str(path))
         except Exception as e:  # the libraries raise anything (even bare Exception) for a file they cannot read
             cause = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
-            raise UserError(f"'{spec}' is not a tokenizer (give a tokenizer.json file or a directory holding a "
-                            f"Hugging Face tokenizer): {cause}") from None
+            raise UserError(
+                f"'{spec}' is not a tokenizer (give a tokenizer.json file or a directory holding a "
+                f"Hugging Face tokenizer): {cause}"
+            ) from None
     if path.is_absolute() or spec.startswith(("~", "./", "../")) or spec.endswith(".json"):  # a path, not a hub name
         raise UserError(f"'{spec}': no such file or directory")
     online = hub_reachable()
@@ -55,9 +57,11 @@ def _load_transformers_tokenizer(spec: str):
     except (OSError, ValueError) as e:
         if online:
             raise UserError(f"cannot load tokenizer '{spec}': {str(e).strip().splitlines()[0]}") from None
-        raise UserError(f"the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set) and '{spec}' is not in the "
-                        f"local cache: point data.tokenizer at a local copy, a directory holding tokenizer.json "
-                        f"(e.g. --set data.tokenizer=PATH/gpt-neox-20b) or the tokenizer.json file itself") from None
+        raise UserError(
+            f"the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set) and '{spec}' is not in the "
+            f"local cache: point data.tokenizer at a local copy, a directory holding tokenizer.json "
+            f"(e.g. --set data.tokenizer=PATH/gpt-neox-20b) or the tokenizer.json file itself"
+        ) from None
 
 
 class HFTokenizer:
@@ -69,10 +73,14 @@ class HFTokenizer:
         tokenizer = _load_transformers_tokenizer(spec)
         eos_id = tokenizer.eos_token_id
         if eos_id is None:
-            eos_id = next((tokenizer.convert_tokens_to_ids(t) for t in EOS_SPELLINGS if t in tokenizer.get_vocab()), None)
+            eos_id = next(
+                (tokenizer.convert_tokens_to_ids(t) for t in EOS_SPELLINGS if t in tokenizer.get_vocab()), None
+            )
         if eos_id is None:
-            raise UserError(f"tokenizer '{spec}' has no end-of-text token to separate documents "
-                            f"(give the directory with its tokenizer_config.json, which names eos_token)")
+            raise UserError(
+                f"tokenizer '{spec}' has no end-of-text token to separate documents "
+                f"(give the directory with its tokenizer_config.json, which names eos_token)"
+            )
         self.name, self.vocab_size, self.eos_id = spec, len(tokenizer), eos_id  # len() counts added tokens
         self._tokenizer = tokenizer
         self._split_special_tokens()

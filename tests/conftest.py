@@ -23,8 +23,11 @@ ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 def sets(overrides: dict) -> list[str]:
     """{"train.steps": 3, "train.compile": True} -> ["--set", "train.steps=3", "--set", "train.compile=true"]"""
-    return [arg for key, value in overrides.items()
-            for arg in ("--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}")]
+    return [
+        arg
+        for key, value in overrides.items()
+        for arg in ("--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    ]
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -38,8 +41,14 @@ def losses(run_dir: Path) -> dict[int, float]:
 def run(*args, env=None, cwd=None, timeout=600):
     """`python -m minsota ARGS` in a subprocess -> CompletedProcess (text)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "minsota", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "minsota", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

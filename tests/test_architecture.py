@@ -13,14 +13,30 @@ from conftest import REPO
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")  # installed with .[dev], beside this Python
 # What a plugin may import: the public surface (`minsota`) and the floors of components and below. Never the
 # decoder, the trainer or anything above, and never another plugin (minsota.builtins.*).
-PLUGIN_IMPORTS = {"minsota", "minsota.components", "minsota.data", "minsota.errors", "minsota.hookspecs", "minsota.prepared",
-                  "minsota.loss", "minsota.reference", "minsota.registry", "minsota.state"}
+PLUGIN_IMPORTS = {
+    "minsota",
+    "minsota.components",
+    "minsota.data",
+    "minsota.errors",
+    "minsota.hookspecs",
+    "minsota.prepared",
+    "minsota.loss",
+    "minsota.reference",
+    "minsota.registry",
+    "minsota.state",
+}
 
 
 def lint_imports(cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
     env = {"PATH": str(LINT_IMPORTS.parent), **({"PYTHONPATH": str(pythonpath)} if pythonpath else {})}
-    return subprocess.run([str(LINT_IMPORTS), "--config", str(cwd / "pyproject.toml"), "--no-cache"], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", str(cwd / "pyproject.toml"), "--no-cache"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_the_import_layers_hold():
@@ -38,7 +54,8 @@ def test_an_upward_import_breaks_the_layers(tmp_path):
         f.write("\nimport minsota.generation  # deliberately upward\n")
     result = lint_imports(tmp_path, pythonpath=tmp_path)
     assert result.returncode != 0 and "minsota.model is not allowed to import minsota.generation" in result.stdout, (
-        result.stdout + result.stderr)
+        result.stdout + result.stderr
+    )
 
 
 def imported_modules(path: Path) -> list[str]:
@@ -58,6 +75,10 @@ def imported_modules(path: Path) -> list[str]:
 def test_builtin_plugins_import_only_the_core():
     """torchtune's modules/ never imports models/: a built-in subclasses the bases in `minsota.components`, as a
     third-party plugin would, and never imports the decoder, the trainer or another built-in."""
-    wrong = {f"plugins/{path.name}: {name}" for path in sorted((REPO / "plugins").glob("*.py"))
-             for name in imported_modules(path) if name not in PLUGIN_IMPORTS}
+    wrong = {
+        f"plugins/{path.name}: {name}"
+        for path in sorted((REPO / "plugins").glob("*.py"))
+        for name in imported_modules(path)
+        if name not in PLUGIN_IMPORTS
+    }
     assert not wrong, sorted(wrong)

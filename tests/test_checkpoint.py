@@ -33,8 +33,15 @@ def test_round_trip_with_tied_weights(tmp_path):
     path = checkpoint.save(tmp_path, 3, **saved)
     assert path == tmp_path / "step-3"
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        [checkpoint.MODEL, checkpoint.OPTIMIZER, checkpoint.RNG, checkpoint.TRAINER, checkpoint.RECIPE,
-         checkpoint.MANIFEST])
+        [
+            checkpoint.MODEL,
+            checkpoint.OPTIMIZER,
+            checkpoint.RNG,
+            checkpoint.TRAINER,
+            checkpoint.RECIPE,
+            checkpoint.MANIFEST,
+        ]
+    )
     loaded = checkpoint.load(path)
     assert loaded["step"] == 3 and loaded["trainer"] == saved["trainer"] and loaded["recipe"] == saved["recipe"]
     for part in ("model", "optimizer", "rng"):
@@ -135,8 +142,10 @@ def test_one_lock_holder_per_run_directory(tmp_path):
     run.mkdir()
     with checkpoint.lock_run(run) as lock:
         assert lock == run / ".lock" and lock.read_text() == f"pid {os.getpid()} on {os.uname().nodename}\n"
-        refused = rf"^{run} is being written by another trainer \(pid {os.getpid()} on .*holding {lock}\): let it " \
-                  rf"finish or stop it, then --resume {run}$"
+        refused = (
+            rf"^{run} is being written by another trainer \(pid {os.getpid()} on .*holding {lock}\): let it "
+            rf"finish or stop it, then --resume {run}$"
+        )
         with pytest.raises(UserError, match=refused), checkpoint.lock_run(run):
             pass
         # a forked child (a data worker) does not keep the lock once the trainer lets go
@@ -252,12 +261,21 @@ def test_resume_from_a_named_older_checkpoint_abandons_the_later_ones(tmp_path, 
     request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
     torch.set_num_threads(1)  # as tests/test_train.py: OpenMP spinning is slow under contention
     run = tmp_path / "run"
-    short = ["--set", "train.eval_batches=1", "--set", "train.sample_tokens=0", "--set", "train.checkpoint_every=1",
-             "--set", "train.keep_checkpoints=9"]
+    short = [
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "train.sample_tokens=0",
+        "--set",
+        "train.checkpoint_every=1",
+        "--set",
+        "train.keep_checkpoints=9",
+    ]
     code, _, err = cli("train", "tiny", "--out", run, "--set", "train.steps=4", *short)
     assert code == 0, err
-    code, _, err = cli("train", "--resume", run / "checkpoints" / "step-2", "--set", "train.steps=3",
-                       "--set", "train.lr=0.0001")
+    code, _, err = cli(
+        "train", "--resume", run / "checkpoints" / "step-2", "--set", "train.steps=3", "--set", "train.lr=0.0001"
+    )
     assert code == 0, err
     abandoned = run / "checkpoints" / "abandoned-after-step-2"
     assert f"moved the later checkpoints step-3, step-4 of the abandoned branch to {abandoned}" in err
@@ -271,15 +289,20 @@ def test_resume_from_a_named_older_checkpoint_abandons_the_later_ones(tmp_path, 
     assert sorted(os.listdir(abandoned)) == ["step-3", "step-4"]
 
 
-@pytest.mark.parametrize("key, value", [("data.holdout_every", 50), ("data.text_field", "content"),
-                                        ("data.source", "other"), ("train.seq_len", 32)])
+@pytest.mark.parametrize(
+    "key, value",
+    [("data.holdout_every", 50), ("data.text_field", "content"), ("data.source", "other"), ("train.seq_len", 32)],
+)
 def test_resume_refuses_a_change_to_the_train_stream_unless_allowed(key, value, capsys):
     """These keys change the token stream the saved data position points into."""
     saved = json.loads(json.dumps(load_recipe("tiny").to_dict()))
     changed = load_recipe("tiny", {key: value})
     old = saved[key.split(".")[0]][key.split(".")[1]]
-    with pytest.raises(UserError, match=rf"^{key} changed from {old!r} to {value!r} since step-5; resuming would "
-                                        rf"continue a different run \(pass --allow-change {key} to accept\)$"):
+    with pytest.raises(
+        UserError,
+        match=rf"^{key} changed from {old!r} to {value!r} since step-5; resuming would "
+        rf"continue a different run \(pass --allow-change {key} to accept\)$",
+    ):
         check_changes(saved, changed, "step-5", ())
     check_changes(saved, changed, "step-5", (key,))
     assert f"resuming with {key} {old!r} -> {value!r}" in capsys.readouterr().err

@@ -16,8 +16,16 @@ from minsota.cli import main
 from minsota.compare import _tokens, format_table, read_at, read_metrics, recipe_diff
 from minsota.loader import load_recipe, read_recipe_json
 
-QUICK = ["--steps", "3", "--seeds", "2", *(f"--set=train.{key}" for key in
-         ("sample_tokens=0", "eval_batches=1", "batch_size=2", "micro_batch_size=2", "seq_len=32"))]
+QUICK = [
+    "--steps",
+    "3",
+    "--seeds",
+    "2",
+    *(
+        f"--set=train.{key}"
+        for key in ("sample_tokens=0", "eval_batches=1", "batch_size=2", "micro_batch_size=2", "seq_len=32")
+    ),
+]
 
 
 def write_variants(directory):
@@ -118,8 +126,11 @@ def test_json_has_paired_statistics_over_the_same_seeds(compared):
 def test_runs_share_seeds_and_data_order(compared):
     _, out_dir, _ = compared
     # the first loss is measured before any update: same seed + same batch -> same loss, whatever the lr
-    first = {(name, seed): read_metrics(out_dir / name / f"seed-{seed}")[0][0]["loss"]
-             for name in ("tiny", "lowlr") for seed in (0, 1)}
+    first = {
+        (name, seed): read_metrics(out_dir / name / f"seed-{seed}")[0][0]["loss"]
+        for name in ("tiny", "lowlr")
+        for seed in (0, 1)
+    }
     assert first["tiny", 0] == first["lowlr", 0] and first["tiny", 1] == first["lowlr", 1]
     assert first["tiny", 0] != first["tiny", 1]
 
@@ -134,8 +145,9 @@ def test_rerun_resumes_only_what_is_missing(compared):
     assert {path: path.stat().st_mtime_ns for path in written} == written  # the complete runs were left alone
     assert (out_dir / "lowlr" / "seed-1" / "checkpoints" / "step-3").is_dir()  # the missing one was trained
     after = json.loads((out_dir / "compare.json").read_text())
-    assert [[run["val_loss"] for run in r["runs"]] for r in after["recipes"]] == \
-           [[run["val_loss"] for run in r["runs"]] for r in before["recipes"]]  # CPU fp32 is deterministic
+    assert [[run["val_loss"] for run in r["runs"]] for r in after["recipes"]] == [
+        [run["val_loss"] for run in r["runs"]] for r in before["recipes"]
+    ]  # CPU fp32 is deterministic
 
 
 def test_refuses_to_mix_runs_of_another_recipe(compared):
@@ -146,12 +158,19 @@ def test_refuses_to_mix_runs_of_another_recipe(compared):
 
 def test_one_seed_table_has_differences_but_no_statistics():
     def row(name, val_loss):
-        return {"recipe": name, "parameters": 853120, "flops_per_token": 5.1e6, "tokens_per_s": 2.5e3,
-                "train_loss": {"mean": 1.5, "std": 0.0}, "val_loss": {"mean": val_loss, "std": 0.0},
-                "runs": [{"val_loss": val_loss}]}
+        return {
+            "recipe": name,
+            "parameters": 853120,
+            "flops_per_token": 5.1e6,
+            "tokens_per_s": 2.5e3,
+            "train_loss": {"mean": 1.5, "std": 0.0},
+            "val_loss": {"mean": val_loss, "std": 0.0},
+            "runs": [{"val_loss": val_loss}],
+        }
 
-    variant = row("variant", 1.25) | {"vs_base": {"val_loss": {"mean": -0.25, "ci_low": None, "ci_high": None,
-                                                               "p_value": None}}}
+    variant = row("variant", 1.25) | {
+        "vs_base": {"val_loss": {"mean": -0.25, "ci_low": None, "ci_high": None, "p_value": None}}
+    }
     header, _, base, other = format_table([row("base", 1.5), variant]).splitlines()
     assert header.split()[-4:] == ["Δ", "val", "vs", "base"]  # no CI, no p with one seed
     assert base.split() == ["base", "853k", "5.1M", "2.5k", "1.5000", "1.5000", "(base)"]
@@ -163,10 +182,13 @@ def test_diff_names_exactly_the_changed_keys(tmp_path):
     tiny = load_recipe("tiny")
     assert [key for key, *_ in recipe_diff(tiny, load_recipe(gelu))] == ["model.feedforward"]
     assert recipe_diff(tiny, load_recipe(lowlr)) == [("train.lr", 3e-3, 1e-3)]
-    (tmp_path / "theta.toml").write_text('extends = "tiny"\n[model]\npositional = { name = "rope", theta = 5e5 }\n'
-                                         '[train]\nsteps = 7\n')
+    (tmp_path / "theta.toml").write_text(
+        'extends = "tiny"\n[model]\npositional = { name = "rope", theta = 5e5 }\n[train]\nsteps = 7\n'
+    )
     assert recipe_diff(tiny, load_recipe(tmp_path / "theta.toml")) == [
-        ("model.positional.theta", 10000.0, 500000.0), ("train.steps", 50, 7)]
+        ("model.positional.theta", 10000.0, 500000.0),
+        ("train.steps", 50, 7),
+    ]
 
 
 def test_diff_command_prints_sizes_and_groups(tmp_path):
@@ -192,12 +214,25 @@ def test_evaluation_points_are_placed_by_the_tokens_of_their_step(compared):
 
 
 def test_an_interrupted_comparison_with_a_plugin_resumes(tmp_path):
-    (tmp_path / "myplug.py").write_text('from minsota import hookimpl\nfrom minsota.builtins.norms import RMSNorm\n\n'
-                                        'class Norm2(RMSNorm):\n    """RMSNorm under another name."""\n\n'
-                                        '@hookimpl\ndef minsota_register_norms():\n    return {"norm2": Norm2}\n')
+    (tmp_path / "myplug.py").write_text(
+        "from minsota import hookimpl\nfrom minsota.builtins.norms import RMSNorm\n\n"
+        'class Norm2(RMSNorm):\n    """RMSNorm under another name."""\n\n'
+        '@hookimpl\ndef minsota_register_norms():\n    return {"norm2": Norm2}\n'
+    )
     (tmp_path / "variant.toml").write_text('extends = "tiny"\nplugins = ["myplug.py"]\n[model]\nnorm = "norm2"\n')
-    args = ["compare", "tiny", tmp_path / "variant.toml", *QUICK, "--seeds", "1", "--steps", "2",
-            "--set=data.num_workers=0", "--out", tmp_path / "out"]
+    args = [
+        "compare",
+        "tiny",
+        tmp_path / "variant.toml",
+        *QUICK,
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--set=data.num_workers=0",
+        "--out",
+        tmp_path / "out",
+    ]
     code, _, err = invoke(*args)
     assert code == 0, err
     shutil.rmtree(tmp_path / "out" / "variant" / "seed-0" / "checkpoints")  # as if stopped before its checkpoint
@@ -242,12 +277,15 @@ def test_an_explicit_budget_past_the_runs_marks_them_short(compared):
     invoke(*args)  # compare.json of the shared comparison as it was
 
 
-@pytest.mark.parametrize("budget, message", [
-    ("steps", "--budget steps: the kind must be one of tokens, flops, time"),
-    ("time=-1", "--budget time=-1: the value must be a positive number of seconds of training"),
-    ("flops=nan", "--budget flops=nan: the value must be a positive number of training FLOPs"),
-    ("tokens=1", "its first evaluation is at 192 tokens, after the budget of 1: evaluate more often"),
-])
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        ("steps", "--budget steps: the kind must be one of tokens, flops, time"),
+        ("time=-1", "--budget time=-1: the value must be a positive number of seconds of training"),
+        ("flops=nan", "--budget flops=nan: the value must be a positive number of training FLOPs"),
+        ("tokens=1", "its first evaluation is at 192 tokens, after the budget of 1: evaluate more often"),
+    ],
+)
 def test_a_bad_budget_is_one_line(compared, budget, message):
     args, _, _ = compared
     code, _, err = invoke(*args, "--budget", budget)
@@ -258,8 +296,18 @@ def test_a_time_budget_reads_a_slower_recipe_at_an_earlier_step(tmp_path):
     """Equal wall-clock time: the cheap recipe is read at its end, one whose steps cost ~3.5x the matmul FLOPs at an
     earlier step; equal tokens reads both at their end. (A reading needs a cost ratio between 12/11 and 12.)"""
     (tmp_path / "wide.toml").write_text('extends = "tiny"\n[model]\ndim = 256\n')
-    args = ["compare", "tiny", tmp_path / "wide.toml", "--steps", "12", "--set=train.eval_every=1",
-            "--set=train.sample_tokens=0", "--set=train.eval_batches=1", "--out", tmp_path / "out"]
+    args = [
+        "compare",
+        "tiny",
+        tmp_path / "wide.toml",
+        "--steps",
+        "12",
+        "--set=train.eval_every=1",
+        "--set=train.sample_tokens=0",
+        "--set=train.eval_batches=1",
+        "--out",
+        tmp_path / "out",
+    ]
     at_step = {}
     for budget in ("time", "tokens"):
         code, out, err = invoke(*args, "--budget", budget)

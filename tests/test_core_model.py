@@ -18,10 +18,12 @@ def test_sota_2024_parameter_count_matches_hand_arithmetic():
     recipe = minsota.load_recipe("sota-2024")
     m = recipe.model
     hidden = 256 * math.ceil(8 / 3 * m.dim / 256)  # SwiGLU 8/3·dim rounded up to 256 -> 2048
-    per_layer = (m.dim * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim  # wq, wk, wv (GQA: 4 KV heads)
-                 + m.n_heads * m.head_dim * m.dim  # wo
-                 + 3 * m.dim * hidden  # w1, w3, w2
-                 + 2 * m.dim)  # two RMSNorm gains
+    per_layer = (
+        m.dim * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim  # wq, wk, wv (GQA: 4 KV heads)
+        + m.n_heads * m.head_dim * m.dim  # wo
+        + 3 * m.dim * hidden  # w1, w3, w2
+        + 2 * m.dim
+    )  # two RMSNorm gains
     expected = 2 * m.vocab_size * m.dim + m.n_layers * per_layer + m.dim  # untied embed + head, final norm
     assert expected == 152_783_616
     model = minsota.build_model(recipe, device="meta")
@@ -56,8 +58,7 @@ def test_flops_per_token_counts_gqa_projections_and_causal_attention():
     windowed = tiny(**{"model.attention": {"name": "sdpa", "window": T // 4}})
     visible = sum(min(i, T // 4) for i in range(1, T + 1)) / T
     assert visible == pytest.approx(14, abs=0.3)
-    assert windowed.flops_per_token(T, training=False) == pytest.approx(
-        2 * linear + attention * 14 / 32, rel=1e-9)
+    assert windowed.flops_per_token(T, training=False) == pytest.approx(2 * linear + attention * 14 / 32, rel=1e-9)
 
 
 def test_decoder_maps_tokens_to_logits_and_blocks_keep_the_key_set():

@@ -25,7 +25,10 @@ def test_registry_get_list_describe_and_did_you_mean():
     registry.register("layernorm", lambda dim, cfg: None, summary="LayerNorm", provider="p2")
     assert registry.get("rmsnorm") is rms
     assert registry.list() == ["layernorm", "rmsnorm"] and registry.list("rms*") == ["rmsnorm"]
-    assert registry.describe("rmsnorm").summary == "Root-mean-square norm." and registry.describe("rmsnorm").provider == "p1"
+    assert (
+        registry.describe("rmsnorm").summary == "Root-mean-square norm."
+        and registry.describe("rmsnorm").provider == "p1"
+    )
     with pytest.raises(UserError, match=r"unknown norm 'rmsnrm'; did you mean 'rmsnorm'\? \(`minsota list norm`"):
         registry.get("rmsnrm")
     with pytest.raises(UserError, match=r"unknown norm 'batchnorm' \(`minsota list norm`"):
@@ -38,7 +41,7 @@ def test_registry_get_list_describe_and_did_you_mean():
 def test_an_override_holds_its_name_in_either_load_order(override_first):
     registry = Registry("norm")
     plain, replacement = (lambda dim, cfg: None), minsota.override(lambda dim, cfg: None)
-    for factory, provider in [(plain, "builtin"), (replacement, "mine")][::-1 if override_first else 1]:
+    for factory, provider in [(plain, "builtin"), (replacement, "mine")][:: -1 if override_first else 1]:
         registry.register("rmsnorm", factory, provider=provider)
     assert registry.describe("rmsnorm").provider == "mine" and registry.get("rmsnorm") is replacement
     with pytest.raises(UserError, match="registered by both plugin 'mine' and plugin 'theirs'"):
@@ -61,7 +64,9 @@ def example_on_path(monkeypatch):
 
 
 def test_local_plugin_module_components_build_by_name(example_on_path):
-    recipe = minsota.load_recipe("tiny", {"model.norm": "scalenorm", "model.feedforward": "bilinear"}, [example_on_path])
+    recipe = minsota.load_recipe(
+        "tiny", {"model.norm": "scalenorm", "model.feedforward": "bilinear"}, [example_on_path]
+    )
     model = minsota.build_model(recipe)
     assert type(model.norm).__name__ == "ScaleNorm" and type(model.layers[0].feed_forward).__name__ == "Bilinear"
 
@@ -89,12 +94,24 @@ def test_broken_plugin_in_a_real_process_has_no_traceback():
 
 def test_a_bug_in_a_plugins_code_is_reported_as_the_plugins(tmp_path):
     plugin = BROKEN / "fails_in_forward.py"
-    proc = run("train", "tiny", "--plugin", plugin, "--set", "model.norm=brokennorm", "--set", "train.steps=1",
-               "--out", tmp_path / "run", env={"TQDM_DISABLE": "1"})
+    proc = run(
+        "train",
+        "tiny",
+        "--plugin",
+        plugin,
+        "--set",
+        "model.norm=brokennorm",
+        "--set",
+        "train.steps=1",
+        "--out",
+        tmp_path / "run",
+        env={"TQDM_DISABLE": "1"},
+    )
     assert proc.returncode == 1 and "Traceback" in proc.stderr  # the plugin's author needs it
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"minsota: error in plugin 'fails_in_forward' (local {plugin.resolve()}) at "
-                           f"{plugin.resolve()}:15: RuntimeError"), line
+    assert line.startswith(
+        f"minsota: error in plugin 'fails_in_forward' (local {plugin.resolve()}) at {plugin.resolve()}:15: RuntimeError"
+    ), line
 
 
 def test_override_switch_replaces_a_name_deliberately():
@@ -104,10 +121,14 @@ def test_override_switch_replaces_a_name_deliberately():
 
 
 def test_recipe_can_bring_its_own_plugins(tmp_path, example_on_path):
-    (tmp_path / "r.toml").write_text(f'extends = "tiny"\nplugins = ["{example_on_path}"]\n[model]\nnorm = "scalenorm"\n')
+    (tmp_path / "r.toml").write_text(
+        f'extends = "tiny"\nplugins = ["{example_on_path}"]\n[model]\nnorm = "scalenorm"\n'
+    )
     recipe = minsota.load_recipe(tmp_path / "r.toml")
     assert type(minsota.build_model(recipe).norm).__name__ == "ScaleNorm"
-    assert recipe.plugins == ["minsota_example"] and recipe_record(recipe)["loaded_plugins"]["minsota_example"] == "local"
+    assert (
+        recipe.plugins == ["minsota_example"] and recipe_record(recipe)["loaded_plugins"]["minsota_example"] == "local"
+    )
 
 
 def test_list_and_plugins_commands(cli):
@@ -152,7 +173,8 @@ def test_a_plugin_named_twice_is_loaded_once(plugin_file, monkeypatch):
     # --plugin and the recipe's plugins list, and a chain naming it in the parent and the child
     (plugin_file.parent / "parent.toml").write_text('extends = "tiny"\nplugins = ["myplug.py"]\n')
     (plugin_file.parent / "child.toml").write_text(
-        'extends = "parent.toml"\nplugins = ["myplug.py"]\n[model]\nnorm = "scalenorm"\n')
+        'extends = "parent.toml"\nplugins = ["myplug.py"]\n[model]\nnorm = "scalenorm"\n'
+    )
     recipe = minsota.load_recipe(plugin_file.parent / "child.toml", plugin_specs=["myplug.py"])
     assert recipe.plugins == [str(plugin_file.resolve())]
     assert type(minsota.build_model(recipe).norm).__name__ == "ScaleNorm"
@@ -164,11 +186,24 @@ def test_a_plugin_named_twice_is_loaded_once(plugin_file, monkeypatch):
 def test_a_relative_plugin_path_is_stored_absolute_and_resumes_elsewhere(plugin_file, monkeypatch, cli):
     here, elsewhere, run_dir = plugin_file.parent, plugin_file.parent / "elsewhere", plugin_file.parent / "run"
     elsewhere.mkdir()
-    quick = [f"--set=train.{key}" for key in ("steps=2", "sample_tokens=0", "eval_batches=1", "batch_size=2",
-                                                "micro_batch_size=2", "seq_len=32")]
+    quick = [
+        f"--set=train.{key}"
+        for key in ("steps=2", "sample_tokens=0", "eval_batches=1", "batch_size=2", "micro_batch_size=2", "seq_len=32")
+    ]
     monkeypatch.chdir(here)
-    code, _, err = cli("train", "tiny", "--plugin", "myplug.py", "--set", "model.norm=scalenorm",
-                       "--set", "data.num_workers=0", *quick, "--out", run_dir)
+    code, _, err = cli(
+        "train",
+        "tiny",
+        "--plugin",
+        "myplug.py",
+        "--set",
+        "model.norm=scalenorm",
+        "--set",
+        "data.num_workers=0",
+        *quick,
+        "--out",
+        run_dir,
+    )
     assert code == 0, err
     assert json.loads((run_dir / "recipe.json").read_text())["plugins"] == [str(plugin_file.resolve())]
     monkeypatch.chdir(elsewhere)  # where "myplug.py" names nothing

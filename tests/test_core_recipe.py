@@ -35,13 +35,14 @@ TINY_MODEL = "[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 256\n"
         ("train.schedule=lineer", "train.schedule: unknown schedule 'lineer'"),
         ("train.micro_batch_size=3", "train.micro_batch_size = 3 does not divide train.batch_size = 8"),
         ("model.tie_embeddings=1", "model.tie_embeddings must be bool"),
-        ("model.positional=learned", "train.seq_len = 64 is longer than the learned position table "
-                                     "(model.max_seq_len = 32)"),
+        (
+            "model.positional=learned",
+            "train.seq_len = 64 is longer than the learned position table (model.max_seq_len = 32)",
+        ),
     ],
 )
 def test_bad_override_is_one_line_exit_2_and_writes_nothing(cli, tmp_path, override, message):
-    code, out, err = cli("train", "tiny", "--set", override, "--set", "model.max_seq_len=32", "--out",
-                         tmp_path / "run")
+    code, out, err = cli("train", "tiny", "--set", override, "--set", "model.max_seq_len=32", "--out", tmp_path / "run")
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
     assert "Traceback" not in err
@@ -57,7 +58,7 @@ def test_bad_override_is_one_line_exit_2_and_writes_nothing(cli, tmp_path, overr
         ("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\n", "missing key model.vocab_size"),
         (TINY_MODEL + "dim_ = 3\n", "unknown key model.dim_ (did you mean 'dim'?)"),
         (TINY_MODEL + 'block = "prenrom"\n', "unknown block 'prenrom'; did you mean 'prenorm'?"),
-        (TINY_MODEL + 'positional = { interpolate_factor = 2.0 }\n', "inline table needs a string 'name'"),
+        (TINY_MODEL + "positional = { interpolate_factor = 2.0 }\n", "inline table needs a string 'name'"),
         ('extends = "sota-2025"\n', "extends = 'sota-2025': unknown recipe 'sota-2025'; did you mean 'sota-2024'"),
         ('extends = "missing.toml"\n', "extends = 'missing.toml': no such file"),
         ('extends = "bad.toml"\n', "extends forms a cycle"),
@@ -96,8 +97,10 @@ def test_bad_recipe_in_a_real_process_has_no_traceback(tmp_path):
 
 def test_extends_inherits_and_overrides_by_name_and_relative_path(tmp_path):
     write(tmp_path / "parent.toml", 'extends = "tiny"\n[model]\nn_layers = 3\n')
-    child = write(tmp_path / "child.toml", 'extends = "parent.toml"\n[train]\nsteps = 7\n'
-                                           '[model]\npositional = { name = "rope", theta = 500.0 }\n')
+    child = write(
+        tmp_path / "child.toml",
+        'extends = "parent.toml"\n[train]\nsteps = 7\n[model]\npositional = { name = "rope", theta = 500.0 }\n',
+    )
     recipe = minsota.load_recipe(child)
     assert recipe.model.n_layers == 3 and recipe.train.steps == 7 and recipe.model.dim == 128  # from tiny
     assert recipe.model.positional == {"name": "rope", "theta": 500.0}  # inline tables replace, not merge
@@ -119,8 +122,10 @@ def test_overrides_are_typed_like_the_schema():
         ("train.steps=12", ("train.steps", 12)),
         ("train.lr=3e-4", ("train.lr", 3e-4)),
         ("model.tie_embeddings=true", ("model.tie_embeddings", True)),
-        ('model.positional={ name = "rope", interpolate_factor = 4.0 }',
-         ("model.positional", {"name": "rope", "interpolate_factor": 4.0})),
+        (
+            'model.positional={ name = "rope", interpolate_factor = 4.0 }',
+            ("model.positional", {"name": "rope", "interpolate_factor": 4.0}),
+        ),
     ],
 )
 def test_parse_override(text, expected):
@@ -146,8 +151,9 @@ def test_show_prints_the_resolved_recipe_and_exact_parameters(cli):
 def test_a_reader_that_stops_early_is_no_error(command):
     """`minsota recipes | head -1`: the pipe's reader goes away; quietly out with 141 (128 + SIGPIPE), as `yes |
     head -1`, not a BrokenPipeError traceback reported as an internal error."""
-    process = subprocess.Popen([sys.executable, "-m", "minsota", command], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "minsota", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     process.stdout.close()  # before it writes a line: every write fails
     _, err = process.communicate(timeout=120)
     assert process.returncode == 141 and err == ""

@@ -37,8 +37,15 @@ DOCS[5], DOCS[9] = "", "  \n"
 
 def tiny(overrides=None, **data):
     """The tiny recipe with a small batch: 2 windows of 16 tokens per micro-batch, 4 per optimizer step."""
-    settings = {"train.seq_len": 16, "train.batch_size": 4, "train.micro_batch_size": 2, "data.num_workers": 0,
-                "data.block_docs": 2, **{f"data.{k}": v for k, v in data.items()}, **(overrides or {})}
+    settings = {
+        "train.seq_len": 16,
+        "train.batch_size": 4,
+        "train.micro_batch_size": 2,
+        "data.num_workers": 0,
+        "data.block_docs": 2,
+        **{f"data.{k}": v for k, v in data.items()},
+        **(overrides or {}),
+    }
     return minsota.load_recipe("tiny", settings)
 
 
@@ -46,7 +53,9 @@ def write_jsonl_gz(path, texts):
     """C4's layout: text, url and a `date` that datasets reads as a timestamp (only text may be read)."""
     with gzip.open(path, "wt") as f:
         for i, text in enumerate(texts):
-            f.write(json.dumps({"text": text, "url": f"https://example.org/{i}", "date": "2019-04-21T18:54:04Z"}) + "\n")
+            f.write(
+                json.dumps({"text": text, "url": f"https://example.org/{i}", "date": "2019-04-21T18:54:04Z"}) + "\n"
+            )
     return path
 
 
@@ -168,16 +177,21 @@ def write_jsonl(path, rows):
 BAD_FILES = {  # name: (rows, or raw bytes; what the one line says)
     "empty.jsonl": (b"", r"no documents: every file is empty"),
     "empty.json.gz": (gzip.compress(b""), r"no documents: every file is empty"),
-    "malformed.jsonl": ([{"text": "one"}, {"text": "two"}, {"text": "three"}, '{"text": "fo\n', {"text": "five"}],
-                        r"cannot read the documents: JSON parse error: .* in row 3$"),
-    "not-json.jsonl": ([f"plain line {i}\n" for i in range(4)],
-                       r"cannot read the documents: JSON parse error: .* row 0$"),
+    "malformed.jsonl": (
+        [{"text": "one"}, {"text": "two"}, {"text": "three"}, '{"text": "fo\n', {"text": "five"}],
+        r"cannot read the documents: JSON parse error: .* in row 3$",
+    ),
+    "not-json.jsonl": (
+        [f"plain line {i}\n" for i in range(4)],
+        r"cannot read the documents: JSON parse error: .* row 0$",
+    ),
     "numbers.jsonl": ([{"text": i} for i in range(4)], r"data.text_field = 'text' holds int values, not text: 1$"),
     "lists.jsonl": ([{"text": ["a", "b"]}] * 4, r"data.text_field = 'text' holds list values, not text: \['a', 'b'\]$"),
-    "truncated.jsonl.gz": (gzip.compress(b'{"text": "a document"}\n' * 500)[:30],
-                           r"cannot read the documents: Compressed file ended before the end-of-stream marker"),
-    "latin-1.txt": ("café ".encode("latin-1") * 10,
-                    r"cannot read the documents: 'utf-8' codec can't decode byte 0xe9"),
+    "truncated.jsonl.gz": (
+        gzip.compress(b'{"text": "a document"}\n' * 500)[:30],
+        r"cannot read the documents: Compressed file ended before the end-of-stream marker",
+    ),
+    "latin-1.txt": ("café ".encode("latin-1") * 10, r"cannot read the documents: 'utf-8' codec can't decode byte 0xe9"),
 }
 
 
@@ -194,8 +208,17 @@ def test_a_bad_file_in_a_glob_is_named_in_one_line_and_exit_2(tmp_path):
     """Through the CLI: datasets' own log line about the file is folded into minsota's one line."""
     write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}"} for i in range(3)])
     write_jsonl(tmp_path / "b.jsonl", [{"text": "fine"}, '{"text": "unterminated\n'])
-    result = run("train", "tiny", "--set", f"data.source={tmp_path}/*.jsonl", "--set", "data.num_workers=0",
-                 "--out", tmp_path / "run", timeout=120)
+    result = run(
+        "train",
+        "tiny",
+        "--set",
+        f"data.source={tmp_path}/*.jsonl",
+        "--set",
+        "data.num_workers=0",
+        "--out",
+        tmp_path / "run",
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "data.source" in result.stderr and "JSON parse error" in result.stderr
@@ -205,15 +228,21 @@ def test_a_bad_file_in_a_glob_is_named_in_one_line_and_exit_2(tmp_path):
 def test_a_source_whose_documents_are_all_held_out_says_so(tmp_path):
     single = tmp_path / "big.txt"
     single.write_text("A long single document. " * 1000)
-    with pytest.raises(UserError, match=r"its only document is held out for validation, none is left to train on "
-                                        r"\(data.holdout_every = 100 holds out documents 0, 100, 200, …, the first "
-                                        r"included; a .txt file is one document\): give it several documents: a "
-                                        r".jsonl with one per line, or a directory of files$"):
+    with pytest.raises(
+        UserError,
+        match=r"its only document is held out for validation, none is left to train on "
+        r"\(data.holdout_every = 100 holds out documents 0, 100, 200, …, the first "
+        r"included; a .txt file is one document\): give it several documents: a "
+        r".jsonl with one per line, or a directory of files$",
+    ):
         build_source(tiny(source=str(single)))
     assert documents(tiny(source=str(single)), "validation") == [single.read_text()]
     spec, _ = corpus(tmp_path, "jsonl.gz")
-    with pytest.raises(UserError, match=rf"all {len(DOCS)} of its documents are held out .*: set data.holdout_every "
-                                        r"to 2 or more$"):
+    with pytest.raises(
+        UserError,
+        match=rf"all {len(DOCS)} of its documents are held out .*: set data.holdout_every "
+        r"to 2 or more$",
+    ):
         build_source(tiny(source=spec, holdout_every=1))
 
 
@@ -239,10 +268,17 @@ def test_local_paths_are_made_absolute_and_names_are_not(tmp_path, monkeypatch):
     }
     for (key, spec), absolute in expected.items():
         assert absolute_spec(key, spec, plugins) == absolute, spec
-    for key, spec in [("source", "stdlib"), ("source", "c4"), ("source", "hf:allenai/c4:en"),
-                      ("source", "stdlb"), ("source", "missing.jsonl"),  # not (yet) paths: refused as unknown names
-                      ("tokenizer", "bytes"), ("tokenizer", "gpt-neox-20b"), ("tokenizer", "EleutherAI/pythia-160m"),
-                      ("tokenizer", "hf:EleutherAI/pythia-160m")]:
+    for key, spec in [
+        ("source", "stdlib"),
+        ("source", "c4"),
+        ("source", "hf:allenai/c4:en"),
+        ("source", "stdlb"),
+        ("source", "missing.jsonl"),  # not (yet) paths: refused as unknown names
+        ("tokenizer", "bytes"),
+        ("tokenizer", "gpt-neox-20b"),
+        ("tokenizer", "EleutherAI/pythia-160m"),
+        ("tokenizer", "hf:EleutherAI/pythia-160m"),
+    ]:
         assert absolute_spec(key, spec, plugins) == spec
     recipe = tiny(source="docs.jsonl", tokenizer="tok")
     assert (recipe.data.source, recipe.data.tokenizer) == (str(tmp_path / "docs.jsonl"), str(tmp_path / "tok"))
@@ -261,11 +297,14 @@ def test_a_relative_source_trains_resumes_and_evaluates_on_the_same_data_from_an
         directory.mkdir()
     write_jsonl(here / "docs.jsonl", [{"text": text} for text in DOCS])
     write_jsonl(elsewhere / "docs.jsonl", [{"text": text.upper() + " OTHER"} for text in DOCS])
-    quick = [f"--set=train.{key}" for key in ("steps=2", "sample_tokens=0", "eval_batches=1", "batch_size=2",
-                                                "micro_batch_size=2", "seq_len=32")]
+    quick = [
+        f"--set=train.{key}"
+        for key in ("steps=2", "sample_tokens=0", "eval_batches=1", "batch_size=2", "micro_batch_size=2", "seq_len=32")
+    ]
     monkeypatch.chdir(here)
-    code, _, err = cli("train", "tiny", "--set", "data.source=docs.jsonl", "--set", "data.num_workers=0", *quick,
-                       "--out", run_dir)
+    code, _, err = cli(
+        "train", "tiny", "--set", "data.source=docs.jsonl", "--set", "data.num_workers=0", *quick, "--out", run_dir
+    )
     assert code == 0, err
     assert json.loads((run_dir / "recipe.json").read_text())["data"]["source"] == str(here / "docs.jsonl")
     code, evaluated_here, err = cli("eval", run_dir)
@@ -283,10 +322,20 @@ def test_a_relative_source_trains_resumes_and_evaluates_on_the_same_data_from_an
     monkeypatch.chdir(elsewhere)
     code, _, err = cli("train", "--resume", run_dir, "--set", "train.steps=4", "--set", "data.source=docs.jsonl")
     assert code == 2 and f"data.source changed from '{here / 'docs.jsonl'}' to '{elsewhere / 'docs.jsonl'}'" in err
-    code, _, err = cli("train", "--resume", run_dir, "--set", "train.steps=4", "--set", "data.source=docs.jsonl",
-                       "--allow-change", "data.source")
+    code, _, err = cli(
+        "train",
+        "--resume",
+        run_dir,
+        "--set",
+        "train.steps=4",
+        "--set",
+        "data.source=docs.jsonl",
+        "--allow-change",
+        "data.source",
+    )
     assert code == 0, err
     assert json.loads((run_dir / "recipe.json").read_text())["data"]["source"] == str(elsewhere / "docs.jsonl")
+
 
 @needs_c4
 def test_c4_sample_streams_with_the_real_tokenizer():
@@ -317,11 +366,11 @@ def test_causal_packing_drops_no_token_and_runs_into_the_next_epoch(tmp_path, ca
     for q, batch in enumerate(got):
         for row in range(2):
             g = 2 * q + row  # the global window index
-            window = stream[g * 16:g * 16 + 17]
+            window = stream[g * 16 : g * 16 + 17]
             assert batch["tokens"][row].tolist() == window[:-1]
             assert batch["targets"][row].tolist() == window[1:]
             assert batch["positions"][row].tolist() == list(range(16))
-            expected_ids = torch.tensor(starts[g * 16:g * 16 + 16]).cumsum(0)
+            expected_ids = torch.tensor(starts[g * 16 : g * 16 + 16]).cumsum(0)
             assert batch["document_ids"][row].tolist() == (expected_ids - expected_ids[0]).tolist()
     assert batches.epoch == 2 and batches.state_dict()["epoch"] == 2
     assert batches.state_dict()["empty_documents"] >= 2  # "" and "  \n", skipped and counted in each epoch
@@ -335,7 +384,7 @@ def test_document_packing_restarts_positions_per_document(tmp_path):
     _, starts = packed(train, tokenizer)
     batch = next(build_batches(recipe, tokenizer))
     for row in range(2):
-        flags = starts[row * 16:row * 16 + 16]
+        flags = starts[row * 16 : row * 16 + 16]
         position, expected = 0, []
         for i, first in enumerate(flags):
             position = 0 if first or i == 0 else position + 1
@@ -408,8 +457,9 @@ def test_resume_is_exact_twice_over_and_across_worker_counts(tmp_path, kind):
 def timed_train(tmp_path, sets: list[str], env: dict, out: str):
     """(`minsota train tiny` with these --set options, its wall time in seconds)."""
     start = time.monotonic()
-    result = run("train", "tiny", *(arg for s in sets for arg in ("--set", s)), "--out", tmp_path / out,
-                 timeout=120, env=env)
+    result = run(
+        "train", "tiny", *(arg for s in sets for arg in ("--set", s)), "--out", tmp_path / out, timeout=120, env=env
+    )
     return result, time.monotonic() - start
 
 
@@ -427,14 +477,23 @@ def fails_fast_in_one_line(tmp_path, sets: list[str], env: dict, *words: str) ->
 
 
 def test_c4_without_the_hub_fails_fast_in_one_line(tmp_path):
-    fails_fast_in_one_line(tmp_path, ["data.source=c4"],
-                           {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": ""},
-                           "data.source", "json.gz")
+    fails_fast_in_one_line(
+        tmp_path,
+        ["data.source=c4"],
+        {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": ""},
+        "data.source",
+        "json.gz",
+    )
 
 
 def test_hub_tokenizer_offline_fails_fast_in_one_line(tmp_path):
-    fails_fast_in_one_line(tmp_path, ["data.tokenizer=gpt-neox-20b", "model.vocab_size=50304"],
-                           {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, "data.tokenizer", "local copy")
+    fails_fast_in_one_line(
+        tmp_path,
+        ["data.tokenizer=gpt-neox-20b", "model.vocab_size=50304"],
+        {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+        "data.tokenizer",
+        "local copy",
+    )
 
 
 def test_workers_keep_torchs_signal_handling_where_sigwaitinfo_is_missing(monkeypatch):

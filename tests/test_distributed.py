@@ -14,22 +14,37 @@ from minsota import checkpoint
 from conftest import ENV, grad_norms, losses, records, run, sets
 
 # 8 sequences per step: 2 micro-batches of 4 in one process, one per rank in two
-RUN = {"train.steps": 6, "train.micro_batch_size": 4, "train.checkpoint_every": 3, "train.eval_batches": 2,
-       "train.sample_tokens": 0}
+RUN = {
+    "train.steps": 6,
+    "train.micro_batch_size": 4,
+    "train.checkpoint_every": 3,
+    "train.eval_batches": 2,
+    "train.sample_tokens": 0,
+}
 
 
 def torchrun(*args, script: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 -m minsota ARGS`` (or SCRIPT ARGS)."""
     target = [str(script)] if script else ["-m", "minsota"]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *target, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target, *map(str, args)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    process = subprocess.run([sys.executable, "-m", "minsota", "train", "tiny", "--out", run_dir, *sets(RUN)],
-                             env=ENV, capture_output=True, text=True, timeout=300)
+    process = subprocess.run(
+        [sys.executable, "-m", "minsota", "train", "tiny", "--out", run_dir, *sets(RUN)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stderr
     return run_dir
 
@@ -43,7 +58,8 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
     assert two == pytest.approx(one, rel=1e-4)
     assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-4)  # averaged over ranks, not summed
     assert [r["val_loss"] for r in records(run_dir) if "val_loss" in r] == pytest.approx(
-        [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4)
+        [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4
+    )
     assert len(records(run_dir)) == len(records(single))  # rank 0 alone writes metrics
 
     # full tensors in the single-process format, whatever the sharding
@@ -56,16 +72,21 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
     resumed = Path(shutil.copytree(run_dir, tmp_path / "resumed"))
     process = torchrun("train", "--resume", resumed / "checkpoints" / "step-3")
     assert process.returncode == 0, process.stderr
-    again = [r for r in records(resumed)[len(records(run_dir)):] if "loss" in r]
+    again = [r for r in records(resumed)[len(records(run_dir)) :] if "loss" in r]
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in again] == [
-        (step, two[step], grad_norms(run_dir)[step]) for step in (4, 5, 6)]
+        (step, two[step], grad_norms(run_dir)[step]) for step in (4, 5, 6)
+    ]
 
     if parallelism == "fsdp":  # and at another world size: one process continues the sharded run
         alone_dir = Path(shutil.copytree(run_dir, tmp_path / "alone"))
-        process = subprocess.run([sys.executable, "-m", "minsota", "train", "--resume",
-                                  alone_dir / "checkpoints" / "step-3"], env=ENV, capture_output=True, text=True)
+        process = subprocess.run(
+            [sys.executable, "-m", "minsota", "train", "--resume", alone_dir / "checkpoints" / "step-3"],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
         assert process.returncode == 0, process.stderr
-        tail = [r for r in records(alone_dir)[len(records(run_dir)):] if "loss" in r]
+        tail = [r for r in records(alone_dir)[len(records(run_dir)) :] if "loss" in r]
         assert [r["loss"] for r in tail] == pytest.approx([one[step] for step in (4, 5, 6)], rel=1e-4)
         assert [r["grad_norm"] for r in tail] == pytest.approx([grad_norms(single)[s] for s in (4, 5, 6)], rel=1e-4)
 
@@ -74,28 +95,43 @@ def test_two_ranks_on_prepared_data_match_one_streaming_and_resume_exactly(singl
     """stdlib's first ~300k tokens prepared: each rank reads its own windows, the global batches stay the stream's;
     the resume's checkpoint is read by rank 0 alone."""
     prepared = tmp_path / "stdlib"
-    process = run("prepare", "stdlib", "--tokenizer", "bytes", "--out", prepared, "--recipe", "tiny",
-                  "--max-tokens", 300_000, env=ENV)
+    process = run(
+        "prepare",
+        "stdlib",
+        "--tokenizer",
+        "bytes",
+        "--out",
+        prepared,
+        "--recipe",
+        "tiny",
+        "--max-tokens",
+        300_000,
+        env=ENV,
+    )
     assert process.returncode == 0, process.stderr
     run_dir = tmp_path / "run"
-    process = torchrun("train", "tiny", "--out", run_dir, *sets({**RUN, "train.parallelism": "fsdp",
-                                                                 "data.source": prepared}))
+    process = torchrun(
+        "train", "tiny", "--out", run_dir, *sets({**RUN, "train.parallelism": "fsdp", "data.source": prepared})
+    )
     assert process.returncode == 0, process.stderr
     two, written = losses(run_dir), len(records(run_dir))
     assert two == pytest.approx(losses(single), rel=1e-4)
     assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-4)
     assert [r["val_loss"] for r in records(run_dir) if "val_loss" in r] == pytest.approx(
-        [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4)
+        [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4
+    )
     # rank 0 alone reads the weights and optimizer state, and broadcasts them
     script = tmp_path / "reads.py"
-    script.write_text("import os, sys\n"
-                      "import minsota.checkpoint as checkpoint\n"
-                      "def load_weights(path, real=checkpoint.load_weights):\n"
-                      "    print(f'rank {os.environ[\"RANK\"]} reads {path.name}', file=sys.stderr)\n"
-                      "    return real(path)\n"
-                      "checkpoint.load_weights = load_weights\n"
-                      "from minsota.cli import main\n"
-                      "sys.exit(main())\n")
+    script.write_text(
+        "import os, sys\n"
+        "import minsota.checkpoint as checkpoint\n"
+        "def load_weights(path, real=checkpoint.load_weights):\n"
+        "    print(f'rank {os.environ[\"RANK\"]} reads {path.name}', file=sys.stderr)\n"
+        "    return real(path)\n"
+        "checkpoint.load_weights = load_weights\n"
+        "from minsota.cli import main\n"
+        "sys.exit(main())\n"
+    )
     process = torchrun("train", "--resume", run_dir / "checkpoints" / "step-3", script=script)
     assert process.returncode == 0, process.stderr
     assert "rank 0 reads model.safetensors" in process.stderr and "rank 0 reads optimizer" in process.stderr
@@ -107,19 +143,28 @@ def test_two_ranks_on_prepared_data_match_one_streaming_and_resume_exactly(singl
 # every built-in optimizer under DDP; under FSDP2 AdamW (above), Lion and Muon (which gathers each matrix).
 # The gradient-norm tolerance: 1e-4, but 1e-3 for Muon on FSDP2, whose reduce-scatter leaves last-bit gradient
 # differences that the bf16 Newton-Schulz input rounding amplifies (measured 2.7e-4 by step 3; losses stay 1e-4)
-OPTIMIZED = [("muon", "ddp", {"train.optimizer": "muon"}, 1e-4), ("muon", "fsdp", {"train.optimizer": "muon"}, 1e-3),
-             ("lion", "ddp", {"train.optimizer": "lion"}, 1e-4), ("lion", "fsdp", {"train.optimizer": "lion"}, 1e-4),
-             ("schedulefree-adamw", "ddp", {"train.optimizer": "schedulefree-adamw", "train.schedule": "constant"},
-              1e-4)]
+OPTIMIZED = [
+    ("muon", "ddp", {"train.optimizer": "muon"}, 1e-4),
+    ("muon", "fsdp", {"train.optimizer": "muon"}, 1e-3),
+    ("lion", "ddp", {"train.optimizer": "lion"}, 1e-4),
+    ("lion", "fsdp", {"train.optimizer": "lion"}, 1e-4),
+    ("schedulefree-adamw", "ddp", {"train.optimizer": "schedulefree-adamw", "train.schedule": "constant"}, 1e-4),
+]
 
 
-@pytest.mark.parametrize("name, parallelism, overrides, norm_tolerance", OPTIMIZED,
-                         ids=[f"{o[0]}-{o[1]}" for o in OPTIMIZED])
+@pytest.mark.parametrize(
+    "name, parallelism, overrides, norm_tolerance", OPTIMIZED, ids=[f"{o[0]}-{o[1]}" for o in OPTIMIZED]
+)
 def test_two_ranks_match_one_per_optimizer(tmp_path, name, parallelism, overrides, norm_tolerance):
     """The 2-rank run's losses (within 1e-4) and gradient norms are the 1-rank run's, for each optimizer."""
     short = {**RUN, "train.steps": 4, "train.checkpoint_every": 0, **overrides}
-    process = subprocess.run([sys.executable, "-m", "minsota", "train", "tiny", "--out", tmp_path / "one",
-                              *sets(short)], env=ENV, capture_output=True, text=True, timeout=300)
+    process = subprocess.run(
+        [sys.executable, "-m", "minsota", "train", "tiny", "--out", tmp_path / "one", *sets(short)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stderr
     process = torchrun("train", "tiny", "--out", tmp_path / "two", *sets({**short, "train.parallelism": parallelism}))
     assert process.returncode == 0, process.stderr
@@ -143,18 +188,27 @@ def test_compiled_ranks_match_one(single, tmp_path, parallelism):
 def test_a_rank_that_dies_ends_the_job(tmp_path):
     """Rank 1 is killed (SIGKILL, no goodbye) as it starts step 4: torchrun stops the job and names it."""
     script = tmp_path / "dies.py"
-    script.write_text("import os, signal, sys\n"
-                      "import minsota.train\n"
-                      "def lr_multiplier(step, t, schedule, real=minsota.train.lr_multiplier):\n"
-                      "    if step == 3 and os.environ['RANK'] == '1':\n"
-                      "        os.kill(os.getpid(), signal.SIGKILL)\n"
-                      "    return real(step, t, schedule)\n"
-                      "minsota.train.lr_multiplier = lr_multiplier\n"
-                      "from minsota.cli import main\n"
-                      "sys.exit(main())\n")
+    script.write_text(
+        "import os, signal, sys\n"
+        "import minsota.train\n"
+        "def lr_multiplier(step, t, schedule, real=minsota.train.lr_multiplier):\n"
+        "    if step == 3 and os.environ['RANK'] == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(step, t, schedule)\n"
+        "minsota.train.lr_multiplier = lr_multiplier\n"
+        "from minsota.cli import main\n"
+        "sys.exit(main())\n"
+    )
     start = time.monotonic()
-    process = torchrun("train", "tiny", "--out", tmp_path / "run", *sets({**RUN, "train.parallelism": "ddp"}),
-                       script=script, timeout=120)
+    process = torchrun(
+        "train",
+        "tiny",
+        "--out",
+        tmp_path / "run",
+        *sets({**RUN, "train.parallelism": "ddp"}),
+        script=script,
+        timeout=120,
+    )
     assert process.returncode != 0 and time.monotonic() - start < 90
     assert "Root Cause" in process.stderr and "rank      : 1" in process.stderr and "SIGKILL" in process.stderr
     assert max(losses(tmp_path / "run")) == 3
@@ -163,24 +217,26 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
 def test_fsdp_ranks_build_on_meta_and_receive_rank_zeros_weights(tmp_path):
     """Rank 1 allocates no full weight: it builds on meta, and its shards hold exactly one process's init."""
     script = tmp_path / "meta.py"
-    script.write_text("import torch, torch.distributed as dist\n"
-                      "from minsota.distributed import build_device, parallelize\n"
-                      "from minsota.loader import load_recipe\n"
-                      "from minsota.model import build_model\n"
-                      "dist.init_process_group('gloo')\n"
-                      "recipe = load_recipe('tiny')\n"
-                      "torch.manual_seed(0)\n"
-                      "model = build_model(recipe, build_device('fsdp'))\n"
-                      "assert all(p.is_meta for p in model.parameters()) == (dist.get_rank() == 1)\n"
-                      "parallelize(model, 'fsdp', None, torch.device('cpu'))\n"
-                      "torch.manual_seed(0)\n"
-                      "alone = build_model(recipe, 'cpu')\n"
-                      "for (name, p), q in zip(model.named_parameters(), alone.parameters()):\n"
-                      "    assert torch.equal(p.full_tensor(), q), name\n"
-                      "for (name, b), c in zip(model.named_buffers(), alone.buffers()):\n"
-                      "    assert torch.equal(b, c), name\n"
-                      "import sys\n"
-                      "sys.stdout.write(f'rank {dist.get_rank()} ok\\n')  # one write: the ranks share stdout\n")
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from minsota.distributed import build_device, parallelize\n"
+        "from minsota.loader import load_recipe\n"
+        "from minsota.model import build_model\n"
+        "dist.init_process_group('gloo')\n"
+        "recipe = load_recipe('tiny')\n"
+        "torch.manual_seed(0)\n"
+        "model = build_model(recipe, build_device('fsdp'))\n"
+        "assert all(p.is_meta for p in model.parameters()) == (dist.get_rank() == 1)\n"
+        "parallelize(model, 'fsdp', None, torch.device('cpu'))\n"
+        "torch.manual_seed(0)\n"
+        "alone = build_model(recipe, 'cpu')\n"
+        "for (name, p), q in zip(model.named_parameters(), alone.parameters()):\n"
+        "    assert torch.equal(p.full_tensor(), q), name\n"
+        "for (name, b), c in zip(model.named_buffers(), alone.buffers()):\n"
+        "    assert torch.equal(b, c), name\n"
+        "import sys\n"
+        "sys.stdout.write(f'rank {dist.get_rank()} ok\\n')  # one write: the ranks share stdout\n"
+    )
     process = torchrun(script=script)
     assert process.returncode == 0, process.stderr
     assert "rank 0 ok" in process.stdout and "rank 1 ok" in process.stdout

@@ -47,8 +47,12 @@ def train_bpe(directory):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     directory.mkdir()
     tokenizer.save(str(directory / "tokenizer.json"))
     return directory / "tokenizer.json", 512
@@ -57,8 +61,16 @@ def train_bpe(directory):
 def train_and_export(tmp, tokenizer, vocab):
     """(run directory, its export-hf directory): `tiny` trained 20 steps with a 32-token context (short, so
     few-shot prompts outgrow it)."""
-    overrides = {"train.steps": 20, "train.eval_batches": 1, "train.sample_tokens": 0, "data.num_workers": 0,
-                 "train.seq_len": 32, "model.max_seq_len": 32, "data.tokenizer": tokenizer, "model.vocab_size": vocab}
+    overrides = {
+        "train.steps": 20,
+        "train.eval_batches": 1,
+        "train.sample_tokens": 0,
+        "data.num_workers": 0,
+        "train.seq_len": 32,
+        "model.max_seq_len": 32,
+        "data.tokenizer": tokenizer,
+        "model.vocab_size": vocab,
+    }
     done = run("train", "tiny", "--out", tmp / "run", *sets(overrides), env=ENV)
     assert done.returncode == 0, done.stderr
     done = run("export-hf", tmp / "run", tmp / "hf", env=ENV)
@@ -97,12 +109,14 @@ def test_scores_equal_the_harness_own_hf_model_on_the_export(trained, manager):
     # 2-shot: some contexts longer than the model's 32 tokens, so both cut them from the left
     got, want = (harness.evaluate_tasks(lm, tasks, manager, num_fewshot=2, log_samples=True) for lm in (ours, theirs))
 
-    lengths = [len(ours.tok_encode(context + choice))
-               for s in got["samples"][CLOZE] for context, choice in s["arguments"]]
+    lengths = [
+        len(ours.tok_encode(context + choice)) for s in got["samples"][CLOZE] for context, choice in s["arguments"]
+    ]
     assert max(lengths) > model.cfg.max_seq_len + 1 > min(lengths)  # some requests were truncated, some not
     for task in (CLOZE, PROSE):
-        pairs = [(a, b) for s, t in zip(samples(got, task), samples(want, task))
-                 for a, b in zip(s["resps"], t["resps"])]
+        pairs = [
+            (a, b) for s, t in zip(samples(got, task), samples(want, task)) for a, b in zip(s["resps"], t["resps"])
+        ]
         assert len(pairs) == {CLOZE: 160, PROSE: 8}[task]
         ll = [(a[0][0], b[0][0]) if task == CLOZE else (a[0], b[0]) for a, b in pairs]
         worst = max(abs(x - y) for x, y in ll)
@@ -111,8 +125,9 @@ def test_scores_equal_the_harness_own_hf_model_on_the_export(trained, manager):
             assert [a[0][1] for a, _ in pairs] == [b[0][1] for _, b in pairs]  # the greedy flags
     for metric in ("acc,none", "acc_norm,none"):
         assert got["results"][CLOZE][metric] == want["results"][CLOZE][metric]
-    assert got["results"][PROSE]["bits_per_byte,none"] == pytest.approx(want["results"][PROSE]["bits_per_byte,none"],
-                                                                          abs=1e-5)
+    assert got["results"][PROSE]["bits_per_byte,none"] == pytest.approx(
+        want["results"][PROSE]["bits_per_byte,none"], abs=1e-5
+    )
     # the prose documents outgrow the 32-token context: several rolling windows each
     assert sum(len(ours.tok_encode(s["target"])) for s in got["samples"][PROSE]) > 8 * model.cfg.max_seq_len
     generated = [s["filtered_resps"][0] for s in samples(got, COMPLETE)]
@@ -120,16 +135,19 @@ def test_scores_equal_the_harness_own_hf_model_on_the_export(trained, manager):
     assert not any("\n" in g for g in generated)  # cut at the stop string
     # without a stop string, 12 greedy tokens after each prompt: ours through the KV cache, theirs HF's generate
     unstopped = {"until": [], "max_gen_toks": 12, "do_sample": False}
-    free = [Instance("generate_until", {}, (s["arguments"][0][0], unstopped), i)
-            for i, s in enumerate(samples(got, COMPLETE))]
+    free = [
+        Instance("generate_until", {}, (s["arguments"][0][0], unstopped), i)
+        for i, s in enumerate(samples(got, COMPLETE))
+    ]
     generated = ours.generate_until(free)
     assert generated == theirs.generate_until(free) and all(generated)
 
 
 def test_eval_command_prints_the_table_and_writes_results(bpe_run, cli):
     run_dir, _ = bpe_run
-    code, out, err = cli("eval", run_dir, "--tasks", f"{CLOZE},{PROSE}", "--include-path", TASKS, "--limit", "8",
-                         "--batch-size", "3")
+    code, out, err = cli(
+        "eval", run_dir, "--tasks", f"{CLOZE},{PROSE}", "--include-path", TASKS, "--limit", "8", "--batch-size", "3"
+    )
     assert code == 0, err
     assert out.startswith("tiny, step 20:") and CLOZE in out and "acc_norm" in out and "bits_per_byte" in out
     written = sorted((run_dir / "eval").glob("step-20-*.json"))
@@ -152,8 +170,12 @@ def test_unknown_task_is_one_line_with_close_matches(cli, tmp_path):
 def test_a_hub_task_without_an_answer_fails_without_retrying(bpe_run, tmp_path):
     """No offline switch set, the hub just unreachable: datasets is put offline instead of retrying for ~24 s."""
     run_dir, _ = bpe_run
-    unreachable = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "",
-                   "HF_HOME": str(tmp_path / "hf")}
+    unreachable = {
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": "",
+        "HF_DATASETS_OFFLINE": "",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
     done = run("eval", run_dir, "--tasks", "arc_easy", env={**ENV, **unreachable}, cwd=REPO, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("minsota: error: task data unavailable")
@@ -171,9 +193,15 @@ def test_without_the_extra_it_is_one_line_naming_the_install(cli, monkeypatch, t
 
 def test_tasks_during_training_go_to_metrics_and_compare(tmp_path, manager):
     """`compare` of tiny with itself, each run scoring two tasks at steps 2 and 4: metrics.jsonl, the table."""
-    overrides = {"train.eval_batches": 1, "train.sample_tokens": 0, "data.num_workers": 0,
-                 "train.eval_tasks": f'["{CLOZE}", "{PROSE}"]', "train.eval_tasks_every": 2,
-                 "train.eval_tasks_limit": 8, "train.eval_tasks_path": "tests/assets/eval"}
+    overrides = {
+        "train.eval_batches": 1,
+        "train.sample_tokens": 0,
+        "data.num_workers": 0,
+        "train.eval_tasks": f'["{CLOZE}", "{PROSE}"]',
+        "train.eval_tasks_every": 2,
+        "train.eval_tasks_limit": 8,
+        "train.eval_tasks_path": "tests/assets/eval",
+    }
     done = run("compare", "tiny", "tiny", "--steps", 4, "--out", tmp_path, *sets(overrides), env=ENV, cwd=REPO)
     assert done.returncode == 0, done.stderr
     keys = [f"tasks/{CLOZE}/acc_norm", f"tasks/{PROSE}/bits_per_byte"]
@@ -201,9 +229,16 @@ def test_tasks_under_fsdp_score_as_the_checkpoint_does(tmp_path, manager):
     """Two ranks, FSDP2: every rank runs the harness (the root's weights gathered around hidden_states/logits)."""
     from test_distributed import torchrun
 
-    overrides = {"train.steps": 2, "train.micro_batch_size": 4, "train.parallelism": "fsdp", "train.eval_batches": 2,
-                 "train.sample_tokens": 0, "train.eval_tasks": f'["{PROSE}"]', "train.eval_tasks_limit": 4,
-                 "train.eval_tasks_path": "tests/assets/eval"}
+    overrides = {
+        "train.steps": 2,
+        "train.micro_batch_size": 4,
+        "train.parallelism": "fsdp",
+        "train.eval_batches": 2,
+        "train.sample_tokens": 0,
+        "train.eval_tasks": f'["{PROSE}"]',
+        "train.eval_tasks_limit": 4,
+        "train.eval_tasks_path": "tests/assets/eval",
+    }
     done = torchrun("train", "tiny", "--out", tmp_path / "run", *sets(overrides))
     assert done.returncode == 0, done.stderr
     key = f"tasks/{PROSE}/bits_per_byte"

@@ -15,35 +15,104 @@ from minsota.model import build_model
 from minsota.reference import assert_close
 
 VOCAB, T = 101, 24  # an odd vocabulary must survive exactly
-ROTARY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1)
-GEMMA = dict(num_hidden_layers=4, head_dim=16, sliding_window=5, query_pre_attn_scalar=20, rms_norm_eps=1e-6,
-             attn_implementation="eager")
+ROTARY = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+)
+GEMMA = dict(
+    num_hidden_layers=4,
+    head_dim=16,
+    sliding_window=5,
+    query_pre_attn_scalar=20,
+    rms_norm_eps=1e-6,
+    attn_implementation="eager",
+)
 SCALED = dict(max_position_embeddings=64, rope_theta=500000.0)  # toy original context 16 < T: the scaling acts
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", ROTARY),
-    "llama-gqa1-bias-tied": ("LlamaConfig", "LlamaForCausalLM",
-                             {**ROTARY, "num_key_value_heads": 1, "attention_bias": True, "tie_word_embeddings": True}),
-    "llama-3.1-scaling": ("LlamaConfig", "LlamaForCausalLM", {**ROTARY, **SCALED, "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}}),
-    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", {**ROTARY, **SCALED, "rope_scaling": {
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}),
-    "llama-linear": ("LlamaConfig", "LlamaForCausalLM", {**ROTARY, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "llama-gqa1-bias-tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {**ROTARY, "num_key_value_heads": 1, "attention_bias": True, "tie_word_embeddings": True},
+    ),
+    "llama-3.1-scaling": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            **ROTARY,
+            **SCALED,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
+    "llama-yarn": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            **ROTARY,
+            **SCALED,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        },
+    ),
+    "llama-linear": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {**ROTARY, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    ),
     "mistral-window": ("MistralConfig", "MistralForCausalLM", {**ROTARY, "sliding_window": 5}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {**ROTARY, "rms_norm_eps": 1e-6}),
     # Gemma: local/global layers (window 5 < T), soft-capping that acts (caps near the toy scores and logits), a
     # query_pre_attn_scalar that is not head_dim, head_dim != dim / heads, (1 + w) norms perturbed off 1
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**ROTARY, **GEMMA, "attn_logit_softcapping": 0.5,
-                                                     "final_logit_softcapping": 0.7}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**ROTARY, **GEMMA, "num_hidden_layers": 7, "rope_parameters": {
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}}),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32,
-                                                    initializer_range=0.1)),
-    "gpt2-exact-gelu-untied": ("GPT2Config", "GPT2LMHeadModel", dict(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32, n_inner=40, activation_function="gelu",
-        tie_word_embeddings=False, initializer_range=0.1)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {**ROTARY, **GEMMA, "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.7},
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            **ROTARY,
+            **GEMMA,
+            "num_hidden_layers": 7,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            },
+        },
+    ),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32, initializer_range=0.1),
+    ),
+    "gpt2-exact-gelu-untied": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=32,
+            n_inner=40,
+            activation_function="gelu",
+            tie_word_embeddings=False,
+            initializer_range=0.1,
+        ),
+    ),
 }
 
 
@@ -148,21 +217,35 @@ def test_import_of_a_damaged_directory_is_one_line(cli, tmp_path, damage):
 
 def test_export_without_a_hugging_face_tokenizer_warns(cli, tmp_path):
     """A run with the byte tokenizer (no Hugging Face form) exports its model and says the tokenizer stayed."""
-    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", "--set", "train.steps=1", "--set",
-                       "train.eval_batches=1", "--set", "train.sample_tokens=0")
+    code, _, err = cli(
+        "train",
+        "tiny",
+        "--out",
+        tmp_path / "run",
+        "--set",
+        "train.steps=1",
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "train.sample_tokens=0",
+    )
     assert code == 0, err
     code, _, err = cli("export-hf", tmp_path / "run", tmp_path / "out")
-    assert code == 0 and err.strip() == (f"minsota: warning: tokenizer 'bytes' has no Hugging Face form; "
-                                         f"{tmp_path / 'out'} holds the model alone")
+    assert code == 0 and err.strip() == (
+        f"minsota: warning: tokenizer 'bytes' has no Hugging Face form; {tmp_path / 'out'} holds the model alone"
+    )
     assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "tokenizer.json").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"model.feedforward": "geglu"}, "model.feedforward = 'geglu'"),
-    ({"model.attention": {"name": "math", "softcap": 30.0}}, "softcap"),
-    ({"model.positional": {"name": "rope", "use_xpos": True}}, "xPos"),
-    ({"model.positional": "alibi"}, "model.positional = 'alibi'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"model.feedforward": "geglu"}, "model.feedforward = 'geglu'"),
+        ({"model.attention": {"name": "math", "softcap": 30.0}}, "softcap"),
+        ({"model.positional": {"name": "rope", "use_xpos": True}}, "xPos"),
+        ({"model.positional": "alibi"}, "model.positional = 'alibi'"),
+    ],
+)
 def test_export_refuses_what_hugging_face_cannot_hold(override, message, tmp_path):
     model = build_model(load_recipe("tiny", {"model.n_layers": 1, **override}))
     with pytest.raises(UserError, match=message):
@@ -175,10 +258,17 @@ def test_import_refuses_unknown_families(tmp_path):
         hf.load_hf(tmp_path)
 
 
-@pytest.mark.parametrize("recipe_name, parameters", [
-    ("mistral-7b", 7_241_732_096), ("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248),
-    ("llama-3.1-8b", 8_030_261_248), ("gpt2-small", 124_439_808), ("olmo2", 7_298_617_344),
-])
+@pytest.mark.parametrize(
+    "recipe_name, parameters",
+    [
+        ("mistral-7b", 7_241_732_096),
+        ("llama-2-7b", 6_738_415_616),
+        ("llama-3-8b", 8_030_261_248),
+        ("llama-3.1-8b", 8_030_261_248),
+        ("gpt2-small", 124_439_808),
+        ("olmo2", 7_298_617_344),
+    ],
+)
 def test_real_model_recipes_have_the_real_shapes(recipe_name, parameters):
     """Exact parameter counts on the meta device, and the same count from the HF model of the exported config."""
     ours = build_model(load_recipe(recipe_name), "meta")
@@ -190,14 +280,43 @@ def test_real_model_recipes_have_the_real_shapes(recipe_name, parameters):
 
 # The published configs of google/gemma-2-2b and google/gemma-3-1b-pt (their config.json), as transformers builds them
 PUBLISHED = {
-    "gemma-2-2b": ("Gemma2Config", dict(
-        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, sliding_window=4096, rms_norm_eps=1e-6,
-        query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
-    "gemma-3-1b": ("Gemma3TextConfig", dict(
-        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, sliding_window=512, rms_norm_eps=1e-6,
-        query_pre_attn_scalar=256, sliding_window_pattern=6, rope_theta=1000000.0, rope_local_base_freq=10000.0)),
+    "gemma-2-2b": (
+        "Gemma2Config",
+        dict(
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            max_position_embeddings=8192,
+            sliding_window=4096,
+            rms_norm_eps=1e-6,
+            query_pre_attn_scalar=256,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        ),
+    ),
+    "gemma-3-1b": (
+        "Gemma3TextConfig",
+        dict(
+            vocab_size=262144,
+            hidden_size=1152,
+            intermediate_size=6912,
+            num_hidden_layers=26,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            max_position_embeddings=32768,
+            sliding_window=512,
+            rms_norm_eps=1e-6,
+            query_pre_attn_scalar=256,
+            sliding_window_pattern=6,
+            rope_theta=1000000.0,
+            rope_local_base_freq=10000.0,
+        ),
+    ),
 }
 
 
@@ -213,8 +332,17 @@ def test_gemma_recipes_are_the_published_models(cli, name):
     assert code == 0 and f"parameters: {theirs.num_parameters():,}\n" in out
     ours = hf.hf_config(build_model(load_recipe(name), "meta"))
     assert type(ours) is type(published)
-    for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
-                "final_logit_softcapping", "head_dim", "rms_norm_eps", "hidden_activation", "tie_word_embeddings"):
+    for key in (
+        "layer_types",
+        "sliding_window",
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "head_dim",
+        "rms_norm_eps",
+        "hidden_activation",
+        "tie_word_embeddings",
+    ):
         assert getattr(ours, key) == getattr(published, key), key
     assert ours.rope_parameters == published.rope_parameters
 
@@ -223,7 +351,8 @@ def test_a_layout_no_family_holds_is_refused_naming_why(tokens):
     layered = {"model.layer_pattern": ["a", "b"], "model.layer_types": {"a": {}, "b": {"feedforward": "geglu"}}}
     with pytest.raises(UserError, match="cannot export to Hugging Face llama: its layers differ"):
         hf.hf_config(build_model(load_recipe("tiny", layered), "meta"))
-    gemma = load_recipe("gemma-2-2b", {"model.layer_types.global.attention": {"name": "math", "softcap": 20.0},
-                                       "model.n_layers": 2})
+    gemma = load_recipe(
+        "gemma-2-2b", {"model.layer_types.global.attention": {"name": "math", "softcap": 20.0}, "model.n_layers": 2}
+    )
     with pytest.raises(UserError, match="gemma2: local and global attention differ beyond the window"):
         hf.hf_config(build_model(gemma, "meta"))

@@ -12,22 +12,66 @@ from minsota.model import build_model
 from minsota.reference import assert_close
 
 VOCAB, T = 101, 24
-BASE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1)
-DEEPSEEK = dict(BASE, rms_norm_eps=1e-6, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3,
-                n_group=4, topk_group=2, n_shared_experts=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
-                q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)
+BASE = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+)
+DEEPSEEK = dict(
+    BASE,
+    rms_norm_eps=1e-6,
+    num_key_value_heads=4,
+    moe_intermediate_size=16,
+    n_routed_experts=8,
+    num_experts_per_tok=3,
+    n_group=4,
+    topk_group=2,
+    n_shared_experts=2,
+    routed_scaling_factor=2.5,
+    first_k_dense_replace=1,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=12,
+)
 CASES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(BASE, num_local_experts=4, num_experts_per_tok=2)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(BASE, num_experts=4, num_experts_per_tok=2)),
-    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(BASE, num_experts=6, num_experts_per_tok=2, head_dim=16,
-                                                                 moe_intermediate_size=24, norm_topk_prob=True)),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(BASE, num_experts=6, num_experts_per_tok=2, head_dim=16, moe_intermediate_size=24, norm_topk_prob=True),
+    ),
     "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", DEEPSEEK),
-    "deepseek-v3-yarn": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(DEEPSEEK, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
-        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0})),  # T = 24 > 16: it acts
-    "deepseek-v3-plain-q": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(DEEPSEEK, q_lora_rank=None, n_group=1,
-                                                                                topk_group=1, first_k_dense_replace=0)),
+    "deepseek-v3-yarn": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            DEEPSEEK,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+            },
+        ),
+    ),  # T = 24 > 16: it acts
+    "deepseek-v3-plain-q": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(DEEPSEEK, q_lora_rank=None, n_group=1, topk_group=1, first_k_dense_replace=0),
+    ),
 }
 
 
@@ -81,12 +125,36 @@ def _meta_hf(config_class, model_class, **config):
 
 
 REAL = {  # the published configs (transformers' defaults for DeepSeek-V3 are V3's own)
-    "mixtral-8x7b": ("MixtralConfig", "MixtralForCausalLM", dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768)),
-    "olmoe-1b-7b": ("OlmoeConfig", "OlmoeForCausalLM", dict(
-        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
-        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096)),
+    "mixtral-8x7b": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=32768,
+        ),
+    ),
+    "olmoe-1b-7b": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(
+            vocab_size=50304,
+            hidden_size=2048,
+            intermediate_size=1024,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            num_experts=64,
+            num_experts_per_tok=8,
+            max_position_embeddings=4096,
+        ),
+    ),
     "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {}),
 }
 
@@ -100,14 +168,19 @@ def test_real_model_recipes_have_the_published_sizes(recipe_name, cli):
     assert code == 0 and f"parameters: {expected:,}" in out and "active parameters" in out
 
 
-@pytest.mark.parametrize("feedforward, attention, message", [
-    ({"name": "moe", "score": "sigmoid"}, "sdpa", "mixtral: it routes by softmax"),
-    ({"name": "moe", "shared_experts": 1}, {"name": "sdpa", "qk_norm": "head"}, "qwen3_moe: it routes by softmax"),
-    ({"name": "moe", "balance": "aux"}, "mla", "deepseek_v3: it routes by sigmoid scores"),
-])
+@pytest.mark.parametrize(
+    "feedforward, attention, message",
+    [
+        ({"name": "moe", "score": "sigmoid"}, "sdpa", "mixtral: it routes by softmax"),
+        ({"name": "moe", "shared_experts": 1}, {"name": "sdpa", "qk_norm": "head"}, "qwen3_moe: it routes by softmax"),
+        ({"name": "moe", "balance": "aux"}, "mla", "deepseek_v3: it routes by sigmoid scores"),
+    ],
+)
 def test_export_refuses_what_the_expert_families_cannot_hold(feedforward, attention, message, tmp_path):
     from minsota.errors import UserError
-    model = build_model(load_recipe("tiny", {"model.n_layers": 1, "model.feedforward": feedforward,
-                                             "model.attention": attention}))
+
+    model = build_model(
+        load_recipe("tiny", {"model.n_layers": 1, "model.feedforward": feedforward, "model.attention": attention})
+    )
     with pytest.raises(UserError, match=message):
         hf.save_hf(model, tmp_path)

@@ -14,16 +14,23 @@ from minsota.train import train
 
 # every positional encoding through sdpa's masked path (xPos: its scales must not depend on how many tokens a
 # call brings), and each kernel option (the bias with both kernels)
-CASES = [("rope", "sdpa"), ("learned", "sdpa"), ("none", "sdpa"), ("alibi", "sdpa"), ("rope", "math"),
-         ({"name": "rope", "use_xpos": True}, "sdpa"),
-         ("rope", {"name": "sdpa", "window": 8}), ("alibi", {"name": "math", "window": 8, "softcap": 5.0}),
-         ("rope", "mla"), ("alibi", {"name": "mla", "q_lora_rank": 48})]  # mla: the absorbed latent cache
+CASES = [
+    ("rope", "sdpa"),
+    ("learned", "sdpa"),
+    ("none", "sdpa"),
+    ("alibi", "sdpa"),
+    ("rope", "math"),
+    ({"name": "rope", "use_xpos": True}, "sdpa"),
+    ("rope", {"name": "sdpa", "window": 8}),
+    ("alibi", {"name": "math", "window": 8, "softcap": 5.0}),
+    ("rope", "mla"),
+    ("alibi", {"name": "mla", "q_lora_rank": 48}),
+]  # mla: the absorbed latent cache
 
 
 def random_model(positional="rope", attention="sdpa"):
     # init_std 0.1 (not 0.02) so attention patterns, and so a missing or misplaced key, move the logits
-    recipe = load_recipe("tiny", {"model.positional": positional, "model.attention": attention,
-                                  "model.init_std": 0.1})
+    recipe = load_recipe("tiny", {"model.positional": positional, "model.attention": attention, "model.init_std": 0.1})
     torch.manual_seed(0)
     return build_model(recipe).eval()
 
@@ -38,7 +45,7 @@ def test_cached_decoding_gives_the_full_forward_logits(positional, attention):
     with KVCaches(model) as caches:
         assert len(caches.modules) == model.cfg.n_layers
         steps = [model(tokens[:, :10], positions[:, :10])]  # prefill, then one token at a time
-        steps += [model(tokens[:, t:t + 1], positions[:, t:t + 1]) for t in range(10, 24)]
+        steps += [model(tokens[:, t : t + 1], positions[:, t : t + 1]) for t in range(10, 24)]
     # fp32 within 1e-5 of the logits' scale, as every parity check (the cache only reorders the same sums)
     assert_close(torch.cat(steps, dim=1), full, 1e-5, f"{positional}/{attention} cached vs full")
     alone = model(tokens[:, -1:], positions[:, -1:])  # the last token without its past: the test can fail
@@ -71,8 +78,16 @@ def test_sampling_filters():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    recipe = load_recipe("tiny", {"train.steps": 2, "train.sample_tokens": 0, "train.eval_batches": 1,
-                                  "train.batch_size": 2, "train.micro_batch_size": 2})
+    recipe = load_recipe(
+        "tiny",
+        {
+            "train.steps": 2,
+            "train.sample_tokens": 0,
+            "train.eval_batches": 1,
+            "train.batch_size": 2,
+            "train.micro_batch_size": 2,
+        },
+    )
     path = tmp_path_factory.mktemp("inference") / "run"
     assert train(recipe, path) == 0
     return path
@@ -118,7 +133,7 @@ def test_generate_continues_the_prompt(cli, run_dir):
     _, model, _ = load_run(run_dir)
     free = generate(model, [0, *b"import "], 12, top_k=20, seed=1)
     assert len(free) == 12
-    kept = free[:free.index(0)] if 0 in free else free
+    kept = free[: free.index(0)] if 0 in free else free
     assert out == "import " + bytes(kept).decode("utf-8", errors="replace") + "\n"
 
 

@@ -20,8 +20,12 @@ LAYERS = PLUGINS / "layers"
 VALUE_RESIDUAL = {"model.block": "value-residual", "model.attention": "value-residual"}
 PENALTY = {"model.feedforward": {"name": "activation-penalty", "coefficient": 0.01}}
 PENALTY_SET = {"model.feedforward": '{name="activation-penalty", coefficient=0.01}'}  # as typed after --set
-EXAMPLES = {"value_residual.py": VALUE_RESIDUAL, "x0_mixing.py": {"model.block": "x0-prenorm"},
-            "depth_init.py": {"model.feedforward": "depth-swiglu"}, "activation_penalty.py": PENALTY_SET}
+EXAMPLES = {
+    "value_residual.py": VALUE_RESIDUAL,
+    "x0_mixing.py": {"model.block": "x0-prenorm"},
+    "depth_init.py": {"model.feedforward": "depth-swiglu"},
+    "activation_penalty.py": PENALTY_SET,
+}
 SHORT = {"train.steps": 3, "train.eval_batches": 1}
 
 
@@ -33,8 +37,9 @@ def model_with(plugin: str, overrides: dict, **more):
 
 @pytest.mark.parametrize("plugin", EXAMPLES)
 def test_each_example_trains_from_the_command_line(cli, tmp_path, plugin):
-    code, _, err = cli("train", "tiny", "--plugin", LAYERS / plugin, *sets({**EXAMPLES[plugin], **SHORT}),
-                       "--out", tmp_path / "run")  # the end-of-run sample decodes with the KV cache
+    code, _, err = cli(
+        "train", "tiny", "--plugin", LAYERS / plugin, *sets({**EXAMPLES[plugin], **SHORT}), "--out", tmp_path / "run"
+    )  # the end-of-run sample decodes with the KV cache
     assert code == 0, err
     steps = [r for r in records(tmp_path / "run") if "loss" in r]
     assert len(steps) == 3 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in steps)
@@ -42,8 +47,10 @@ def test_each_example_trains_from_the_command_line(cli, tmp_path, plugin):
         assert all(r["aux_loss"] == r["ffn_activation_l2"] > 0 for r in steps)
 
 
-@pytest.mark.parametrize("plugin, overrides, scalars", [
-    ("value_residual.py", VALUE_RESIDUAL, "mix"), ("x0_mixing.py", {"model.block": "x0-prenorm"}, "lambdas")])
+@pytest.mark.parametrize(
+    "plugin, overrides, scalars",
+    [("value_residual.py", VALUE_RESIDUAL, "mix"), ("x0_mixing.py", {"model.block": "x0-prenorm"}, "lambdas")],
+)
 def test_value_residual_and_x0_are_the_plain_block_at_identity_and_then_differ(plugin, overrides, scalars):
     """With tiny's weights, λ = 1 (value residual: a layer's own values only) and (λ, μ) = (1, 0) (x0: no
     embeddings mixed in) give plain tiny's logits; λ = μ = 0.5 brings layer 0's values / x0 in."""
@@ -84,8 +91,10 @@ def test_an_auxiliary_term_is_differentiated_and_kept_apart_from_the_lm_loss():
     assert set(losses) == {"loss", "aux_loss", "ffn_activation_l2"}
     assert torch.equal(losses["loss"], model.loss(tokens[:, :-1], tokens[:, 1:]))  # the LM cross-entropy alone
     hidden = []  # the term by hand: 0.01 · mean(hidden²) of each layer's gated hidden activations, summed
-    handles = [layer.feed_forward.w2.register_forward_hook(lambda m, args, out: hidden.append(args[0]))
-               for layer in model.layers]
+    handles = [
+        layer.feed_forward.w2.register_forward_hook(lambda m, args, out: hidden.append(args[0]))
+        for layer in model.layers
+    ]
     model.losses(tokens[:, :-1], tokens[:, 1:])
     for handle in handles:
         handle.remove()
@@ -100,9 +109,13 @@ def test_an_auxiliary_term_is_differentiated_and_kept_apart_from_the_lm_loss():
 def test_the_examples_compile_with_fullgraph_in_one_layered_model():
     """value residual on layers 0, 1, 3, x0 mixing on layer 2, the depth-scaled and penalised feed-forwards:
     compiled whole with fullgraph=True, equal to eager, and no recompile on a second batch."""
-    overrides = {**VALUE_RESIDUAL, "model.feedforward": "depth-swiglu", "model.layer_pattern": ["a", "a", "b"],
-                 "model.layer_types": {"a": {}, "b": {"block": "x0-prenorm", "attention": "sdpa"}},
-                 "model.layer_overrides": {"-1": {"feedforward": {"name": "activation-penalty"}}}}
+    overrides = {
+        **VALUE_RESIDUAL,
+        "model.feedforward": "depth-swiglu",
+        "model.layer_pattern": ["a", "a", "b"],
+        "model.layer_types": {"a": {}, "b": {"block": "x0-prenorm", "attention": "sdpa"}},
+        "model.layer_overrides": {"-1": {"feedforward": {"name": "activation-penalty"}}},
+    }
     recipe = minsota.load_recipe("tiny", overrides, plugin_specs=[str(LAYERS / p) for p in EXAMPLES])
     model = minsota.build_model(recipe)
     torch.compiler.reset()
@@ -120,16 +133,36 @@ def test_the_examples_compile_with_fullgraph_in_one_layered_model():
 
 
 # 8 sequences per step: 2 micro-batches of 4 in one process (gradient accumulation), one per rank in two
-AUX_RUN = {**PENALTY_SET, "train.steps": 4, "train.micro_batch_size": 4, "train.eval_batches": 2,
-           "train.sample_tokens": 0}
+AUX_RUN = {
+    **PENALTY_SET,
+    "train.steps": 4,
+    "train.micro_batch_size": 4,
+    "train.eval_batches": 2,
+    "train.sample_tokens": 0,
+}
 
 
 @pytest.fixture(scope="module")
 def penalised_single(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("aux") / "run"
-    process = subprocess.run([sys.executable, "-m", "minsota", "train", "tiny", "--plugin",
-                              LAYERS / "activation_penalty.py", "--out", run_dir, *sets(AUX_RUN)],
-                             env=ENV, capture_output=True, text=True, timeout=300)
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minsota",
+            "train",
+            "tiny",
+            "--plugin",
+            LAYERS / "activation_penalty.py",
+            "--out",
+            run_dir,
+            *sets(AUX_RUN),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stderr
     return run_dir
 
@@ -137,8 +170,15 @@ def penalised_single(tmp_path_factory):
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_auxiliary_losses_over_two_ranks_match_one(penalised_single, tmp_path, parallelism):
     run_dir = tmp_path / "run"
-    process = torchrun("train", "tiny", "--plugin", LAYERS / "activation_penalty.py", "--out", run_dir,
-                       *sets({**AUX_RUN, "train.parallelism": parallelism}))
+    process = torchrun(
+        "train",
+        "tiny",
+        "--plugin",
+        LAYERS / "activation_penalty.py",
+        "--out",
+        run_dir,
+        *sets({**AUX_RUN, "train.parallelism": parallelism}),
+    )
     assert process.returncode == 0, process.stderr
     one, two = ([r for r in records(d) if "loss" in r] for d in (penalised_single, run_dir))
     assert len(one) == len(two) == 4

@@ -35,8 +35,9 @@ def local_global(tmp_path):
 
 def test_a_layer_is_model_then_its_type_then_its_override(local_global):
     specs = layer_specs(minsota.load_recipe(local_global).model)
-    assert [s["attention"] for s in specs] == [{"name": "sdpa", "window": 16}] * 2 + ["sdpa"] + \
-        [{"name": "sdpa", "window": 16}] * 2 + ["sdpa"]
+    assert [s["attention"] for s in specs] == [{"name": "sdpa", "window": 16}] * 2 + ["sdpa"] + [
+        {"name": "sdpa", "window": 16}
+    ] * 2 + ["sdpa"]
     rope = {"name": "rope", "theta": 10000.0}  # tiny's, kept where the type says nothing
     assert [s["positional"] for s in specs] == [rope, rope, {"name": "rope", "theta": 1000000.0}] * 2
     assert [s["feedforward"] for s in specs] == ["swiglu"] * 5 + ["geglu"]  # -1: the last layer
@@ -58,8 +59,9 @@ def test_layer_tables_through_extends_and_set(tmp_path, local_global):
     # the child's `global` replaces the parent's whole (its positional is gone); `local` is inherited
     assert specs[2]["attention"] == "math" and specs[2]["positional"] == {"name": "rope", "theta": 10000.0}
     assert specs[0]["attention"] == {"name": "sdpa", "window": 16}
-    recipe = minsota.load_recipe(child, {"model.layer_types.local.attention.window": 8,
-                                         "model.layer_types.global.attention.window": 4})
+    recipe = minsota.load_recipe(
+        child, {"model.layer_types.local.attention.window": 8, "model.layer_types.global.attention.window": 4}
+    )
     specs = layer_specs(recipe.model)
     assert specs[0]["attention"] == {"name": "sdpa", "window": 8}
     assert specs[2]["attention"] == {"name": "math", "window": 4}  # a name becomes its inline table
@@ -69,24 +71,45 @@ def test_layer_tables_through_extends_and_set(tmp_path, local_global):
     assert inherited.where("model.layer_types.global.attention") == str(child)
 
 
-@pytest.mark.parametrize("text, key, message", [
-    ('layer_pattern = ["a"]\n', "model.layer_pattern", "needs its types defined as tables"),
-    ('layer_pattern = ["local", "glob"]\n[model.layer_types.local]\n[model.layer_types.global]\n',
-     "model.layer_pattern", "type 'glob' is not defined in model.layer_types (did you mean 'global'?)"),
-    ('[model.layer_overrides.4]\nfeedforward = "geglu"\n', "model.layer_overrides.4",
-     "layer 4 is out of range for model.n_layers = 4"),
-    ('[model.layer_overrides.-5]\nfeedforward = "geglu"\n', "model.layer_overrides.-5", "out of range"),
-    ('[model.layer_overrides.x]\nfeedforward = "geglu"\n', "model.layer_overrides.x", "must be an integer"),
-    ('[model.layer_overrides.0]\nfeedforward = "geglu"\n[model.layer_overrides.-4]\nblock = "parallel"\n',
-     "model.layer_overrides.-4", "names the same layer as model.layer_overrides.0"),
-    ('layer_pattern = ["local"]\n[model.layer_types.local]\natention = "math"\n', "model.layer_types.local.atention",
-     "did you mean 'attention'?"),
-    ('layer_pattern = ["local"]\n[model.layer_types.local]\nattention = "flash9"\n',
-     "model.layer_types.local.attention", "unknown attention 'flash9'"),
-    ('[model.layer_overrides.0]\nnorm = { eps = 1e-6 }\n', "model.layer_overrides.0.norm", "string 'name'"),
-    ('layer_pattern = ["local"]\n[model.layer_types.local]\nattention = { name = "sdpa", windw = 4 }\n',
-     "model.layer_types.local.attention", "windw"),  # a bad option: refused when the model is built
-])
+@pytest.mark.parametrize(
+    "text, key, message",
+    [
+        ('layer_pattern = ["a"]\n', "model.layer_pattern", "needs its types defined as tables"),
+        (
+            'layer_pattern = ["local", "glob"]\n[model.layer_types.local]\n[model.layer_types.global]\n',
+            "model.layer_pattern",
+            "type 'glob' is not defined in model.layer_types (did you mean 'global'?)",
+        ),
+        (
+            '[model.layer_overrides.4]\nfeedforward = "geglu"\n',
+            "model.layer_overrides.4",
+            "layer 4 is out of range for model.n_layers = 4",
+        ),
+        ('[model.layer_overrides.-5]\nfeedforward = "geglu"\n', "model.layer_overrides.-5", "out of range"),
+        ('[model.layer_overrides.x]\nfeedforward = "geglu"\n', "model.layer_overrides.x", "must be an integer"),
+        (
+            '[model.layer_overrides.0]\nfeedforward = "geglu"\n[model.layer_overrides.-4]\nblock = "parallel"\n',
+            "model.layer_overrides.-4",
+            "names the same layer as model.layer_overrides.0",
+        ),
+        (
+            'layer_pattern = ["local"]\n[model.layer_types.local]\natention = "math"\n',
+            "model.layer_types.local.atention",
+            "did you mean 'attention'?",
+        ),
+        (
+            'layer_pattern = ["local"]\n[model.layer_types.local]\nattention = "flash9"\n',
+            "model.layer_types.local.attention",
+            "unknown attention 'flash9'",
+        ),
+        ("[model.layer_overrides.0]\nnorm = { eps = 1e-6 }\n", "model.layer_overrides.0.norm", "string 'name'"),
+        (
+            'layer_pattern = ["local"]\n[model.layer_types.local]\nattention = { name = "sdpa", windw = 4 }\n',
+            "model.layer_types.local.attention",
+            "windw",
+        ),  # a bad option: refused when the model is built
+    ],
+)
 def test_bad_layer_tables_are_one_line_exit_2_naming_file_and_key(cli, tmp_path, text, key, message):
     recipe = write(tmp_path / "bad.toml", f'extends = "tiny"\n[model]\n{text}')
     code, _, err = cli("train", recipe, "--set", "train.steps=1", "--out", tmp_path / "run")
@@ -107,10 +130,13 @@ def test_show_prints_one_line_per_distinct_layer(cli, local_global):
     assert code == 0
     layout = out.split("layout:\n")[1].split("parameters:")[0].splitlines()
     assert layout == [
-        ('  layers 0-1, 3-4 (4): positional = {name = "rope", theta = 10000.0}  '
-         'attention = {name = "sdpa", window = 16}  feedforward = "swiglu"'),
+        (
+            '  layers 0-1, 3-4 (4): positional = {name = "rope", theta = 10000.0}  '
+            'attention = {name = "sdpa", window = 16}  feedforward = "swiglu"'
+        ),
         '  layer 2: positional = {name = "rope", theta = 1000000.0}  attention = "sdpa"  feedforward = "swiglu"',
-        '  layer 5: positional = {name = "rope", theta = 1000000.0}  attention = "sdpa"  feedforward = "geglu"']
+        '  layer 5: positional = {name = "rope", theta = 1000000.0}  attention = "sdpa"  feedforward = "geglu"',
+    ]
     code, out, _ = cli("show", "tiny")
     assert "layout:\n  layers 0-3: all alike\n" in out
 
@@ -123,8 +149,18 @@ def test_diff_shows_the_layout_difference(cli, local_global):
 
 
 def test_recipe_json_stores_every_layer_resolved(tmp_path, local_global, cli):
-    code, _, err = cli("train", local_global, "--set", "train.steps=1", "--set", "train.sample_tokens=0",
-                       "--set", "train.eval_batches=1", "--out", tmp_path / "run")
+    code, _, err = cli(
+        "train",
+        local_global,
+        "--set",
+        "train.steps=1",
+        "--set",
+        "train.sample_tokens=0",
+        "--set",
+        "train.eval_batches=1",
+        "--out",
+        tmp_path / "run",
+    )
     assert code == 0, err
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert saved["layers"] == layer_specs(minsota.load_recipe(local_global).model) and len(saved["layers"]) == 6
@@ -148,7 +184,9 @@ def test_flops_of_a_local_global_recipe_equal_a_hand_count(local_global):
 
 
 def test_factories_naming_layer_get_their_index(tmp_path):
-    plugin = write(tmp_path / "depth.py", '''
+    plugin = write(
+        tmp_path / "depth.py",
+        """
 from minsota import hookimpl
 from minsota.builtins.feedforward import MLP
 
@@ -160,6 +198,7 @@ class Seen(MLP):
 @hookimpl
 def minsota_register_feedforwards():
     return {"seen": Seen}
-''')
+""",
+    )
     recipe = minsota.load_recipe("tiny", {"model.feedforward": "seen"}, plugin_specs=[str(plugin)])
     assert [layer.feed_forward.layer for layer in minsota.build_model(recipe).layers] == [0, 1, 2, 3]

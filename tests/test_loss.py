@@ -134,8 +134,9 @@ def test_compiles_fullgraph():
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_decoder_loss_is_cross_entropy_of_its_logits(tie_embeddings):
-    recipe = load_recipe("tiny", {"model.tie_embeddings": tie_embeddings, "model.z_loss": 1e-3,
-                                  "model.logit_softcap": 5.0})
+    recipe = load_recipe(
+        "tiny", {"model.tie_embeddings": tie_embeddings, "model.z_loss": 1e-3, "model.logit_softcap": 5.0}
+    )
     torch.manual_seed(0)
     model = build_model(recipe)
     tokens = torch.randint(0, recipe.model.vocab_size, (2, 16))
@@ -159,7 +160,11 @@ class GemmDtypes(TorchDispatchMode):
         self.seen = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.minsota.accumulate_matmul.default):
+        if func in (
+            torch.ops.aten.mm.default,
+            torch.ops.aten.addmm.default,
+            torch.ops.minsota.accumulate_matmul.default,
+        ):
             self.seen.append(tuple(a.dtype for a in args[-2:]))
         return func(*args, **(kwargs or {}))
 

@@ -49,8 +49,13 @@ def test_the_check_uses_the_device_figure_and_can_be_turned_off(cli, tmp_path, m
     monkeypatch.setattr(memory, "available", lambda device: (1 << 20, "available RAM"))  # a 1 MiB machine
     code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets({"train.steps": 1, "train.sample_tokens": 0}))
     assert code == 2 and "more than its 1 MiB available RAM" in err, err
-    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets({"train.steps": 1, "train.sample_tokens": 0,
-                                                                          "train.check_memory": False}))
+    code, _, err = cli(
+        "train",
+        "tiny",
+        "--out",
+        tmp_path / "run",
+        *sets({"train.steps": 1, "train.sample_tokens": 0, "train.check_memory": False}),
+    )
     assert code == 0, err
 
 
@@ -84,9 +89,17 @@ print(estimate / (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - be
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_the_estimate_is_near_a_real_step_s_peak_memory():
     """Measured 0.94 here for this shape: the estimate is the right size, neither a tenth nor ten times it."""
-    shape = {"model.dim": 256, "model.n_heads": 4, "train.micro_batch_size": 8, "train.batch_size": 8,
-             "train.seq_len": 512, "model.max_seq_len": 512, "model.attention": "math"}
-    process = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(shape)], env=ENV, capture_output=True,
-                             text=True, timeout=300)
+    shape = {
+        "model.dim": 256,
+        "model.n_heads": 4,
+        "train.micro_batch_size": 8,
+        "train.batch_size": 8,
+        "train.seq_len": 512,
+        "model.max_seq_len": 512,
+        "model.attention": "math",
+    }
+    process = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(shape)], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert process.returncode == 0, process.stderr
     assert 0.6 < float(process.stdout) < 1.5

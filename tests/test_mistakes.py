@@ -65,9 +65,17 @@ def test_a_recipe_path_that_is_a_directory(cli, tmp_path, command):
     one_line(err, f"{tmp_path}: is a directory, not a recipe file")
 
 
-@pytest.mark.parametrize("override", ["train.lr=nan", "train.beta2=inf", "model.init_std=-inf", "train.eps=nan",
-                                      'model.positional={name="rope", theta=inf}',
-                                      'model.norm={name="rmsnorm", eps=nan}'])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=nan",
+        "train.beta2=inf",
+        "model.init_std=-inf",
+        "train.eps=nan",
+        'model.positional={name="rope", theta=inf}',
+        'model.norm={name="rmsnorm", eps=nan}',
+    ],
+)
 def test_non_finite_floats_are_refused_in_every_key(cli, tmp_path, override):
     code, _, err = cli("train", "tiny", "--set", override, "--out", tmp_path / "run")
     assert code == 2
@@ -87,17 +95,28 @@ def test_non_finite_float_in_a_recipe_file(cli, tmp_path):
 # ------------------------------------------------------------------------------------ command-line arguments
 
 
-@pytest.mark.parametrize("arg", ["--temperature=nan", "--temperature=inf", "--top-p=nan", "--top-p=-inf",
-                                 "--temperature=warm"])
+@pytest.mark.parametrize(
+    "arg", ["--temperature=nan", "--temperature=inf", "--top-p=nan", "--top-p=-inf", "--temperature=warm"]
+)
 def test_every_float_argument_is_a_finite_number(capsys, tmp_path, arg):
     option, value = arg.split("=")
     line = usage_error(capsys, "generate", tmp_path, arg)
     assert line.startswith(f"minsota generate: error: argument {option}: ") and repr(value) in line
 
 
-@pytest.mark.parametrize("args", [["train", "tiny", "--out", ""], ["train", "--resume", ""], ["eval", ""],
-                                  ["generate", " "], ["compare", "tiny", "tiny", "--out", ""],
-                                  ["export-hf", "RUN", ""], ["import-hf", "", "RUN"], ["list", "--plugin", ""]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "tiny", "--out", ""],
+        ["train", "--resume", ""],
+        ["eval", ""],
+        ["generate", " "],
+        ["compare", "tiny", "tiny", "--out", ""],
+        ["export-hf", "RUN", ""],
+        ["import-hf", "", "RUN"],
+        ["list", "--plugin", ""],
+    ],
+)
 def test_every_path_argument_refuses_an_empty_path(capsys, tmp_path, monkeypatch, args):
     monkeypatch.chdir(tmp_path)
     line = usage_error(capsys, *args)
@@ -110,7 +129,8 @@ def test_an_unknown_option_shows_its_command_s_usage(capsys):
         main(["train", "--bogus-flag"])
     err = capsys.readouterr().err
     assert err.startswith("usage: minsota train ") and err.strip().endswith(
-        "minsota train: error: unrecognized arguments: --bogus-flag")
+        "minsota train: error: unrecognized arguments: --bogus-flag"
+    )
 
 
 def test_a_plugin_path_that_is_a_directory(cli, tmp_path):
@@ -175,8 +195,14 @@ def rewrite_with_manifest(path: Path, data: bytes) -> None:
     manifest_path.write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("name, data", [(checkpoint.MODEL, b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all"),
-                                        (checkpoint.OPTIMIZER, b"garbage"), (checkpoint.TRAINER, b"{step: 2")])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        (checkpoint.MODEL, b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all"),
+        (checkpoint.OPTIMIZER, b"garbage"),
+        (checkpoint.TRAINER, b"{step: 2"),
+    ],
+)
 def test_a_checkpoint_that_matches_its_manifest_but_cannot_be_read(cli, run_copy, name, data):
     newest = run_copy / "checkpoints" / "step-2"
     rewrite_with_manifest(newest / name, data)
@@ -203,14 +229,17 @@ def test_eval_names_the_first_weight_that_does_not_fit(cli, trained):
 
 def interrupted(*args, prelude: str) -> subprocess.CompletedProcess:
     code = f"import sys\n{prelude}\nfrom minsota.cli import main\nsys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=ENV, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=120
+    )
 
 
 # SIGINT to itself at the end of start-up: after recipe.json is written, before the first step
-SIGINT_AT_START = ("import os, signal, minsota.train as t\nreal = t.build_model\n"
-                   "def build(*a):\n    os.kill(os.getpid(), signal.SIGINT)\n    return real(*a)\n"
-                   "t.build_model = build")
+SIGINT_AT_START = (
+    "import os, signal, minsota.train as t\nreal = t.build_model\n"
+    "def build(*a):\n    os.kill(os.getpid(), signal.SIGINT)\n    return real(*a)\n"
+    "t.build_model = build"
+)
 
 
 def test_ctrl_c_during_start_up_of_a_new_run_leaves_nothing(tmp_path):
@@ -219,8 +248,13 @@ def test_ctrl_c_during_start_up_of_a_new_run_leaves_nothing(tmp_path):
     assert process.returncode == 130
     one_line(process.stderr, "minsota: interrupted: during start-up", "the new run left nothing behind")
     assert not run_dir.exists()
-    process = subprocess.run([sys.executable, "-m", "minsota", "train", "tiny", "--out", run_dir, *sets(RUN)],
-                             env=ENV, capture_output=True, text=True, timeout=120)
+    process = subprocess.run(
+        [sys.executable, "-m", "minsota", "train", "tiny", "--out", run_dir, *sets(RUN)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert process.returncode == 0, process.stderr  # the same --out is not refused
 
 
@@ -228,21 +262,32 @@ def test_ctrl_c_during_start_up_of_a_resume_leaves_the_run_as_it_was(run_copy):
     before = {p.relative_to(run_copy): p.read_bytes() for p in run_copy.rglob("*") if p.is_file() and p.name != ".lock"}
     process = interrupted("train", "--resume", run_copy, "--set", "train.steps=3", prelude=SIGINT_AT_START)
     assert process.returncode == 130
-    one_line(process.stderr.replace("minsota: resuming with train.steps 2 -> 3\n", ""),
-             f"{run_copy} is unchanged: continue it with minsota train --resume {run_copy}")
+    one_line(
+        process.stderr.replace("minsota: resuming with train.steps 2 -> 3\n", ""),
+        f"{run_copy} is unchanged: continue it with minsota train --resume {run_copy}",
+    )
     after = {p.relative_to(run_copy): p.read_bytes() for p in run_copy.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after.keys() == before.keys() and all(after[k] == before[k] for k in before if k.name != "recipe.json")
 
 
 def test_ctrl_c_while_importing_is_one_line():
     """The CLI imports torch inside its error handling (`import minsota.cli` does not import it)."""
-    process = interrupted("train", "tiny", prelude=(
-        "class Interrupt:\n    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch':\n            raise KeyboardInterrupt\n"
-        "sys.meta_path.insert(0, Interrupt())"))
+    process = interrupted(
+        "train",
+        "tiny",
+        prelude=(
+            "class Interrupt:\n    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch':\n            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())"
+        ),
+    )
     assert process.returncode == 130
     one_line(process.stderr, "minsota: interrupted")
-    imported = subprocess.run([sys.executable, "-c", "import sys, minsota.cli; print('torch' in sys.modules)"],
-                              env=ENV, capture_output=True, text=True, timeout=60)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, minsota.cli; print('torch' in sys.modules)"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert imported.stdout.strip() == "False", imported.stderr
-

@@ -38,8 +38,13 @@ def test_refusals_name_the_key_and_both_kernels(cli):
 def test_softmax_scale_from_the_qk_width_and_yarn_mscale():
     model = mla_model({"name": "mla", "qk_nope_head_dim": 64})
     assert model.layers[0].attention.scale == (64 + 32) ** -0.5
-    yarn = {"name": "rope", "scaling": "yarn", "factor": 40.0, "original_max_position_embeddings": 16,
-            "attention_factor": 1.0}
+    yarn = {
+        "name": "rope",
+        "scaling": "yarn",
+        "factor": 40.0,
+        "original_max_position_embeddings": 16,
+        "attention_factor": 1.0,
+    }
     model = mla_model({"name": "mla", "qk_nope_head_dim": 64, "mscale_all_dim": 1.0}, **{"model.positional": yarn})
     assert model.layers[0].attention.scale == pytest.approx((64 + 32) ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
 
@@ -59,8 +64,9 @@ def test_fullgraph_compile_matches_eager_with_documents():
     model = build_model(recipe)
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
     documents = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
-    positions = torch.cat([torch.arange(6), torch.arange(10)]).expand(2, 16) * torch.tensor([[1], [0]]) \
-        + torch.arange(16).expand(2, 16) * torch.tensor([[0], [1]])
+    positions = torch.cat([torch.arange(6), torch.arange(10)]).expand(2, 16) * torch.tensor([[1], [0]]) + torch.arange(
+        16
+    ).expand(2, 16) * torch.tensor([[0], [1]])
     args = (tokens[:, :-1], tokens[:, 1:], positions, documents)
     torch._dynamo.reset()
     compiled = torch.compile(model.losses, fullgraph=True)

@@ -24,8 +24,15 @@ VARIANTS = [
     {},
     {"dispatch": "loop"},
     {"top_k": 1, "normalize_top_k": False, "balance": "none"},  # OLMoE-like: no renormalisation
-    {"score": "sigmoid", "balance": "bias", "shared_experts": 2, "shared_dim": 16, "groups": 4, "top_groups": 2,
-     "route_scale": 2.5},  # DeepSeek-V3-like
+    {
+        "score": "sigmoid",
+        "balance": "bias",
+        "shared_experts": 2,
+        "shared_dim": 16,
+        "groups": 4,
+        "top_groups": 2,
+        "route_scale": 2.5,
+    },  # DeepSeek-V3-like
     {"experts": 6, "top_k": 3, "expert_dim": 20, "router_z_loss": 1e-3},  # 20: not 8-aligned, the loop serves
 ]
 
@@ -43,16 +50,19 @@ def built(**options):
 @pytest.mark.parametrize("options", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_dispatch_matches_the_per_expert_reference(options):
     module = built(**options)
-    assert module.dispatch == ("loop" if options.get("dispatch") == "loop" or options.get("expert_dim") == 20
-                               else "grouped")
+    assert module.dispatch == (
+        "loop" if options.get("dispatch") == "loop" or options.get("expert_dim") == 20 else "grouped"
+    )
     torch.manual_seed(1)
     x = torch.randn(2, 12, CFG.dim, requires_grad=True)
     actual, expected = module(x), reference.call(module, x)
     assert_close(actual, expected, 1e-5, f"moe {options} forward")
     cotangent = torch.randn_like(expected)
     leaves = [x, *module.parameters()]
-    for got, want in zip(torch.autograd.grad((actual * cotangent).sum(), leaves),
-                         torch.autograd.grad((expected * cotangent).sum(), leaves)):
+    for got, want in zip(
+        torch.autograd.grad((actual * cotangent).sum(), leaves),
+        torch.autograd.grad((expected * cotangent).sum(), leaves),
+    ):
         assert_close(got, want, 1e-5, f"moe {options} gradient")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the router stays fp32: the same experts are chosen
         low = module(x)
@@ -64,6 +74,7 @@ def test_routing_semantics():
     module = built(score="sigmoid", balance="bias", groups=4, top_groups=1, top_k=2, normalize_top_k=False)
     x = torch.randn(16, CFG.dim)
     from minsota.builtins.moe import route
+
     logits, weights, experts = route(module, x)
     scores = logits.sigmoid()
     assert torch.equal(weights, scores.gather(1, experts))  # unbiased weights
@@ -94,6 +105,7 @@ def test_auxiliary_terms_and_metric():
 
 def _experts(module, x):
     from minsota.builtins.moe import route
+
     return route(module, x.reshape(-1, CFG.dim))[2].flatten()
 
 
@@ -144,8 +156,13 @@ def test_training_logs_the_terms_and_resumes_bias_balancing_exactly(tmp_path):
     checkpointed, so a resumed run repeats the uninterrupted one bit for bit."""
     run_dir = tmp_path / "run"
     args = {"train.steps": 6, "train.log_every": 1, "train.checkpoint_every": 3, "train.sample_tokens": 0}
-    process = subprocess.run([sys.executable, "-m", "minsota", "train", TINY_MOE, "--out", run_dir, *sets(args)],
-                             env=ENV, capture_output=True, text=True, timeout=300)
+    process = subprocess.run(
+        [sys.executable, "-m", "minsota", "train", TINY_MOE, "--out", run_dir, *sets(args)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stderr
     steps = [r for r in records(run_dir) if "loss" in r]
     assert len(steps) == 6
@@ -153,14 +170,20 @@ def test_training_logs_the_terms_and_resumes_bias_balancing_exactly(tmp_path):
         assert r["router_z_loss"] > 0 and r["aux_loss"] == pytest.approx(r["router_z_loss"])
         assert 1 <= r["moe_imbalance"] <= 2  # top-2 of 4: one expert gets at most half the assignments
     from minsota import checkpoint
+
     weights = checkpoint.load(run_dir / "checkpoints" / "step-6")["model"]
     bias = weights["layers.0.feed_forward.expert_bias"]
     assert bias.abs().sum() > 0 and torch.allclose(bias * 100, (bias * 100).round(), atol=1e-3)  # k · rate (0.01)
     resumed = Path(shutil.copytree(run_dir, tmp_path / "resumed"))
-    process = subprocess.run([sys.executable, "-m", "minsota", "train", "--resume", resumed / "checkpoints" / "step-3"],
-                             env=ENV, capture_output=True, text=True, timeout=300)
+    process = subprocess.run(
+        [sys.executable, "-m", "minsota", "train", "--resume", resumed / "checkpoints" / "step-3"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stderr
-    again = [r for r in records(resumed)[len(records(run_dir)):] if "loss" in r]
+    again = [r for r in records(resumed)[len(records(run_dir)) :] if "loss" in r]
     expected = losses(run_dir)
     assert [(r["step"], r["loss"]) for r in again] == [(s, expected[s]) for s in (4, 5, 6)]
     final = checkpoint.load(resumed / "checkpoints" / "step-6")["model"]
@@ -202,18 +225,31 @@ def test_two_ranks_match_one_with_bias_balancing(tmp_path, parallelism):
     from test_distributed import torchrun
 
     from minsota import checkpoint
+
     recipe = REPO / "tests" / "assets" / "tiny-moe-mla.toml"
-    run = {"train.steps": 4, "train.micro_batch_size": 4, "train.log_every": 1, "train.checkpoint_every": 4,
-           "train.eval_every": 0, "train.sample_tokens": 0}
+    run = {
+        "train.steps": 4,
+        "train.micro_batch_size": 4,
+        "train.log_every": 1,
+        "train.checkpoint_every": 4,
+        "train.eval_every": 0,
+        "train.sample_tokens": 0,
+    }
     one, two = tmp_path / "one", tmp_path / "two"
-    process = subprocess.run([sys.executable, "-m", "minsota", "train", recipe, "--out", one, *sets(run)], env=ENV,
-                             capture_output=True, text=True, timeout=300)
+    process = subprocess.run(
+        [sys.executable, "-m", "minsota", "train", recipe, "--out", one, *sets(run)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stderr
     process = torchrun("train", recipe, "--out", two, *sets({**run, "train.parallelism": parallelism}))
     assert process.returncode == 0, process.stderr
     for key in ("loss", "grad_norm", "moe_imbalance"):
         assert [r[key] for r in records(two) if "loss" in r] == pytest.approx(
-            [r[key] for r in records(one) if "loss" in r], rel=1e-4), key
+            [r[key] for r in records(one) if "loss" in r], rel=1e-4
+        ), key
     biases = [checkpoint.load(run_dir / "checkpoints" / "step-4")["model"] for run_dir in (one, two)]
     for name in (k for k in biases[0] if k.endswith("expert_bias")):
         assert biases[0][name].abs().sum() > 0

@@ -14,15 +14,22 @@ from minsota.recipe import TrainConfig
 from conftest import PLUGINS, losses, records, sets
 
 SIGNUM = PLUGINS / "signum.py"
-RUN = {"train.steps": 8, "train.checkpoint_every": 3, "train.eval_every": 2, "train.eval_batches": 1,
-       "train.sample_tokens": 0}
+RUN = {
+    "train.steps": 8,
+    "train.checkpoint_every": 3,
+    "train.eval_every": 2,
+    "train.eval_batches": 1,
+    "train.sample_tokens": 0,
+}
 OPTIMIZERS = {  # name -> the recipe overrides that run it (and the plugin that brings it)
     "adamw": ({"train.optimizer": "'adamw'"}, ()),
     "muon": ({"train.optimizer": "'muon'"}, ()),
     "lion": ({"train.optimizer": "{name='lion', beta2=0.98}"}, ()),
     "schedulefree-adamw": ({"train.optimizer": "'schedulefree-adamw'", "train.schedule": "'constant'"}, ()),
-    "signum (third-party)": ({"train.optimizer": "{name='signum', momentum=0.8}", "train.schedule": "'halving'"},
-                             ("--plugin", SIGNUM)),
+    "signum (third-party)": (
+        {"train.optimizer": "{name='signum', momentum=0.8}", "train.schedule": "'halving'"},
+        ("--plugin", SIGNUM),
+    ),
 }
 
 
@@ -48,15 +55,23 @@ def test_muon_orthogonalises_each_part_of_a_fused_matrix():
             p.grad = g.clone()
         for optimizer in (ours, unsplit, reference):
             optimizer.step()
-    assert torch.equal(fused.detach(), torch.cat([p.detach() for p in parts])), \
+    assert torch.equal(fused.detach(), torch.cat([p.detach() for p in parts])), (
         f"max abs diff {(fused - torch.cat(parts)).abs().max():.3g}"
+    )
     assert not torch.allclose(whole, fused, atol=1e-4)
 
 
 def test_muon_match_rms_adamw_uses_the_adamw_lr_scaled_per_matrix():
     p = torch.nn.Parameter(torch.zeros(16, 4))
-    group = {"params": [p], "names": ["w"], "role": "matrix", "lr": 1e-3, "lr_scale": 1.0, "weight_decay": 0.0,
-             "splits": [None]}
+    group = {
+        "params": [p],
+        "names": ["w"],
+        "role": "matrix",
+        "lr": 1e-3,
+        "lr_scale": 1.0,
+        "weight_decay": 0.0,
+        "splits": [None],
+    }
     optimizer = muon_factory()([group], TrainConfig(lr=1e-3), match_rms_adamw=True)
     p.grad = torch.randn(16, 4)
     optimizer.step()
@@ -77,13 +92,17 @@ def test_resume_is_bit_exact(tmp_path, cli, name):
     resumed = Path(shutil.copytree(run_dir, tmp_path / "resumed"))
     code, _, err = cli("train", "--resume", resumed / "checkpoints" / "step-3")
     assert code == 0, err
-    again = [(r["step"], r["loss"], r["grad_norm"]) for r in records(resumed)[len(records(run_dir)):] if "loss" in r]
-    assert again == [(r["step"], r["loss"], r["grad_norm"]) for r in records(run_dir) if r.get("step", 0) > 3
-                     and "loss" in r]
+    again = [(r["step"], r["loss"], r["grad_norm"]) for r in records(resumed)[len(records(run_dir)) :] if "loss" in r]
+    assert again == [
+        (r["step"], r["loss"], r["grad_norm"]) for r in records(run_dir) if r.get("step", 0) > 3 and "loss" in r
+    ]
     assert max(losses(run_dir)) == 8 and losses(run_dir)[8] < losses(run_dir)[1]  # it trained
     if name.startswith("signum"):  # the non-tensor state went to JSON, whole
         saved = json.loads((run_dir / "checkpoints" / "step-8" / "trainer.json").read_text())["optimizer"]["state"]
-        assert saved["output.weight"] == {"steps": 8, "last": {"lr": pytest.approx(3e-3 * 0.5), "role": "head"}}  # step 7 of 8: halved once
+        assert saved["output.weight"] == {
+            "steps": 8,
+            "last": {"lr": pytest.approx(3e-3 * 0.5), "role": "head"},
+        }  # step 7 of 8: halved once
 
 
 def test_a_resume_that_changes_the_optimizer_is_refused_unless_allowed(tmp_path, cli):
@@ -93,8 +112,14 @@ def test_a_resume_that_changes_the_optimizer_is_refused_unless_allowed(tmp_path,
     code, _, err = cli("train", "--resume", run_dir, *sets({"train.steps": 5, "train.optimizer": "'lion'"}))
     assert code == 2 and err.count("\n") == 1
     assert "train.optimizer changed from 'adamw' to 'lion'" in err and "--allow-change train.optimizer" in err
-    code, _, err = cli("train", "--resume", run_dir, *sets({"train.steps": 5, "train.optimizer": "'lion'"}),
-                       "--allow-change", "train.optimizer")
+    code, _, err = cli(
+        "train",
+        "--resume",
+        run_dir,
+        *sets({"train.steps": 5, "train.optimizer": "'lion'"}),
+        "--allow-change",
+        "train.optimizer",
+    )
     assert code == 0, err
     assert "train.optimizer changed (allowed): its state starts afresh" in err and max(losses(run_dir)) == 5
 
@@ -103,8 +128,13 @@ def test_every_builtin_registers_through_the_hooks_and_lists(cli):
     code, out, err = cli("list", "optimizers", "--plugin", SIGNUM)
     assert code == 0, err
     rows = {line.split()[1]: line.split()[2] for line in out.splitlines()}
-    assert rows == {"adamw": "optimizers", "muon": "optimizers", "lion": "optimizers",
-                    "schedulefree-adamw": "optimizers", "signum": "signum"}
+    assert rows == {
+        "adamw": "optimizers",
+        "muon": "optimizers",
+        "lion": "optimizers",
+        "schedulefree-adamw": "optimizers",
+        "signum": "signum",
+    }
     code, out, err = cli("list", "schedules")
     assert code == 0, err
     assert {line.split()[1] for line in out.splitlines()} == {"cosine", "wsd", "constant", "linear", "inverse-sqrt"}
@@ -117,10 +147,16 @@ def test_an_optimizer_with_modes_evaluates_checkpoints_and_samples_in_eval_mode(
     calls = []
     for mode in ("train", "eval"):
         real = getattr(schedulefree.AdamWScheduleFree, mode)
-        monkeypatch.setattr(schedulefree.AdamWScheduleFree, mode,
-                            lambda self, real=real, mode=mode: (calls.append(mode), real(self))[1])
-    overrides = {**RUN, "train.steps": 4, "train.sample_tokens": 4, "train.optimizer": "'schedulefree-adamw'",
-                 "train.schedule": "'constant'"}
+        monkeypatch.setattr(
+            schedulefree.AdamWScheduleFree, mode, lambda self, real=real, mode=mode: (calls.append(mode), real(self))[1]
+        )
+    overrides = {
+        **RUN,
+        "train.steps": 4,
+        "train.sample_tokens": 4,
+        "train.optimizer": "'schedulefree-adamw'",
+        "train.schedule": "'constant'",
+    }
     code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets(overrides))
     assert code == 0, err
     # start; step 2: validate; step 3: checkpoint; step 4: validate, checkpoint, sample

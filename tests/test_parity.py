@@ -22,8 +22,16 @@ from minsota.reference import assert_close
 from minsota.state import make_state
 
 FP32, BF16 = 1e-5, 3e-2
-SHRINK = {"model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.head_dim": 8, "model.vocab_size": 64,
-          "model.ffn_dim": 48, "model.max_seq_len": 32, "train.seq_len": 32}
+SHRINK = {
+    "model.dim": 32,
+    "model.n_layers": 2,
+    "model.n_heads": 4,
+    "model.head_dim": 8,
+    "model.vocab_size": 64,
+    "model.ffn_dim": 48,
+    "model.max_seq_len": 32,
+    "train.seq_len": 32,
+}
 PLUGINS = minsota.load_plugins()
 CFG = load_recipe("tiny", {**SHRINK, "model.n_kv_heads": 2}).model
 B, T = 2, 12
@@ -32,29 +40,55 @@ POSITIONS = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
 
 # option sets checked beyond each component's defaults (each option changes the output on the inputs below)
 VARIANTS = {
-    "norm": {"rmsnorm": [{"eps": 1e-3}, {"offset": 1.0, "eps": 1e-6}], "rmsnorm-noparam": [{"eps": 1e-3}],
-             "layernorm": [{"bias": False}, {"eps": 1e-3}]},
-    "positional": {"rope": [{"theta": 500.0}, {"use_xpos": True}, {"use_xpos": True, "xpos_scale_base": 16.0},
-                            {"interpolate_factor": 4.0}, {"theta_rescale_factor": 8.0},
-                            {"scaling": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 16},
-                            {"scaling": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
-                            {"scaling": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
-                             "attention_factor": 1.5, "beta_fast": 8.0}]},
-    "attention": {"sdpa": [{"window": 3}, {"bias": True}, {"qk_norm": "head"}, {"qk_norm": "full"},
-                           {"scale": 0.2, "window": 3}],
-                  "math": [{"window": 3}, {"softcap": 2.0}, {"qk_norm": "full", "bias": True},
-                           {"scale": 0.2, "softcap": 2.0}]},
-    "feedforward": {"geglu": [{"approximate": "tanh"}], "mlp": [{"approximate": "tanh", "bias": True}],
-                    "relu2": [{"bias": True}]},
+    "norm": {
+        "rmsnorm": [{"eps": 1e-3}, {"offset": 1.0, "eps": 1e-6}],
+        "rmsnorm-noparam": [{"eps": 1e-3}],
+        "layernorm": [{"bias": False}, {"eps": 1e-3}],
+    },
+    "positional": {
+        "rope": [
+            {"theta": 500.0},
+            {"use_xpos": True},
+            {"use_xpos": True, "xpos_scale_base": 16.0},
+            {"interpolate_factor": 4.0},
+            {"theta_rescale_factor": 8.0},
+            {
+                "scaling": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            {"scaling": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+            {
+                "scaling": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "attention_factor": 1.5,
+                "beta_fast": 8.0,
+            },
+        ]
+    },
+    "attention": {
+        "sdpa": [{"window": 3}, {"bias": True}, {"qk_norm": "head"}, {"qk_norm": "full"}, {"scale": 0.2, "window": 3}],
+        "math": [{"window": 3}, {"softcap": 2.0}, {"qk_norm": "full", "bias": True}, {"scale": 0.2, "softcap": 2.0}],
+    },
+    "feedforward": {
+        "geglu": [{"approximate": "tanh"}],
+        "mlp": [{"approximate": "tanh", "bias": True}],
+        "relu2": [{"bias": True}],
+    },
     "block": {"sandwich": [{"pre": False}]},
 }
 
 
 def cases(kind, plugins=PLUGINS):
     """(name, options) for every registered component of ``kind``: its defaults, then each variant."""
-    return [pytest.param(name, options, id="-".join([name, *(f"{k}={v}" for k, v in options.items())]))
-            for name in plugins.registry(kind).list() for options in [{}, *VARIANTS[kind].get(name, [])]]
+    return [
+        pytest.param(name, options, id="-".join([name, *(f"{k}={v}" for k, v in options.items())]))
+        for name in plugins.registry(kind).list()
+        for options in [{}, *VARIANTS[kind].get(name, [])]
+    ]
 
 
 def check(run, run_reference, inputs, module, what):
@@ -92,12 +126,20 @@ def build(kind, name, options, plugins=PLUGINS, positional="rope"):
     if kind == "norm":
         module = build_component(factory, name, options, CFG, CFG.dim, CFG)
     elif kind == "attention":
-        module = build_component(factory, name, options, CFG, CFG, build("positional", positional, {}),
-                                 norm=norm_factory())
+        module = build_component(
+            factory, name, options, CFG, CFG, build("positional", positional, {}), norm=norm_factory()
+        )
     elif kind == "block":
-        module = build_component(factory, name, options, CFG, CFG, norm=norm_factory(),
-                                 attention=build("attention", "sdpa", {"qk_norm": "head"}),
-                                 feedforward=build("feedforward", "swiglu", {}))
+        module = build_component(
+            factory,
+            name,
+            options,
+            CFG,
+            CFG,
+            norm=norm_factory(),
+            attention=build("attention", "sdpa", {"qk_norm": "head"}),
+            feedforward=build("feedforward", "swiglu", {}),
+        )
     else:
         module = build_component(factory, name, options, CFG, CFG)
     with torch.no_grad():  # off their identity inits, so gains and biases matter
@@ -147,9 +189,13 @@ def test_positional(name, options):
         return torch.cat([p.flatten() for p in parts])
 
     assert (module.bias(positions, CFG.n_heads) is None) == (ref.bias(module, positions, CFG.n_heads) is None)
-    check(lambda: outputs(module.embed, module.rotate, module.bias),
-          lambda: outputs(partial(ref.embed, module), partial(ref.rotate, module), partial(ref.bias, module)),
-          [x, q, k], module, f"positional {name} {options}")
+    check(
+        lambda: outputs(module.embed, module.rotate, module.bias),
+        lambda: outputs(partial(ref.embed, module), partial(ref.rotate, module), partial(ref.bias, module)),
+        [x, q, k],
+        module,
+        f"positional {name} {options}",
+    )
 
 
 @pytest.mark.parametrize("documents", [False, True], ids=["causal", "documents"])
@@ -160,8 +206,13 @@ def test_attention(name, options, documents):
     x = hidden(B, T, CFG.dim)
     document_ids = DOCUMENTS if documents else None
     positions = POSITIONS if documents else torch.arange(T).expand(B, T)
-    check(lambda: module(x, positions, document_ids), lambda: reference.call(module, x, positions, document_ids),
-          [x], module, f"attention {name} {options}")
+    check(
+        lambda: module(x, positions, document_ids),
+        lambda: reference.call(module, x, positions, document_ids),
+        [x],
+        module,
+        f"attention {name} {options}",
+    )
 
 
 @pytest.mark.parametrize("positional", PLUGINS.registry("positional").list())
@@ -170,8 +221,13 @@ def test_attention_with_each_positional_encoding(name, positional):
     module = build("attention", name, {}, positional=positional)
     skip_without_reference(module)
     x = hidden(B, T, CFG.dim)
-    check(lambda: module(x, POSITIONS, DOCUMENTS), lambda: reference.call(module, x, POSITIONS, DOCUMENTS),
-          [x], module, f"attention {name} with {positional}")
+    check(
+        lambda: module(x, POSITIONS, DOCUMENTS),
+        lambda: reference.call(module, x, POSITIONS, DOCUMENTS),
+        [x],
+        module,
+        f"attention {name} with {positional}",
+    )
 
 
 @pytest.mark.parametrize("name, options", cases("block"))
@@ -179,8 +235,13 @@ def test_block(name, options):
     module = build("block", name, options)
     skip_without_reference(module)
     x = hidden(B, T, CFG.dim)
-    check(lambda: module(make_state(x, POSITIONS, DOCUMENTS))["hidden"],
-          lambda: reference.call(module, x, POSITIONS, DOCUMENTS), [x], module, f"block {name} {options}")
+    check(
+        lambda: module(make_state(x, POSITIONS, DOCUMENTS))["hidden"],
+        lambda: reference.call(module, x, POSITIONS, DOCUMENTS),
+        [x],
+        module,
+        f"block {name} {options}",
+    )
 
 
 def shrunk(recipe_name):
@@ -195,8 +256,13 @@ def test_decoder(recipe_name):
     torch.manual_seed(0)
     model = minsota.build_model(shrunk(recipe_name))
     tokens = torch.randint(0, 64, (B, T))
-    check(lambda: model(tokens, POSITIONS, DOCUMENTS), lambda: reference.decoder(model, tokens, POSITIONS, DOCUMENTS),
-          [], model, f"decoder {recipe_name}")
+    check(
+        lambda: model(tokens, POSITIONS, DOCUMENTS),
+        lambda: reference.decoder(model, tokens, POSITIONS, DOCUMENTS),
+        [],
+        model,
+        f"decoder {recipe_name}",
+    )
 
 
 def test_parity_catches_a_wrong_plugin_component(tmp_path):
@@ -211,7 +277,8 @@ def test_parity_catches_a_wrong_plugin_component(tmp_path):
         "        self.eps, self.weight = eps, torch.nn.Parameter(torch.ones(dim))\n"
         "    def forward(self, x):\n"
         "        return rms_norm(self, x) * 1.001\n\n"
-        "@hookimpl\ndef minsota_register_norms():\n    return {'off-by-a-fraction': OffByAFraction}\n")
+        "@hookimpl\ndef minsota_register_norms():\n    return {'off-by-a-fraction': OffByAFraction}\n"
+    )
     plugins = minsota.load_plugins([str(plugin)])
     assert "off-by-a-fraction" in [case.values[0] for case in cases("norm", plugins)]
     with pytest.raises(AssertionError, match=r"max abs diff .* mean abs diff"):
@@ -242,8 +309,10 @@ def minsota_register_positional_encodings():
 """
 
 
-@pytest.mark.parametrize("kind, name, options", [("norm", "fixed-eps", {"eps": 1e-3}),
-                                                 ("positional", "no-ntk", {"theta_rescale_factor": 8.0})])
+@pytest.mark.parametrize(
+    "kind, name, options",
+    [("norm", "fixed-eps", {"eps": 1e-3}), ("positional", "no-ntk", {"theta_rescale_factor": 8.0})],
+)
 def test_parity_catches_a_component_that_ignores_an_option(tmp_path, kind, name, options):
     """The reference restates the math from the recipe's options, not from the module: a module that drops
     an option it accepts disagrees (with the option at its default, it agrees)."""
@@ -259,8 +328,13 @@ def test_parity_catches_a_component_that_ignores_an_option(tmp_path, kind, name,
         def flat(parts):
             return torch.cat([x.flatten() for x in parts])
 
-        check(lambda: flat(module.rotate(q, k, POSITIONS)),
-              lambda: flat(reference.rope_rotate(module, q, k, POSITIONS)), [q, k], module, name)
+        check(
+            lambda: flat(module.rotate(q, k, POSITIONS)),
+            lambda: flat(reference.rope_rotate(module, q, k, POSITIONS)),
+            [q, k],
+            module,
+            name,
+        )
 
     for opts, fails in (({}, False), (options, True)):
         module = build(kind, name, opts, plugins)
@@ -286,8 +360,18 @@ def test_rope_is_exact_in_bf16_far_from_the_origin():
 def test_rope_frequencies():
     inv_freq = build("positional", "rope", {"theta": 500000.0}).inv_freq
     assert torch.allclose(inv_freq, 500000.0 ** -(torch.arange(0, CFG.head_dim, 2) / CFG.head_dim))
-    llama3 = build("positional", "rope", {"theta": 500000.0, "scaling": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}).inv_freq
+    llama3 = build(
+        "positional",
+        "rope",
+        {
+            "theta": 500000.0,
+            "scaling": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ).inv_freq
     turns = inv_freq * 8192 / (2 * torch.pi)  # 1304, 49, 1.8, 0.07: kept, kept, blended, interpolated
     assert torch.equal(llama3[:2], inv_freq[:2]) and llama3[3] == inv_freq[3] / 8
     assert inv_freq[2] / 8 < llama3[2] < inv_freq[2] and 1 < turns[2] < 4
@@ -296,8 +380,8 @@ def test_rope_frequencies():
 def test_alibi_slopes():
     from minsota.builtins.positional import alibi_slopes
 
-    assert alibi_slopes(8) == [2.0 ** -i for i in range(1, 9)]
-    assert alibi_slopes(6) == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
+    assert alibi_slopes(8) == [2.0**-i for i in range(1, 9)]
+    assert alibi_slopes(6) == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
 
 
 @pytest.mark.skipif(not hasattr(torch.nn.attention, "flex_attention"), reason="no flex_attention in this torch")
@@ -311,7 +395,8 @@ def test_flex_path_matches_the_dense_mask():
     document_ids = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
     for documents, window in [(document_ids, 0), (document_ids, 5), (None, 5), (document_ids.clone(), 0)]:
         expected = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=visible_keys(16, documents, window, "cpu"), enable_gqa=True)
+            q, k, v, attn_mask=visible_keys(16, documents, window, "cpu"), enable_gqa=True
+        )
         assert_close(flex_attend(q, k, v, documents, window), expected, FP32, f"flex_attention window {window}")
 
 
@@ -331,30 +416,39 @@ def test_a_kernel_refuses_what_it_cannot_do():
     assert "\n" not in message and "model.attention = 'sdpa'" in message and "softcap" in message and "math" in message
 
 
-@pytest.mark.parametrize("attention, message", [
-    ({"name": "sdpa", "qk_norm": "yes"}, "qk_norm must be"),
-    ({"name": "math", "window": -1}, "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "attention, message",
+    [
+        ({"name": "sdpa", "qk_norm": "yes"}, "qk_norm must be"),
+        ({"name": "math", "window": -1}, "must be >= 0"),
+    ],
+)
 def test_bad_attention_options_are_one_line_errors(attention, message):
     with pytest.raises(UserError, match=message):
         minsota.build_model(load_recipe("tiny", {"model.attention": attention}), "meta")
 
 
-@pytest.mark.parametrize("positional, message", [
-    ({"name": "rope", "scaling": "dynamic", "factor": 2.0}, "scaling must be 'llama3' or 'yarn'"),
-    ({"name": "rope", "factor": 2.0}, "need scaling"),
-    ({"name": "rope", "scaling": "yarn", "factor": 2.0, "original_max_position_embeddings": 8, "use_xpos": True},
-     "replaces"),
-    ({"name": "rope", "scaling": "llama3", "factor": 2.0}, "low_freq_factor"),
-])
+@pytest.mark.parametrize(
+    "positional, message",
+    [
+        ({"name": "rope", "scaling": "dynamic", "factor": 2.0}, "scaling must be 'llama3' or 'yarn'"),
+        ({"name": "rope", "factor": 2.0}, "need scaling"),
+        (
+            {"name": "rope", "scaling": "yarn", "factor": 2.0, "original_max_position_embeddings": 8, "use_xpos": True},
+            "replaces",
+        ),
+        ({"name": "rope", "scaling": "llama3", "factor": 2.0}, "low_freq_factor"),
+    ],
+)
 def test_bad_rope_options_are_one_line_errors(positional, message):
     with pytest.raises(UserError, match=message):
         minsota.build_model(load_recipe("tiny", {"model.positional": positional}), "meta")
 
 
 def test_structure_options():
-    model = minsota.build_model(load_recipe("tiny", {"model.block": {"name": "sandwich", "pre": False},
-                                                     "model.final_norm": False}), "meta")
+    model = minsota.build_model(
+        load_recipe("tiny", {"model.block": {"name": "sandwich", "pre": False}, "model.final_norm": False}), "meta"
+    )
     names = {name.split(".", 2)[-1] for name, _ in model.named_parameters() if name.startswith("layers.0.")}
     assert {"attention_out_norm.weight", "ffn_out_norm.weight"} <= names and "attention_norm.weight" not in names
     assert isinstance(model.norm, torch.nn.Identity)

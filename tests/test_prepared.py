@@ -70,8 +70,21 @@ def test_resume_is_exact_at_another_world_size_and_from_a_streamed_position(prep
 def test_training_on_prepared_data_gives_the_streamed_losses(tmp_path):
     """stdlib's first ~300k tokens prepared (in 2 worker processes): tiny's losses and validation loss are equal."""
     out = tmp_path / "stdlib"
-    process = run("prepare", "stdlib", "--tokenizer", "bytes", "--out", out, "--recipe", "tiny", "--max-tokens",
-                  300_000, "--workers", 2, env=ENV)
+    process = run(
+        "prepare",
+        "stdlib",
+        "--tokenizer",
+        "bytes",
+        "--out",
+        out,
+        "--recipe",
+        "tiny",
+        "--max-tokens",
+        300_000,
+        "--workers",
+        2,
+        env=ENV,
+    )
     assert process.returncode == 0, process.stderr
     assert "train from it with --set data.source=" in process.stdout
     runs = {}
@@ -98,8 +111,14 @@ def word_tokenizer(path):
 def test_another_tokenizer_is_refused_in_one_line(prepared, tmp_path):
     _, directory = prepared
     other = word_tokenizer(tmp_path / "tokenizer.json")
-    process = run("train", "tiny", "--out", tmp_path / "run", *sets({"data.source": directory, "data.tokenizer": other,
-                                                                      "train.steps": 1}), env=ENV)
+    process = run(
+        "train",
+        "tiny",
+        "--out",
+        tmp_path / "run",
+        *sets({"data.source": directory, "data.tokenizer": other, "train.steps": 1}),
+        env=ENV,
+    )
     assert process.returncode == 2, process.stderr
     line = process.stderr.strip()
     assert "\n" not in line and "data.tokenizer" in line and "prepared with ('bytes'" in line, line
@@ -117,8 +136,11 @@ def test_a_large_vocabulary_is_stored_as_uint32(tmp_path):
     ids.tofile(tmp_path / "train" / "tokens-00000.bin")
     np.array([0, 2], dtype="<i8").tofile(tmp_path / "train" / "documents.bin")
     shards = [{"file": "tokens-00000.bin", "tokens": 3}]
-    (tmp_path / "prepared.json").write_text(json.dumps({"format": "minsota-prepared-1", "dtype": "uint32",
-                                                        "splits": {"train": {"tokens": 3, "shards": shards}}}))
+    (tmp_path / "prepared.json").write_text(
+        json.dumps(
+            {"format": "minsota-prepared-1", "dtype": "uint32", "splits": {"train": {"tokens": 3, "shards": shards}}}
+        )
+    )
     tokens, starts = PreparedSource(tmp_path, "train").read(1, 5)  # wraps into the next epoch twice
     assert tokens.tolist() == [3, 65_536, 70_000, 3, 65_536] and starts.tolist() == [False, True, True, False, True]
 

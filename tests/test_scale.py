@@ -36,8 +36,9 @@ def step_peak(recipe, batch) -> tuple[float, int]:
         loss = model.loss(*batch)
         loss.backward()
     current = highest = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
+    for _, nbytes in sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    ):
         current += nbytes
         highest = max(highest, current)
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -48,8 +49,10 @@ def test_activation_checkpointing_keeps_the_losses_and_lowers_the_peak():
     settings = {"model.n_layers": 6, "model.max_seq_len": 256, "train.seq_len": 256}
     tokens = torch.randint(0, 256, (4, 257), generator=torch.Generator().manual_seed(1))
     batch = (tokens[:, :-1], tokens[:, 1:])
-    results = {mode: step_peak(load_recipe("tiny", {**settings, "train.activation_checkpointing": mode}), batch)
-               for mode in MODES}
+    results = {
+        mode: step_peak(load_recipe("tiny", {**settings, "train.activation_checkpointing": mode}), batch)
+        for mode in MODES
+    }
     (loss, peak, grads) = results["none"]
     for mode in ("full", "selective"):
         assert results[mode][0] == loss and torch.equal(results[mode][2], grads), mode  # recomputed bit for bit

@@ -51,8 +51,14 @@ SHORT = {"train.steps": 8, "train.checkpoint_every": 3, "train.eval_batches": 1,
 def popen(*args, prelude: str = "", **options) -> subprocess.Popen:
     """`minsota ARGS` in a child process, after running ``prelude`` there (to arm a fault)."""
     code = f"import sys\n{prelude}\nfrom minsota.cli import main\nsys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **options)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **options,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
@@ -156,8 +162,7 @@ def test_groups_by_role_and_weight_decay_on_matrices_only(tie, decay_embeddings)
 
 
 def test_param_group_rules_first_match_wins_and_show_prints_them(cli):
-    rules = ('[{params = ["layers.0.*", "output.*"], lr_scale = 0.5}, '
-             '{params = ["layers.*"], weight_decay = 0.0}]')
+    rules = '[{params = ["layers.0.*", "output.*"], lr_scale = 0.5}, {params = ["layers.*"], weight_decay = 0.0}]'
     recipe = load_recipe("tiny", dict([parse_override(f"train.param_groups={rules}")]))
     groups = param_groups(build_model(recipe, device="meta"), recipe.train)
     by_name = {n: g for g in groups for n in g["names"]}
@@ -168,7 +173,7 @@ def test_param_group_rules_first_match_wins_and_show_prints_them(cli):
     assert by_name["output.weight"]["lr"] == recipe.train.lr * 0.5 and by_name["output.weight"]["role"] == "head"
     code, out, err = cli("show", "tiny", "--set", f"train.param_groups={rules}")
     assert code == 0, err
-    table = out[out.index("parameter groups:"):].splitlines()
+    table = out[out.index("parameter groups:") :].splitlines()
     assert table[1].split() == ["role", "tensors", "parameters", "lr", "weight_decay", "first"]
     rows = [row.split() for row in table[2:] if row.split() and row.split()[0] in ROLES]
     assert len(rows) == len(groups) and sum(int(row[1]) for row in rows) == len(by_name)
@@ -179,13 +184,22 @@ def test_param_group_rules_first_match_wins_and_show_prints_them(cli):
     assert "train.param_groups[0]: params glob 'layers.*.atention.*' matches no parameter" in err
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.optimizer='adamx'", "train.optimizer: unknown optimizer 'adamx'"),
-    ("train.optimizer={name='muon', lr=0.02, momentun=0.9}", "train.optimizer: muon: got an unexpected keyword argument 'momentun'"),
-    ("train.schedule='cosin'", "train.schedule: unknown schedule 'cosin'"),
-    ("train.schedule={name='wsd', decay_fraction=2.0}", "train.schedule: wsd: decay_fraction must be in [0, 1], got 2.0"),
-    ("train.param_groups=[{params=['x'], lr=3.0}]", "train.param_groups[0]: unknown key 'lr'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.optimizer='adamx'", "train.optimizer: unknown optimizer 'adamx'"),
+        (
+            "train.optimizer={name='muon', lr=0.02, momentun=0.9}",
+            "train.optimizer: muon: got an unexpected keyword argument 'momentun'",
+        ),
+        ("train.schedule='cosin'", "train.schedule: unknown schedule 'cosin'"),
+        (
+            "train.schedule={name='wsd', decay_fraction=2.0}",
+            "train.schedule: wsd: decay_fraction must be in [0, 1], got 2.0",
+        ),
+        ("train.param_groups=[{params=['x'], lr=3.0}]", "train.param_groups[0]: unknown key 'lr'"),
+    ],
+)
 def test_bad_optimizer_schedule_and_group_rules_are_refused_naming_the_key(cli, override, message):
     code, _, err = cli("show", "tiny", "--set", override)
     assert code == 2 and err.count("\n") == 1 and message in err, err
@@ -196,8 +210,9 @@ def test_accumulation_equals_the_large_batch(tmp_path, cli):
     runs = {}
     for micro in (8, 2):
         run_dir = tmp_path / f"micro-{micro}"
-        code, _, err = cli("train", "tiny", "--out", run_dir, *sets({**GOLDEN_RUN, "train.steps": 3,
-                                                                     "train.micro_batch_size": micro}))
+        code, _, err = cli(
+            "train", "tiny", "--out", run_dir, *sets({**GOLDEN_RUN, "train.steps": 3, "train.micro_batch_size": micro})
+        )
         assert code == 0, err
         runs[micro] = [(r["loss"], r["grad_norm"]) for r in records(run_dir) if "loss" in r]
     assert list(sum(runs[2], ())) == pytest.approx(list(sum(runs[8], ())), rel=1e-5)
@@ -211,8 +226,11 @@ def cpu_platform() -> dict:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = (part.strip() for part in line.partition(":"))
             cpu.setdefault(key, value)
-    return {"torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu": " ".join(cpu.get(key, "?") for key in ("vendor_id", "cpu family", "model"))}
+    return {
+        "torch": torch.__version__,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": " ".join(cpu.get(key, "?") for key in ("vendor_id", "cpu family", "model")),
+    }
 
 
 def golden_curve(tmp_path, cli) -> list[float]:
@@ -230,21 +248,26 @@ def test_golden_loss_curve_and_learning(tmp_path, cli):
     for trace in traces:
         if trace["platform"] == cpu_platform():  # recorded here: exact
             diffs = [(step, e, g) for step, (e, g) in enumerate(zip(trace["losses"], got), 1) if e != g]
-            assert not diffs, (f"{len(diffs)} of 20 losses differ from {GOLDEN.name} on its own platform, first at "
-                               f"step {diffs[0][0]}: {diffs[0][1]!r} -> {diffs[0][2]!r} (max abs diff "
-                               f"{max(abs(e - g) for _, e, g in diffs):.3g}); {update}")
+            assert not diffs, (
+                f"{len(diffs)} of 20 losses differ from {GOLDEN.name} on its own platform, first at "
+                f"step {diffs[0][0]}: {diffs[0][1]!r} -> {diffs[0][2]!r} (max abs diff "
+                f"{max(abs(e - g) for _, e, g in diffs):.3g}); {update}"
+            )
             return
     for trace in traces:  # another machine: within the measured spread of machines
         worst = max(range(20), key=lambda i: abs(got[i] - trace["losses"][i]) / trace["losses"][i])
         rel = abs(got[worst] - trace["losses"][worst]) / trace["losses"][worst]
-        assert rel <= TRACE_RTOL, (f"step {worst + 1}: loss {got[worst]!r} is {rel:.2g} relative from {GOLDEN.name}'s "
-                                   f"{trace['losses'][worst]!r} (recorded on {trace['platform']}), over the "
-                                   f"{TRACE_RTOL:g} machines differ by; {update}")
+        assert rel <= TRACE_RTOL, (
+            f"step {worst + 1}: loss {got[worst]!r} is {rel:.2g} relative from {GOLDEN.name}'s "
+            f"{trace['losses'][worst]!r} (recorded on {trace['platform']}), over the "
+            f"{TRACE_RTOL:g} machines differ by; {update}"
+        )
 
 
 def test_compiled_training_matches_eager(tmp_path, cli, reference):
-    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets({**SHORT, "train.steps": 2,
-                                                                         "train.compile": True}))
+    code, _, err = cli(
+        "train", "tiny", "--out", tmp_path / "run", *sets({**SHORT, "train.steps": 2, "train.compile": True})
+    )
     assert code == 0, err
     compiled = losses(tmp_path / "run")
     eager = losses(reference)  # a different schedule length changes lr only after warmup: steps 1-2 agree
@@ -256,12 +279,14 @@ def test_compiled_training_matches_eager(tmp_path, cli, reference):
 
 def kill_at_fsync(n: int, signum: int = signal.SIGKILL) -> str:
     """A child-process prelude: send itself ``signum`` at its n-th fsync (a checkpoint is 8 of them)."""
-    return ("import os, minsota.checkpoint as c\n"
-            f"def fsync(path, real=c._fsync, calls=[0]):\n"
-            f"    calls[0] += 1\n"
-            f"    if calls[0] == {n}: os.kill(os.getpid(), {int(signum)})\n"
-            f"    real(path)\n"
-            f"c._fsync = fsync")
+    return (
+        "import os, minsota.checkpoint as c\n"
+        f"def fsync(path, real=c._fsync, calls=[0]):\n"
+        f"    calls[0] += 1\n"
+        f"    if calls[0] == {n}: os.kill(os.getpid(), {int(signum)})\n"
+        f"    real(path)\n"
+        f"c._fsync = fsync"
+    )
 
 
 def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference):
@@ -293,8 +318,7 @@ def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference,
     """SIGTERM to the trainer alone (kill, torchrun) or to its whole process group, data workers included
     (Slurm's scancel, container stops): either way the step is checkpointed and no worker is left behind."""
     run_dir = tmp_path / "run"
-    process = popen("train", "tiny", "--out", run_dir, *sets({**SHORT, "data.num_workers": 2}),
-                    start_new_session=True)
+    process = popen("train", "tiny", "--out", run_dir, *sets({**SHORT, "data.num_workers": 2}), start_new_session=True)
     wait_for_step(process, run_dir, 1)
     if to == "group":
         os.killpg(process.pid, signal.SIGTERM)
@@ -317,8 +341,9 @@ def test_second_signal_exits_at_once(tmp_path):
     run_dir = tmp_path / "run"
     # fsyncs: 1 recipe.json, 2-9 checkpoint step 1, 10-17 checkpoint step 2
     prelude = kill_at_fsync(11, signal.SIGINT) + "\n" + kill_at_fsync(13, signal.SIGINT)
-    code, err = finish(popen("train", "tiny", "--out", run_dir, *sets({**SHORT, "train.checkpoint_every": 1}),
-                             prelude=prelude))
+    code, err = finish(
+        popen("train", "tiny", "--out", run_dir, *sets({**SHORT, "train.checkpoint_every": 1}), prelude=prelude)
+    )
     assert code == 130 and "second signal: exiting now" in err
     assert [p.name for p in checkpoint.checkpoints(run_dir / "checkpoints")] == ["step-1"]
     checkpoint.verify(run_dir / "checkpoints" / "step-1")
@@ -342,9 +367,14 @@ def test_disk_full_keeps_the_previous_checkpoint(finished_run):
     def limit_file_size():  # files over 4 MB fail with EFBIG (Python ignores SIGXFSZ): the optimizer state does
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
 
-    process = subprocess.run([sys.executable, "-m", "minsota", "train", "--resume", finished_run,
-                              "--set", "train.steps=9"], env=ENV, capture_output=True, text=True,
-                             preexec_fn=limit_file_size, timeout=120)
+    process = subprocess.run(
+        [sys.executable, "-m", "minsota", "train", "--resume", finished_run, "--set", "train.steps=9"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+        timeout=120,
+    )
     assert process.returncode == 1, process.stderr
     error = process.stderr.strip().splitlines()[-1]
     assert error.startswith("minsota: error: could not write checkpoint") and "step-9" in error
@@ -364,8 +394,10 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(finished_run, reference, cl
 
     code, _, err = cli("train", "--resume", finished_run)
     assert code == 0, err
-    assert err.splitlines()[0] == f"minsota: warning: skipping corrupt checkpoint: {newest}: sha256 differs " \
-                                  f"from the manifest (corrupted)"
+    assert (
+        err.splitlines()[0] == f"minsota: warning: skipping corrupt checkpoint: {newest}: sha256 differs "
+        f"from the manifest (corrupted)"
+    )
     assert "resuming at step 6" in err
     assert_same_run(finished_run, reference)
 
@@ -374,8 +406,17 @@ def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, cli):
     code, _, err = cli("train", "--resume", finished_run, "--set", "train.steps=9", "--set", "train.batch_size=16")
     assert code == 2 and err.count("\n") == 1
     assert "train.batch_size changed from 8 to 16" in err and "--allow-change train.batch_size" in err
-    code, _, err = cli("train", "--resume", finished_run, "--set", "train.steps=9", "--set", "train.batch_size=16",
-                       "--allow-change", "train.batch_size")
+    code, _, err = cli(
+        "train",
+        "--resume",
+        finished_run,
+        "--set",
+        "train.steps=9",
+        "--set",
+        "train.batch_size=16",
+        "--allow-change",
+        "train.batch_size",
+    )
     assert code == 0, err
     assert records(finished_run)[-2]["tokens"] == 8 * 8 * 64 + 16 * 64
 
@@ -384,11 +425,19 @@ def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, cli):
 def test_non_finite_step_exits_3_with_parameters_untouched(tmp_path, cli, where, what):
     run_dir = tmp_path / "run"
     poison = f'{{name="poison", at_step=3, where="{where}"}}'
-    code, _, err = cli("train", "tiny", "--plugin", NAN_PLUGIN, "--out", run_dir,
-                       *sets({**SHORT, "train.checkpoint_every": 1, "model.feedforward": poison}))
+    code, _, err = cli(
+        "train",
+        "tiny",
+        "--plugin",
+        NAN_PLUGIN,
+        "--out",
+        run_dir,
+        *sets({**SHORT, "train.checkpoint_every": 1, "model.feedforward": poison}),
+    )
     assert code == 3 and err.strip().splitlines()[-1] == (
         f"minsota: error: step 3: non-finite {what}; parameters were not updated (lower train.lr, or let "
-        f"train.max_bad_steps skip such steps)")
+        f"train.max_bad_steps skip such steps)"
+    )
     assert [p.name for p in checkpoint.checkpoints(run_dir / "checkpoints")] == ["step-1", "step-2"]
     # the live parameters (the poison modules' own, which a NaN step would have hit) are step 2's
     saved = checkpoint.load(run_dir / "checkpoints" / "step-2")["model"]
@@ -400,9 +449,23 @@ def test_non_finite_step_exits_3_with_parameters_untouched(tmp_path, cli, where,
 
 def test_skipped_step_changes_nothing(tmp_path, cli):
     run_dir = tmp_path / "run"
-    code, _, err = cli("train", "tiny", "--plugin", NAN_PLUGIN, "--out", run_dir,
-                       *sets({**SHORT, "train.steps": 4, "train.checkpoint_every": 1, "train.max_bad_steps": 1,
-                              "model.feedforward": '{name="poison", at_step=3, where="grad"}'}))
+    code, _, err = cli(
+        "train",
+        "tiny",
+        "--plugin",
+        NAN_PLUGIN,
+        "--out",
+        run_dir,
+        *sets(
+            {
+                **SHORT,
+                "train.steps": 4,
+                "train.checkpoint_every": 1,
+                "train.max_bad_steps": 1,
+                "model.feedforward": '{name="poison", at_step=3, where="grad"}',
+            }
+        ),
+    )
     assert code == 0, err
     assert "step 3: non-finite gradient norm, step skipped" in err
     assert records(run_dir)[2] == {"step": 3, "lr": records(run_dir)[2]["lr"], "skipped": "non-finite gradient norm"}
@@ -414,8 +477,9 @@ def test_skipped_step_changes_nothing(tmp_path, cli):
 
 def test_never_checkpoints_a_non_finite_tensor(tmp_path, cli):
     run_dir = tmp_path / "run"
-    code, _, err = cli("train", "tiny", "--out", run_dir, *sets({**SHORT, "train.checkpoint_every": 1,
-                                                                  "train.lr": 1e39}))  # finite, but not in fp32
+    code, _, err = cli(
+        "train", "tiny", "--out", run_dir, *sets({**SHORT, "train.checkpoint_every": 1, "train.lr": 1e39})
+    )  # finite, but not in fp32
     assert code == 3 and "step 1: refusing to checkpoint a non-finite tensor" in err
     assert not (run_dir / "checkpoints").exists()
 
@@ -440,8 +504,9 @@ def test_tensorboard_receives_the_metrics(tmp_path, cli):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    code, _, err = cli("train", "tiny", "--out", run_dir, *sets({**SHORT, "train.steps": 2,
-                                                                  "train.trackers": '["tensorboard"]'}))
+    code, _, err = cli(
+        "train", "tiny", "--out", run_dir, *sets({**SHORT, "train.steps": 2, "train.trackers": '["tensorboard"]'})
+    )
     assert code == 0, err
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
@@ -453,7 +518,8 @@ def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, cli, monkeypatch)
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets({"train.trackers": '["wandb"]'}))
     assert code == 2 and err.strip().splitlines()[-1] == (
-        "minsota: error: train.trackers asks for wandb, which is not installed (pip install wandb)")
+        "minsota: error: train.trackers asks for wandb, which is not installed (pip install wandb)"
+    )
     assert not (tmp_path / "run").exists()  # refused before anything is written: the same --out works next
 
 
@@ -463,17 +529,23 @@ def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, cli, monkeypatch)
 def test_a_second_trainer_of_a_running_run_exits_2(tmp_path, cli):
     """A double launch, or a requeued job whose predecessor still runs: refused, the run's files untouched."""
     run_dir = tmp_path / "run"
-    first = popen("train", "tiny", "--out", run_dir, *sets({**SHORT, "train.steps": 100000,
-                                                              "train.checkpoint_every": 1}))
+    first = popen(
+        "train", "tiny", "--out", run_dir, *sets({**SHORT, "train.steps": 100000, "train.checkpoint_every": 1})
+    )
     try:
         wait_for_step(first, run_dir, 2)
-        for args, then in [(("--resume", run_dir), f"let it finish or stop it, then --resume {run_dir}"),
-                           (("--resume", run_dir / "checkpoints" / "step-1"), f"then --resume {run_dir}"),
-                           (("tiny", "--out", run_dir), "choose another --out")]:
+        for args, then in [
+            (("--resume", run_dir), f"let it finish or stop it, then --resume {run_dir}"),
+            (("--resume", run_dir / "checkpoints" / "step-1"), f"then --resume {run_dir}"),
+            (("tiny", "--out", run_dir), "choose another --out"),
+        ]:
             code, err = finish(popen("train", *args, *sets({"train.steps": 3})))
             assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-            assert err.startswith(f"minsota: error: {run_dir} is being written by another trainer (pid {first.pid} "
-                                  f"on ") and f"holding {run_dir / '.lock'}" in err and then in err, err
+            assert (
+                err.startswith(f"minsota: error: {run_dir} is being written by another trainer (pid {first.pid} on ")
+                and f"holding {run_dir / '.lock'}" in err
+                and then in err
+            ), err
         assert first.poll() is None
     finally:
         first.kill()  # kill -9: the kernel releases the lock, though its data worker may outlive it a moment
@@ -493,7 +565,8 @@ def test_resume_refuses_when_every_checkpoint_is_corrupt(finished_run, cli):
     assert code == 2, err
     assert err.splitlines()[-1] == (
         f"minsota: error: {finished_run}: every checkpoint is corrupt ({', '.join(steps)}; see above): "
-        f"restore one, or move them out of {finished_run / 'checkpoints'} to start the run again from step 0")
+        f"restore one, or move them out of {finished_run / 'checkpoints'} to start the run again from step 0"
+    )
     assert err.count("skipping corrupt checkpoint") == len(steps) and "starting it again" not in err
     assert (finished_run / "metrics.jsonl").read_text() == before
     assert [p.name for p in checkpoint.checkpoints(finished_run / "checkpoints")] == steps
@@ -503,8 +576,10 @@ def test_resume_refuses_when_every_checkpoint_is_corrupt(finished_run, cli):
 def test_a_recipe_with_resume_is_refused(finished_run, cli, recipe):
     before = (finished_run / "metrics.jsonl").read_text()
     code, _, err = cli("train", recipe, "--resume", finished_run, "--set", "train.steps=9")
-    assert code == 2 and err == (f"minsota: error: a recipe ('{recipe}') and --resume are exclusive: --resume "
-                                 f"{finished_run} continues with the run's own recipe.json; change keys with --set\n")
+    assert code == 2 and err == (
+        f"minsota: error: a recipe ('{recipe}') and --resume are exclusive: --resume "
+        f"{finished_run} continues with the run's own recipe.json; change keys with --set\n"
+    )
     code, _, err = cli("train", "--resume", finished_run, "--out", finished_run.parent / "elsewhere")
     assert code == 2 and err.count("\n") == 1 and "--out and --resume are exclusive" in err, err
     assert (finished_run / "metrics.jsonl").read_text() == before
@@ -513,7 +588,10 @@ def test_a_recipe_with_resume_is_refused(finished_run, cli, recipe):
 def test_an_out_that_cannot_be_a_run_directory_is_one_line(tmp_path, cli):
     (tmp_path / "afile").write_text("keep me")
     code, _, err = cli("train", "tiny", "--out", tmp_path / "afile")
-    assert code == 2 and err == f"minsota: error: {tmp_path / 'afile'}: exists and is not a directory; choose another --out\n"
+    assert (
+        code == 2
+        and err == f"minsota: error: {tmp_path / 'afile'}: exists and is not a directory; choose another --out\n"
+    )
     code, _, err = cli("train", "tiny", "--out", tmp_path / "afile" / "run")
     assert code == 2 and err.count("\n") == 1 and "cannot create the run directory (Not a directory)" in err, err
     assert (tmp_path / "afile").read_text() == "keep me"
@@ -536,8 +614,9 @@ def record_golden(keep_others: bool) -> None:
     traces = []
     if keep_others:
         traces = [t for t in json.loads(GOLDEN.read_text())["traces"] if t["platform"] != cpu_platform()]
-        assert all(abs(g - e) <= TRACE_RTOL * e for t in traces for g, e in zip(got, t["losses"])), \
+        assert all(abs(g - e) <= TRACE_RTOL * e for t in traces for g, e in zip(got, t["losses"])), (
             "this machine is outside TRACE_RTOL of the recorded traces: run the test and read why first"
+        )
     traces.append({"platform": cpu_platform(), "threads": 1, "losses": got})
     GOLDEN.write_text(json.dumps({"recipe": "tiny", "overrides": GOLDEN_RUN, "traces": traces}, indent=2) + "\n")
     print(f"wrote {GOLDEN}: {len(traces)} platform(s)")
