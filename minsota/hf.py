@@ -245,7 +245,6 @@ def _model_from_hf(c: dict) -> dict:
         raise UserError(f"config.json: model_type {family!r} is not supported (one of {', '.join(ARCHITECTURES)})")
     _expect(c, "hidden_act", "silu")
     _expect(c, "mlp_bias", False, False)
-    heads = c["num_attention_heads"]
     attention = {"name": "sdpa"}
     if c.get("attention_bias"):
         attention["bias"] = True
@@ -254,21 +253,11 @@ def _model_from_hf(c: dict) -> dict:
     if family == "olmo2":
         attention["qk_norm"] = "full"
     return {
-        "dim": c["hidden_size"],
-        "n_layers": c["num_hidden_layers"],
-        "n_heads": heads,
-        "n_kv_heads": c.get("num_key_value_heads") or heads,
-        "head_dim": c.get("head_dim") or c["hidden_size"] // heads,
-        "vocab_size": c["vocab_size"],
-        "ffn_dim": c["intermediate_size"],
-        "max_seq_len": c["max_position_embeddings"],
-        "norm": {"name": "rmsnorm", "eps": c["rms_norm_eps"]},
+        **hf_moe.rotary_shape(c),
         "positional": _rope_from_hf(c),
         "attention": attention,
         "feedforward": "swiglu",
         "block": {"name": "sandwich", "pre": False} if family == "olmo2" else "prenorm",
-        "tie_embeddings": c.get("tie_word_embeddings", False),
-        "init_std": c.get("initializer_range", 0.02),
     }
 
 

@@ -30,13 +30,11 @@ def _expect(c: dict, key: str, wanted, default=None):
         raise UserError(f"config.json: {key} = {c.get(key, default)!r} has no minsota equivalent (needs {wanted!r})")
 
 
-def model_from_hf(c: dict, rope_from_hf) -> dict:
-    """A recipe's [model] table from the config.json of one of these families (``rope_from_hf``: minsota.hf's)."""
-    family = c["model_type"]
-    _expect(c, "hidden_act", "silu")
-    _expect(c, "attention_bias", False, False)
+def rotary_shape(c: dict) -> dict:
+    """The [model] keys every Llama-like config.json states alike (`minsota.hf`'s families and these): sizes,
+    RMSNorm, tying, init."""
     heads = c["num_attention_heads"]
-    model = {
+    return {
         "dim": c["hidden_size"],
         "n_layers": c["num_hidden_layers"],
         "n_heads": heads,
@@ -46,10 +44,17 @@ def model_from_hf(c: dict, rope_from_hf) -> dict:
         "ffn_dim": c["intermediate_size"],
         "max_seq_len": c["max_position_embeddings"],
         "norm": {"name": "rmsnorm", "eps": c["rms_norm_eps"]},
-        "block": "prenorm",
         "tie_embeddings": c.get("tie_word_embeddings", False),
         "init_std": c.get("initializer_range", 0.02),
     }
+
+
+def model_from_hf(c: dict, rope_from_hf) -> dict:
+    """A recipe's [model] table from the config.json of one of these families (``rope_from_hf``: minsota.hf's)."""
+    family = c["model_type"]
+    _expect(c, "hidden_act", "silu")
+    _expect(c, "attention_bias", False, False)
+    model = {**rotary_shape(c), "block": "prenorm"}
     if family == "deepseek_v3":
         return {**model, **_deepseek_from_hf(c, rope_from_hf)}
     _expect(c, "clip_qkv", None)
