@@ -1,15 +1,27 @@
-"""Benchmark fixtures and options: the device setting, --smoke, a fresh compiler per case, the summary table.
+"""Benchmark fixtures and options: the device setting, --smoke, the C allocator's setting, a fresh compiler per
+case, the summary table.
 
 pytest benchmarks                              # full sizes; prints one summary table at the end
 pytest benchmarks --benchmark-save=NAME        # ... and stores the JSON (extra_info holds every figure)
 pytest benchmarks --benchmark-compare          # ... against the newest stored run
 pytest benchmarks --smoke --benchmark-disable  # CI: tiny sizes, each case once, parity still asserted
+MINSOTA_MALLOC=default pytest benchmarks       # ... with glibc's default allocator (below)
+
+The process keeps large allocations in glibc's heap, as the trainer does (`minsota.runtime.
+keep_allocations_in_heap`), unless ``MINSOTA_MALLOC=default`` (or glibc's malloc tunables) say otherwise: one
+setting for every case and peer of a run, so a comparison of both allocators takes two runs.
 """
+
+import os
 
 import pytest
 import torch
 
+from minsota.runtime import keep_allocations_in_heap
+
 from harness import Setting
+
+MALLOC = pytest.StashKey[str]()
 
 COLUMNS = {  # summary-table column -> heading, in print order
     "ms": "ms",
@@ -32,6 +44,7 @@ COLUMNS = {  # summary-table column -> heading, in print order
     "mla_bytes": "MLA B/token",
     "other_bytes": "GQA|full B/token",
     "cache_ratio": "cache ratio",
+    "malloc": "malloc",
 }
 ROWS = pytest.StashKey[list]()
 
@@ -46,6 +59,14 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.stash[ROWS] = []
+    heap = keep_allocations_in_heap()  # before any case allocates
+    config.stash[MALLOC] = (
+        "heap" if heap else "GLIBC_TUNABLES" if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") else "default"
+    )
+
+
+def pytest_report_header(config):
+    return f"C allocator: {config.stash[MALLOC]} (MINSOTA_MALLOC=default for glibc's own)"
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +91,7 @@ def record(request, benchmark):
     """record(**figures): store figures in the benchmark's extra_info (saved JSON) and the summary table."""
 
     def store(**figures):
+        figures = {**figures, "malloc": request.config.stash[MALLOC]}
         benchmark.extra_info.update(figures)
         suite = request.node.module.__name__.removeprefix("bench_")
         request.config.stash[ROWS].append((suite, request.node.name.split("[", 1)[-1].rstrip("]"), figures))

@@ -43,7 +43,15 @@ from minsota.model import build_model
 from minsota.optim import build_optimizer, build_scaler, build_schedule, eval_mode, lr_multiplier, train_mode
 from minsota.recipe import Recipe
 from minsota.recompute import checkpoint_activations
-from minsota.runtime import autocast_context, autocast_dtype, datasheet_flops, evaluate, peak_flops, resolve_device
+from minsota.runtime import (
+    autocast_context,
+    autocast_dtype,
+    datasheet_flops,
+    evaluate,
+    keep_allocations_in_heap,
+    peak_flops,
+    resolve_device,
+)
 from minsota.step import train_step
 from minsota.train_state import TrainState, restore, save_checkpoint
 
@@ -126,6 +134,7 @@ def _seed(seed: int, device: torch.device) -> None:
 
 def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | None) -> int:
     """Assemble the run (model, optimizer, data), restore ``ckpt`` into it, then `_loop`."""
+    keep_allocations_in_heap()  # before the model and the data: every later large tensor reuses the heap
     rundir.check_trackers(recipe)
     t = recipe.train
     tasks = _task_evaluator(recipe) if t.eval_tasks else None  # refused now if the harness cannot run them

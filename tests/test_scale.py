@@ -1,13 +1,19 @@
 """What readies minsota for GPUs and scale, checked where a CPU can: the MFU denominators (measured without
 touching the training RNG; the datasheet table), activation checkpointing (same losses, lower peak)."""
 
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from minsota.loader import load_recipe
 from minsota.model import build_model
 from minsota.recompute import MODES, checkpoint_activations
-from minsota.runtime import datasheet_flops, peak_flops
+from minsota.runtime import datasheet_flops, keep_allocations_in_heap, peak_flops
 
 
 def test_measuring_the_matmul_rate_leaves_the_training_rng_alone():
@@ -76,3 +82,35 @@ def test_alibi_score_mod_matches_its_dense_bias():
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     got = flex_attend(q, k, v, document_ids, 0, alibi.score_mod(positions))
     assert (got - want).abs().max() < 1e-5, f"max abs diff {(got - want).abs().max():.3g}"
+
+
+HEAP_PROBE = """
+import ctypes
+from minsota.runtime import keep_allocations_in_heap
+
+class Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2; hblks counts the mmapped blocks
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype = Mallinfo2, ctypes.c_void_p
+
+def mapped_by_a_large_block():
+    before = libc.mallinfo2().hblks
+    libc.malloc(ctypes.c_size_t(64 << 20))  # over glibc's largest mmap threshold (32 MiB)
+    return libc.mallinfo2().hblks - before
+
+print(mapped_by_a_large_block(), keep_allocations_in_heap(), mapped_by_a_large_block())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_the_trainers_allocator_setting_keeps_large_blocks_in_the_heap():
+    environment = {k: v for k, v in os.environ.items() if k not in ("MINSOTA_MALLOC", "GLIBC_TUNABLES")}
+    run = subprocess.run([sys.executable, "-c", HEAP_PROBE], env=environment, capture_output=True, text=True)
+    assert run.stdout.split() == ["1", "True", "0"], run.stderr  # mmapped before, in the heap after
+
+
+@pytest.mark.parametrize("name, value", [("MINSOTA_MALLOC", "default"), ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")])
+def test_the_allocator_is_left_alone_when_the_user_says_so(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    assert keep_allocations_in_heap() is False
