@@ -9,7 +9,9 @@ by `minsota.hf.save_hf`; nothing is downloaded) and stepped the same way; the fi
 Cases: eager (minsota eager against HF eager) and compile (minsota's loss under torch.compile(fullgraph=True),
 against HF eager and HF compiled). In both, the same model with a plain dict in place of the TensorDict state
 runs in the same rounds: "TD overhead" is how much slower the TensorDict version is. MFU divides model FLOPs
-by the fp32 (CUDA: bf16) matmul rate `minsota.runtime.peak_flops` measures, re-measured every round. Peak
+by the fp32 (CUDA: bf16) matmul rate `minsota.runtime.peak_flops` measures, re-measured every round; "MFU own
+GEMMs" by the rate of the model's own matmul shapes (`minsota.runtime.gemm_shapes`: every Linear forward and
+backward, the head at the loss's chunk rows), measured in the same rounds. Peak
 memory: CUDA's allocator peak; on CPU the live parameters and optimizer state plus the largest net
 allocation within a step, from the profiler's allocation events.
 
@@ -38,7 +40,7 @@ from minsota.hf import save_hf
 from minsota.loader import load_recipe
 from minsota.model import build_model
 from minsota.optim import build_optimizer, build_scaler
-from minsota.runtime import peak_flops
+from minsota.runtime import gemm_flops, gemm_shapes, peak_flops
 from minsota.state import DOCUMENT_IDS, EMBEDDINGS, HIDDEN, POSITIONS
 from minsota.step import train_step
 from minsota.train_state import TrainState
@@ -217,10 +219,11 @@ def test_train_step(benchmark, record, setting, models, mode):
             TOLERANCE[setting.dtype],
             f"first loss ({mode}) vs HF",
         )
-    rates = []
+    rates, own_rates, own_shapes = [], [], gemm_shapes(model, batch["tokens"].numel())
 
-    def measure_matmul():  # the trainer's MFU denominator, uncached: re-measured in every round
+    def measure_matmul():  # the trainer's MFU denominator (uncached) and the model's own GEMMs, every round
         rates.append(peak_flops.__wrapped__(setting.device, setting.dtype))
+        own_rates.append(gemm_flops(own_shapes, setting.device, setting.dtype, repeats=1))
 
     timing = interleaved(
         benchmark,
@@ -238,6 +241,8 @@ def test_train_step(benchmark, record, setting, models, mode):
             "tokens_per_s": tokens / seconds,
             "mfu": flops / seconds / statistics.median(rates),
             "matmul_gflops": statistics.median(rates) / 1e9,
+            "mfu_own_gemms": flops / seconds / statistics.median(own_rates),
+            "own_gemm_gflops": statistics.median(own_rates) / 1e9,
             "td_overhead": 1 / timing["plain_state"] - 1,
             **{f"vs_{name}": timing[name] for name in peers if name.startswith("hf_")},
         }

@@ -34,6 +34,8 @@ COLUMNS = {  # summary-table column -> heading, in print order
     "tokenizer": "tokenizer",
     "mfu": "MFU",
     "matmul_gflops": "matmul GF/s",
+    "mfu_own_gemms": "MFU own GEMMs",
+    "own_gemm_gflops": "own GEMMs GF/s",
     "vs_hf_eager": "x HF eager",
     "vs_hf_compile": "x HF compiled",
     "td_overhead": "TD overhead",
@@ -102,7 +104,7 @@ def record(request, benchmark):
 def _cell(key: str, value) -> str:
     if isinstance(value, str):
         return value
-    if key == "mfu" or key == "td_overhead":
+    if key.startswith("mfu") or key == "td_overhead":
         return f"{value:.1%}"
     if key.endswith("abs_diff"):
         return f"{value:.1e}"

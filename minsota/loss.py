@@ -137,13 +137,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 CUDA_CHUNK_BYTES = 1 << 30  # the (chunk, vocab) fp32 blocks alive at once on CUDA (logits/gradient, softcap's)
 
 
-def chunk_rows(weight: torch.Tensor) -> int:
-    """Rows per chunk: 256 on the CPU; on CUDA as many as `CUDA_CHUNK_BYTES` allows (~1,000 at a 128k
-    vocabulary, ~4,000 at 32k), a multiple of 256, so the fp32 d weight sum is re-read a few times per
-    micro-batch rather than dozens."""
-    if not weight.is_cuda:
-        return 256
-    return max(256, CUDA_CHUNK_BYTES // (weight.shape[0] * 4 * 2) // 256 * 256)
+def chunk_rows(weight: torch.Tensor, rows: int) -> int:
+    """Rows per chunk of ``rows`` rows, from a memory budget for the (chunk, vocab) fp32 block. On the CPU the
+    block may be as large as the fp32 d weight sum the loss holds anyway (vocab × dim: about ``dim`` rows, at
+    least 256), so the loss's working set is at most twice that (three times under softcap); the block then is
+    no more than one (dim, vocab) matrix beside a step's activations (dim 384, 2,048 rows: 352-row chunks, +12 MB).
+    More rows make d weight's GEMM, whose inner dimension is the chunk, run closer to the square rate (K = 256
+    is the narrowest GEMM of a step; `benchmarks/README.md`). On CUDA `CUDA_CHUNK_BYTES` for both blocks (~1,000
+    rows at a 128k vocabulary, ~4,000 at 32k), so the fp32 d weight sum is re-read a few times per micro-batch
+    rather than dozens. The rows are then split into equal chunks (a multiple of 32): no short last chunk."""
+    vocab, dim = weight.shape
+    budget = CUDA_CHUNK_BYTES // 2 if weight.is_cuda else max(256, dim) * vocab * 4
+    most = max(256, budget // (vocab * 4)) // 32 * 32
+    chunks = -(-rows // most)
+    return min(rows, -(-rows // chunks) // -32 * -32)
 
 
 def linear_cross_entropy(
@@ -161,7 +168,7 @@ def linear_cross_entropy(
     and returned in ``weight``'s dtype. Without autograd (eval, no_grad) only the loss is computed, still chunk
     by chunk.
     """
-    chunk_size = chunk_size or chunk_rows(weight)
+    chunk_size = chunk_size or chunk_rows(weight, hidden.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, logit_softcap, z_loss, chunk_size)
     return _fused(hidden, weight, targets, logit_softcap, z_loss, chunk_size, with_grads=False)[0]

@@ -3,6 +3,7 @@ the matmul rate MFU is measured against, and the mean loss over held-out batches
 `minsota.inference` both use it.
 """
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -13,9 +14,11 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 from minsota.distributed import mean_over_ranks
 from minsota.errors import UserError
+from minsota.loss import chunk_rows
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,22 +82,63 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     (~50 large GEMMs) long enough for the clocks to settle.
     """
     n, reps = (8192, 50) if device.type == "cuda" else (1024, 8)
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn((n, n), device=device, generator=generator).to(dtype)
-    b = torch.randn((n, n), device=device, generator=generator).to(dtype)
+    a, b = _operands((n, n, n), device, dtype)
     for _ in range(2):
         a @ b
-    best = math.inf
-    for _ in range(3):  # the fastest of three: a rate measured while others load the machine is too low
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    # the fastest of three: a rate measured while others load the machine is too low
+    best = min(_seconds(lambda: [a @ b for _ in range(reps)], device) for _ in range(3))
     return 2 * n**3 * reps / best
+
+
+def gemm_shapes(model: nn.Module, rows: int) -> collections.Counter:
+    """The (m, k, n) matmuls a training step of ``model`` runs on ``rows`` tokens, with how often: every Linear's
+    forward (rows, in) @ (in, out) and its two backward products (d input, d weight); the output head, which
+    the fused loss (`minsota.loss`) runs over row chunks, at its chunk's rows. Attention's own products and
+    modules without Linears (grouped experts) are left out."""
+    shapes = collections.Counter()
+    head = getattr(model, "output", None)
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        m = rows if module is not head else chunk_rows(module.weight, rows)
+        k, n = module.in_features, module.out_features
+        for shape in ((m, k, n), (m, n, k), (n, m, k)):  # y = x Wᵀ, d x = d y W, d W = d yᵀ x (as autograd)
+            shapes[shape] += -(-rows // m)  # the head: once per chunk
+    return shapes
+
+
+def gemm_flops(shapes: collections.Counter, device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
+    """FLOP/s of the matmuls ``shapes`` ((m, k, n) -> how many, e.g. `gemm_shapes`): each shape timed once on
+    random operands (as `peak_flops`) and weighted by its count; the fastest of ``repeats`` passes, after one
+    that warms up. Beside `peak_flops`' square matmul, the rate a model's own GEMMs reach (narrow or short
+    ones run below it); one pass costs about 1/count of a step's matmul time."""
+    operands = {shape: _operands(shape, device, dtype) for shape in shapes}
+    best = math.inf
+    for _ in range(repeats + 1):
+        seconds = 0.0
+        for shape, (a, b) in operands.items():
+            seconds += shapes[shape] * _seconds(lambda a=a, b=b: a @ b, device)
+        best = min(best, seconds)
+    return sum(2 * m * k * n * count for (m, k, n), count in shapes.items()) / best
+
+
+def _operands(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype):
+    m, k, n = shape
+    generator = torch.Generator(device=device).manual_seed(0)  # private: the training RNG is left alone
+    return (
+        torch.randn((m, k), device=device, generator=generator).to(dtype),
+        torch.randn((k, n), device=device, generator=generator).to(dtype),
+    )
+
+
+def _seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; the first name that

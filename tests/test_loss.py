@@ -184,7 +184,10 @@ def test_bf16_autocast_runs_every_gemm_in_bf16_and_sums_d_weight_in_fp32():
         assert got <= bound, f"{name}: relative error {got:.3g}, plain bf16 autograd's x 1.5 = {bound:.3g}"
 
 
-def test_chunks_are_256_rows_on_the_cpu_and_sized_by_a_memory_budget_on_cuda():
-    assert chunk_rows(torch.empty(128256, 8)) == 256
+def test_chunks_are_sized_by_a_memory_budget_and_split_the_rows_evenly():
+    assert chunk_rows(torch.empty(128256, 8), 2048) == 256  # at least 256 rows
+    assert chunk_rows(torch.empty(32000, 384, device="meta"), 4096) == 384  # a block as large as d weight
+    assert chunk_rows(torch.empty(32000, 384, device="meta"), 2048) == 352  # 6 even chunks, not 5 x 384 + 128
+    assert chunk_rows(torch.empty(32000, 384, device="meta"), 100) == 100  # one chunk
     meta = torch.empty(128256, 4096, device="meta")
-    assert not meta.is_cuda and chunk_rows(meta) == 256  # only a CUDA weight takes the budget (see minsota.loss)
+    assert not meta.is_cuda and chunk_rows(meta, 8192) == 4096  # the CPU's budget; CUDA's is CUDA_CHUNK_BYTES
