@@ -160,26 +160,35 @@ def layered(recipe_name: str, overrides: dict) -> dict:
     }
 
 
-@pytest.fixture(params=RECIPES)
-def models(request, setting, tmp_path):
-    """(recipe, minsota Decoder, the HF model with the same weights, a batch), fresh for each case: Llama for
-    sota-2024, Gemma 3 for the layered gemma-3-1b."""
-    recipe = load_recipe(request.param, layered(request.param, SIZES[setting.size_key]))
+def pair(recipe_name: str, overrides: dict, setting: Setting, directory) -> tuple:
+    """(recipe, minsota Decoder, the HF model with the same weights (exported to ``directory``), a batch)."""
+    recipe = load_recipe(recipe_name, overrides)
     torch.manual_seed(0)
     model = build_model(recipe)  # built and exported on the CPU, then both moved
     transformers.utils.logging.disable_progress_bar()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, tmp_path), attn_implementation="sdpa")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, directory), attn_implementation="sdpa")
     model, hf = model.to(setting.device), hf.to(setting.device)
-    B, T = recipe.train.micro_batch_size, recipe.train.seq_len
-    tokens = torch.randint(0, recipe.model.vocab_size, (B, T + 1), device=setting.device)
-    positions = torch.arange(T, device=setting.device).expand(B, T)
-    batch = {
+    t = recipe.train
+    return recipe, model, hf, micro_batch(recipe.model.vocab_size, t.micro_batch_size, t.seq_len, setting.device)
+
+
+def micro_batch(vocab_size: int, B: int, T: int, device: torch.device) -> dict:
+    """B x T random tokens, as `minsota.data` makes micro-batches."""
+    tokens = torch.randint(0, vocab_size, (B, T + 1), device=device)
+    positions = torch.arange(T, device=device).expand(B, T)
+    return {
         "tokens": tokens[:, :-1].contiguous(),
         "targets": tokens[:, 1:].contiguous(),
         "positions": positions,
         "document_ids": torch.zeros_like(positions),
-    }  # a micro-batch as minsota.data makes them
-    return recipe, model, hf, batch
+    }
+
+
+@pytest.fixture(params=RECIPES)
+def models(request, setting, tmp_path):
+    """(recipe, minsota Decoder, the HF model with the same weights, a batch), fresh for each case: Llama for
+    sota-2024, Gemma 3 for the layered gemma-3-1b."""
+    return pair(request.param, layered(request.param, SIZES[setting.size_key]), setting, tmp_path)
 
 
 def hf_loss(hf):

@@ -30,6 +30,7 @@ COLUMNS = {  # summary-table column -> heading, in print order
     "max_abs_diff": "max|diff|",
     "mean_abs_diff": "mean|diff|",
     "tokens_per_s": "tok/s",
+    "hf_tokens_per_s": "HF tok/s",
     "global_tokens_per_s": "global tok/s",
     "tokenizer": "tokenizer",
     "mfu": "MFU",
@@ -41,6 +42,10 @@ COLUMNS = {  # summary-table column -> heading, in print order
     "td_overhead": "TD overhead",
     "peak_mb": "peak MB",
     "vs_hf_peak": "x HF peak",
+    "hf_peak_mb": "HF peak MB",
+    "kb_per_token": "KB/token",
+    "attention_flops_share": "attention FLOPs",
+    "parameters_m": "params M",
     "backend": "backend",
     "vs_dense": "x dense",
     "mla_bytes": "MLA B/token",
@@ -49,6 +54,7 @@ COLUMNS = {  # summary-table column -> heading, in print order
     "malloc": "malloc",
 }
 ROWS = pytest.StashKey[list]()
+NOTES = pytest.StashKey[list]()
 
 
 def pytest_addoption(parser):
@@ -61,6 +67,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.stash[ROWS] = []
+    config.stash[NOTES] = []
     heap = keep_allocations_in_heap()  # before any case allocates
     config.stash[MALLOC] = (
         "heap" if heap else "GLIBC_TUNABLES" if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") else "default"
@@ -90,21 +97,29 @@ def fresh_compiler():
 
 @pytest.fixture
 def record(request, benchmark):
-    """record(**figures): store figures in the benchmark's extra_info (saved JSON) and the summary table."""
+    """record(**figures): store figures in the benchmark's extra_info (saved JSON) and the summary table;
+    record(case=NAME, **figures) for one of several rows of a case (extra_info then keys them by NAME)."""
 
-    def store(**figures):
+    def store(case: str | None = None, **figures):
         figures = {**figures, "malloc": request.config.stash[MALLOC]}
-        benchmark.extra_info.update(figures)
+        benchmark.extra_info.update({case: figures} if case else figures)
         suite = request.node.module.__name__.removeprefix("bench_")
-        request.config.stash[ROWS].append((suite, request.node.name.split("[", 1)[-1].rstrip("]"), figures))
+        name = case or request.node.name.split("[", 1)[-1].rstrip("]")
+        request.config.stash[ROWS].append((suite, name, figures))
 
     return store
+
+
+@pytest.fixture
+def note(request):
+    """note(line): a line printed below the summary table (a fitted law, a finding)."""
+    return request.config.stash[NOTES].append
 
 
 def _cell(key: str, value) -> str:
     if isinstance(value, str):
         return value
-    if key.startswith("mfu") or key == "td_overhead":
+    if key.startswith("mfu") or key in ("td_overhead", "attention_flops_share"):
         return f"{value:.1%}"
     if key.endswith("abs_diff"):
         return f"{value:.1e}"
@@ -127,3 +142,5 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.section("minsota benchmarks")
     for row in table:
         terminalreporter.write_line("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for line in config.stash[NOTES]:
+        terminalreporter.write_line(line)
