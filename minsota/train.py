@@ -48,6 +48,8 @@ from minsota.runtime import (
     autocast_dtype,
     datasheet_flops,
     evaluate,
+    gemm_flops,
+    gemm_shapes,
     keep_allocations_in_heap,
     peak_flops,
     resolve_device,
@@ -239,14 +241,17 @@ def _task_evaluator(recipe: Recipe):
 
 
 def _mfu(model, t, device: torch.device, dtype: torch.dtype | None, world: int):
-    """``mfu(elapsed) -> dict``: a step's model FLOPs utilisation against the measured matmul rate, and against
-    the datasheet's peak where the device is known."""
+    """``mfu(elapsed) -> dict``: a step's model FLOPs utilisation against the measured matmul rate, against the
+    rate the model's own GEMM shapes reach here (`gemm_shapes`: one pass, ~1/layers of a step's matmul time),
+    and against the datasheet's peak where the device is known."""
     flops_per_step = model.flops_per_token(t.seq_len) * t.batch_size * t.seq_len
-    peak = peak_flops(device, dtype or torch.float32) * world
+    dtype = dtype or torch.float32
+    peak = peak_flops(device, dtype) * world
+    gemms = gemm_flops(gemm_shapes(model, t.micro_batch_size * t.seq_len), device, dtype, repeats=1) * world
     datasheet = datasheet_flops(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
 
     def mfu(elapsed: float) -> dict:
-        figures = {"mfu": flops_per_step / elapsed / peak}
+        figures = {"mfu": flops_per_step / elapsed / peak, "mfu_gemms": flops_per_step / elapsed / gemms}
         return figures | ({"mfu_datasheet": flops_per_step / elapsed / (datasheet * world)} if datasheet else {})
 
     return mfu

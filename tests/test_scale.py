@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 from minsota.loader import load_recipe
 from minsota.model import build_model
 from minsota.recompute import MODES, checkpoint_activations
-from minsota.runtime import datasheet_flops, keep_allocations_in_heap, peak_flops
+from minsota.runtime import datasheet_flops, gemm_flops, gemm_shapes, keep_allocations_in_heap, peak_flops
 
 
 def test_measuring_the_matmul_rate_leaves_the_training_rng_alone():
@@ -21,6 +21,19 @@ def test_measuring_the_matmul_rate_leaves_the_training_rng_alone():
     before = torch.get_rng_state()
     assert peak_flops(torch.device("cpu"), torch.float32) > 1e9
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_models_own_gemms_are_each_linear_forward_and_backward_and_the_head_per_chunk():
+    model = build_model(load_recipe("tiny", {"model.vocab_size": 1000}))  # no Linear of the layers is as wide
+    rows, (vocab, dim) = 1024, model.output.weight.shape
+    shapes = gemm_shapes(model, rows)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.output]
+    assert (rows, dim, vocab) not in shapes and shapes[(256, dim, vocab)] == 4  # the loss's 256-row chunks
+    assert shapes[(vocab, 256, dim)] == 4  # d weight, once per chunk
+    assert sum(shapes.values()) == 3 * (len(linears) + 4)
+    before = torch.get_rng_state()
+    rate = gemm_flops(shapes, torch.device("cpu"), torch.float32, repeats=1)
+    assert rate > 1e9 and torch.equal(torch.get_rng_state(), before)
 
 
 def test_datasheet_peaks_name_the_variant_before_the_family():
