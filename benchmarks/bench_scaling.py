@@ -19,7 +19,7 @@ graph of its own (~1 min each to compile here).
 
 Each writes a figure, ``benchmarks/scaling-sequence.png`` and ``scaling-size.png`` (tokens/s and peak MB of
 both sides; under --smoke into the case's temporary directory), and prints its fit below the summary table.
---smoke: vocab 512, tiny widths, T = 8 ... 64, one round.
+Three rounds per point (fewer with --rounds); --smoke: vocab 512, tiny widths, T = 8 ... 64, one round.
 """
 
 import math
@@ -46,7 +46,6 @@ SIZE = {  # (models, micro-batch, sequence length)
     "cpu": ([(128, 2, 2, 1), (256, 4, 4, 2), (384, 6, 6, 2), (512, 8, 8, 2)], 8, 256),
     "cuda": ([(512, 8, 8, 4), (768, 12, 12, 4), (1024, 16, 16, 4), (1536, 16, 12, 4)], 16, 1024),
 }
-ROUNDS = {"smoke": 1, "cpu": 3, "cuda": 5}
 FIGURES = Path(__file__).parent
 
 
@@ -92,7 +91,7 @@ def sweep_sequence(setting, directory, record, note) -> list:
     points = []
     for T in lengths:
         batch = micro_batch(recipe.model.vocab_size, tokens // T, T, setting.device)
-        point = measure(ours, theirs, batch, ROUNDS[setting.size_key])
+        point = measure(ours, theirs, batch, min(setting.rounds, 3))
         attention = 3 * shape[1] * attention_flops(shape[2], shape[0] // shape[2], T)
         point["attention_flops_share"] = attention / model.flops_per_token(T)
         record(case=f"sequence T={T}", **point)
@@ -119,7 +118,7 @@ def sweep_size(setting, directory, record, note) -> list:
         options = overrides(setting.size_key, shape, micro_batch_size, seq_len)
         recipe, model, hf, batch = pair("sota-2024", options, setting, directory / f"d{shape[0]}")
         ours = Trainee.build(model, model.losses, recipe, setting)
-        point = measure(ours, Trainee.build(hf, hf_loss(hf), recipe, setting), batch, ROUNDS[setting.size_key])
+        point = measure(ours, Trainee.build(hf, hf_loss(hf), recipe, setting), batch, min(setting.rounds, 3))
         point["parameters_m"] = model.num_parameters() / 1e6
         record(case=f"size d{shape[0]} x {shape[1]}", **point)
         points.append((point["parameters_m"], point))

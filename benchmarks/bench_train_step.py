@@ -23,6 +23,7 @@ A layered case runs beside it: gemma-3-1b's layout (local/global layers, QK-norm
 the same sizes, against transformers' Gemma3ForCausalLM. Compiled, two more steps must not recompile.
 """
 
+import functools
 import itertools
 import statistics
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 import minsota.model
 from minsota.hf import save_hf
 from minsota.loader import load_recipe
+from minsota.loss import chunk_rows, linear_cross_entropy
 from minsota.model import build_model
 from minsota.optim import build_optimizer, build_scaler
 from minsota.runtime import gemm_flops, gemm_shapes, peak_flops
@@ -121,20 +123,11 @@ class Trainee:
 
 def peak_bytes(trainee: Trainee, batch) -> int:
     """Peak memory of one step (see the module docstring for how each device measures it)."""
-    setting = trainee.setting
-    if setting.cuda:
-        torch.cuda.reset_peak_memory_stats(setting.device)
+    if trainee.setting.cuda:
+        torch.cuda.reset_peak_memory_stats(trainee.setting.device)
         trainee.step(batch)
-        return torch.cuda.max_memory_allocated(setting.device)
-    live = trainee.live_bytes()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainee.step(batch)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    current = highest = 0
-    for _, nbytes in events:  # + for an allocation, - for a free
-        current += nbytes
-        highest = max(highest, current)
-    return live + highest
+        return torch.cuda.max_memory_allocated(trainee.setting.device)
+    return trainee.live_bytes() + step_peak(lambda: trainee.step(batch), trainee.setting)
 
 
 RECIPES = ["sota-2024", "gemma-3-1b"]
@@ -260,3 +253,66 @@ def test_train_step(benchmark, record, setting, models, mode):
             ours.step(batch)
             ours.step(batch)
     record(**figures)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_loss_chunks(benchmark, record, setting, mode):
+    """The fused loss alone (forward and backward) at the train step's head shape, with its chunk from
+    `minsota.loss.chunk_rows`' memory budget, against fixed 256-row chunks (the constant it replaced) and the
+    unfused ``F.cross_entropy(hidden @ weight.T)``, in the same rounds; peak bytes of each from the profiler."""
+    sizes = SIZES[setting.size_key]
+    rows = sizes.get("train.micro_batch_size", 16) * sizes.get("train.seq_len", 1024)
+    vocab, dim = sizes.get("model.vocab_size", 50304), sizes.get("model.dim", 768)
+    generator = torch.Generator(device=setting.device).manual_seed(0)
+    hidden = torch.randn(rows, dim, device=setting.device, generator=generator, requires_grad=True)
+    weight = (0.02 * torch.randn(vocab, dim, device=setting.device, generator=generator)).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), device=setting.device, generator=generator)
+    variants = {
+        "budget": linear_cross_entropy,
+        "chunk_256": functools.partial(linear_cross_entropy, chunk_size=256),
+        "unfused": lambda h, w, t: nn.functional.cross_entropy((h @ w.T).float(), t),
+    }
+    if mode == "compile":
+        variants = {name: torch.compile(fn, fullgraph=True) for name, fn in variants.items()}
+
+    def step(fn):
+        def run():
+            with setting.autocast():
+                loss = fn(hidden, weight, targets)
+            loss.backward()
+            hidden.grad = weight.grad = None
+
+        return run
+
+    with setting.autocast():
+        figures = parity(
+            variants["budget"](hidden, weight, targets),
+            variants["unfused"](hidden, weight, targets),
+            TOLERANCE[setting.dtype],
+            f"fused loss ({mode}) vs unfused",
+        )
+    runs = {name: step(fn) for name, fn in variants.items()}
+    timing = interleaved(benchmark, setting, runs["budget"], {name: runs[name] for name in ("chunk_256", "unfused")})
+    peaks = {name: step_peak(run, setting) for name, run in runs.items()}
+    figures |= {
+        "rows": chunk_rows(weight, rows),
+        "peak_mb": peaks["budget"] / 2**20,
+        "vs_256_peak": peaks["budget"] / peaks["chunk_256"],
+        "vs_unfused_peak": peaks["budget"] / peaks["unfused"],
+    }
+    if timing:
+        figures |= {"ms": timing["ms"], "vs_chunk_256": timing["chunk_256"], "vs_unfused": timing["unfused"]}
+    record(**figures)
+
+
+def step_peak(run, setting: Setting) -> int:
+    """The largest net allocation while ``run`` runs (CUDA: the allocator's peak above what was held)."""
+    if setting.cuda:
+        held = torch.cuda.memory_allocated(setting.device)
+        torch.cuda.reset_peak_memory_stats(setting.device)
+        run()
+        return torch.cuda.max_memory_allocated(setting.device) - held
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return max([0, *itertools.accumulate(nbytes for _, nbytes in events)])  # + an allocation, - a free

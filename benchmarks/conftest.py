@@ -5,6 +5,7 @@ pytest benchmarks                              # full sizes; prints one summary 
 pytest benchmarks --benchmark-save=NAME        # ... and stores the JSON (extra_info holds every figure)
 pytest benchmarks --benchmark-compare          # ... against the newest stored run
 pytest benchmarks --smoke --benchmark-disable  # CI: tiny sizes, each case once, parity still asserted
+pytest benchmarks --rounds 5                   # fewer (or more) timed rounds per case
 MINSOTA_MALLOC=default pytest benchmarks       # ... with glibc's default allocator (below)
 
 The process keeps large allocations in glibc's heap, as the trainer does (`minsota.runtime.
@@ -42,6 +43,11 @@ COLUMNS = {  # summary-table column -> heading, in print order
     "td_overhead": "TD overhead",
     "peak_mb": "peak MB",
     "vs_hf_peak": "x HF peak",
+    "rows": "chunk rows",
+    "vs_chunk_256": "x 256 rows",
+    "vs_unfused": "x unfused",
+    "vs_256_peak": "x 256 peak",
+    "vs_unfused_peak": "x unfused peak",
     "hf_peak_mb": "HF peak MB",
     "kb_per_token": "KB/token",
     "attention_flops_share": "attention FLOPs",
@@ -63,6 +69,7 @@ def pytest_addoption(parser):
         action="store_true",
         help="tiny sizes and a single round: checks that every benchmark runs and its parity holds",
     )
+    parser.addoption("--rounds", type=int, help="timed rounds per case (default 10 on a CPU, 20 on CUDA)")
 
 
 def pytest_configure(config):
@@ -80,11 +87,11 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def setting(request) -> Setting:
-    smoke = request.config.getoption("--smoke")
+    smoke, rounds = request.config.getoption("--smoke"), request.config.getoption("--rounds")
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast, as minsota.train sets
-        return Setting(torch.device("cuda"), torch.bfloat16, smoke, rounds=1 if smoke else 20)
-    return Setting(torch.device("cpu"), torch.float32, smoke, rounds=1 if smoke else 10)
+        return Setting(torch.device("cuda"), torch.bfloat16, smoke, rounds=1 if smoke else rounds or 20)
+    return Setting(torch.device("cpu"), torch.float32, smoke, rounds=1 if smoke else rounds or 10)
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +126,8 @@ def note(request):
 def _cell(key: str, value) -> str:
     if isinstance(value, str):
         return value
+    if isinstance(value, int):
+        return f"{value:,}"
     if key.startswith("mfu") or key in ("td_overhead", "attention_flops_share"):
         return f"{value:.1%}"
     if key.endswith("abs_diff"):
