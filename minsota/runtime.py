@@ -41,8 +41,8 @@ def keep_allocations_in_heap() -> bool:
 
     glibc serves every block over 32 MiB (its largest mmap threshold) with a fresh ``mmap`` and unmaps it when
     freed, and trims the heap's free top back to the kernel: a training step that allocates the same large
-    tensors every step (logits, their gradients, d weight) page-faults them in again each time, ~20% of a GEMM
-    into a fresh (2048, 32000) fp32 tensor on a CPU. ``M_MMAP_MAX = 0`` puts large blocks in the heap and
+    tensors every step (logits, their gradients, d weight) page-faults them in again each time: a (2048, 32000)
+    fp32 GEMM ran at 155 GF/s into a fresh tensor and 190 into a reused one (`benchmarks/README.md`). ``M_MMAP_MAX = 0`` puts large blocks in the heap and
     ``M_TRIM_THRESHOLD = -1`` never trims it (mallopt(3)), as
     ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`` would: the resident size then
     stays at its peak. Applies to what is allocated later, in this process and in the processes it forks (data

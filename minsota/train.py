@@ -242,7 +242,7 @@ def _task_evaluator(recipe: Recipe):
 
 def _mfu(model, t, device: torch.device, dtype: torch.dtype | None, world: int):
     """``mfu(elapsed) -> dict``: a step's model FLOPs utilisation against the measured matmul rate, against the
-    rate the model's own GEMM shapes reach here (`gemm_shapes`: one pass, ~1/layers of a step's matmul time),
+    rate the model's own GEMM shapes reach here (`gemm_shapes`; two passes, each ~1/layers of a step's matmuls),
     and against the datasheet's peak where the device is known."""
     flops_per_step = model.flops_per_token(t.seq_len) * t.batch_size * t.seq_len
     dtype = dtype or torch.float32
