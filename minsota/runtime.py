@@ -41,10 +41,10 @@ def keep_allocations_in_heap() -> bool:
 
     glibc serves every block over 32 MiB (its largest mmap threshold) with a fresh ``mmap`` and unmaps it when
     freed, and trims the heap's free top back to the kernel: a training step that allocates the same large
-    tensors every step (logits, their gradients, d weight) page-faults them in again each time: a (2048, 32000)
-    fp32 GEMM ran at 155 GF/s into a fresh tensor and 190 into a reused one (`benchmarks/README.md`). ``M_MMAP_MAX = 0`` puts large blocks in the heap and
-    ``M_TRIM_THRESHOLD = -1`` never trims it (mallopt(3)), as
-    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`` would: the resident size then
+    tensors every step (logits, their gradients, d weight) page-faults them in again each time (a (2048, 32000)
+    fp32 GEMM ran at 155 GF/s into a fresh tensor, 190 into a reused one: `benchmarks/README.md`).
+    ``M_MMAP_MAX = 0`` puts large blocks in the heap and ``M_TRIM_THRESHOLD = -1`` never trims it (mallopt(3)),
+    as ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`` would: the resident size then
     stays at its peak. Applies to what is allocated later, in this process and in the processes it forks (data
     workers); a no-op where the user set glibc's malloc tunables themselves, with ``MINSOTA_MALLOC=default``
     (the opt-out), and off glibc (musl, macOS, Windows). CUDA memory is not glibc's and is unaffected.
