@@ -25,7 +25,7 @@ from torch import nn
 
 from minsota.errors import UserError
 from minsota.plugins import load_plugins
-from minsota.recipe import TrainConfig, component
+from minsota.recipe import TrainConfig, component, param_group
 
 ROLES = ("matrix", "embedding", "head", "vector")
 
@@ -68,16 +68,7 @@ def param_groups(model: nn.Module, t: TrainConfig) -> list[dict]:
             lr_scale = float(rules[rule].get("lr_scale", lr_scale))
             weight_decay = float(rules[rule].get("weight_decay", weight_decay))
         group = groups.setdefault(
-            (role, rule, weight_decay),
-            {
-                "params": [],
-                "names": [],
-                "splits": [],
-                "role": role,
-                "lr": t.lr * lr_scale,
-                "lr_scale": lr_scale,
-                "weight_decay": weight_decay,
-            },
+            (role, rule, weight_decay), param_group(role, t.lr * lr_scale, lr_scale, weight_decay)
         )
         group["params"].append(params[name])
         group["names"].append(name)

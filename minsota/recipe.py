@@ -27,6 +27,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+import torch
+
 from minsota.errors import UserError, did_you_mean
 from minsota.registry import Registry
 
@@ -570,17 +572,52 @@ def _validate_layers(recipe: Recipe, registries: Mapping[str, Registry]) -> None
                 _check_component(recipe, registries, kind, spec, f"{prefix}.{kind}")
 
 
+def param_group(role: str, lr: float, lr_scale: float, weight_decay: float) -> dict:
+    """An empty parameter group of ``role``, as optimizer factories receive it (the optimizers hookspec):
+    `minsota.optim.param_groups` fills it with a model's tensors, `stand_in_groups` with small stand-ins."""
+    return {
+        "params": [],
+        "names": [],
+        "splits": [],
+        "role": role,
+        "lr": lr,
+        "lr_scale": lr_scale,
+        "weight_decay": weight_decay,
+    }
+
+
+STAND_IN_SHAPES = {"matrix": (16, 8), "embedding": (32, 8), "head": (32, 8), "vector": (8,)}
+
+
+def stand_in_groups(t: TrainConfig) -> list[dict]:
+    """One group per role, each holding one small tensor of its role's shape with a gradient. The recipe's
+    validation builds ``train.optimizer`` on them, so that a bad option value is refused at recipe time naming
+    the key, before any model exists; `minsota.memory` steps one to measure the optimizer's state."""
+    generator = torch.Generator().manual_seed(0)
+    groups = []
+    for role, shape in STAND_IN_SHAPES.items():
+        tensor = torch.nn.Parameter(torch.randn(shape, generator=generator))
+        tensor.grad = torch.randn(shape, generator=generator)
+        group = param_group(role, t.lr, 1.0, t.weight_decay if role in ("matrix", "head") else 0.0)
+        group["params"].append(tensor)
+        group["names"].append(f"stand_in.{role}")
+        group["splits"].append(None)
+        groups.append(group)
+    return groups
+
+
 def _validate_train_plugins(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
-    """train.optimizer and train.schedule name registered plugins with options their factories take (a schedule
-    is built, so its option values are checked too); each [[train.param_groups]] rule is well formed."""
+    """train.optimizer and train.schedule name registered plugins with options their factories take, and build
+    (a schedule as it is, an optimizer on `stand_in_groups`), so option values are checked too; each
+    [[train.param_groups]] rule is well formed."""
     t = recipe.train
     for key, kind in TRAIN_PLUGIN_KEYS.items():
         where, (name, options) = recipe.where(f"train.{key}"), component(getattr(t, key))
         try:
             factory = registries[kind].get(name)
             inspect.signature(factory).bind(*([[]] if kind == "optimizer" else []), t, **options)
-            if kind == "schedule":
-                factory(t, **options)
+            # built, so the factory checks its options' values: an optimizer on stand-in tensors (no model yet)
+            factory(*([stand_in_groups(t)] if kind == "optimizer" else []), t, **options)
         except UserError as e:
             raise UserError(f"{where}: train.{key}: {e}") from None
         except (TypeError, ValueError) as e:
