@@ -23,7 +23,8 @@ from torch import nn
 
 from minsota.errors import UserError
 from minsota.model import build_model
-from minsota.recipe import Recipe, component
+from minsota.optim import optimizer_over, parameter_roles, train_mode
+from minsota.recipe import Recipe, component, stand_in_groups
 
 GIB = 2**30
 LOSS_CHUNK_ROWS = 256  # minsota.loss.linear_cross_entropy's default chunk
@@ -36,6 +37,9 @@ class Estimate:
     optimizer: int
     activations: int
     tokens: str  # the micro-batch the activations are for, "B x T"
+    optimizer_name: str = "adamw"
+    state_per_parameter: float = 8.0  # the optimizer's measured bytes of state per parameter (all roles)
+    checkpointing: str = "none"  # train.activation_checkpointing
 
     @property
     def total(self) -> int:
@@ -44,8 +48,9 @@ class Estimate:
     def __str__(self) -> str:
         parts = (self.weights, self.gradients, self.optimizer, self.activations)
         return (
-            f"{gib(self.total)} (weights {gib(parts[0])}, gradients {gib(parts[1])}, AdamW {gib(parts[2])}, "
-            f"activations {gib(parts[3])} at {self.tokens} tokens per micro-batch)"
+            f"{gib(self.total)} (weights {gib(parts[0])}, gradients {gib(parts[1])}, {self.optimizer_name} state "
+            f"{gib(parts[2])} at {self.state_per_parameter:.3g} B/parameter, activations {gib(parts[3])} at "
+            f"{self.tokens} tokens per micro-batch with activation checkpointing {self.checkpointing})"
         )
 
 
@@ -55,28 +60,70 @@ def gib(n: float) -> str:
     return f"{n / scale:.3g} {unit}"
 
 
+def state_per_parameter(recipe: Recipe) -> dict[str, float]:
+    """Role -> the bytes of optimizer state per parameter that ``train.optimizer`` keeps, measured: the real
+    factory (a plugin's too) built on `minsota.recipe.stand_in_groups` and stepped once. Per-tensor scalars
+    (a step count) are left out; state that grows slower than its tensor (a factored second moment) is
+    overcounted at the stand-ins' small shapes."""
+    optimizer = optimizer_over(stand_in_groups(recipe.train), recipe.train, recipe.plugins)
+    train_mode(optimizer)
+    optimizer.step()
+    per_role = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {}).values()
+            kept = sum(v.numel() * v.element_size() for v in state if isinstance(v, torch.Tensor) and v.ndim > 0)
+            per_role[group["role"]] = kept / p.numel()
+    return per_role
+
+
 def estimate(recipe: Recipe, model: nn.Module, activation_bytes: int, world: int = 1) -> Estimate:
     """What training ``model`` (built on "meta") needs on one device; ``activation_bytes``: 2 under bf16/fp16
     autocast, 4 in fp32."""
     t = recipe.train
     params = sum(p.numel() for p in model.parameters())
     shard = world if t.parallelism == "fsdp" else 1
-    tokens = t.micro_batch_size * t.seq_len
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.output]
-    per_token = sum(m.in_features + m.out_features for m in linears)  # every layer's projections
-    per_token += 2 * model.cfg.dim * (1 + sum(1 for m in model.modules() if _is_norm(m)))  # embedding, norms
-    # what autograd keeps, plus one layer's worth again: the backward's gradients of the layer it is in
-    activations = tokens * per_token * activation_bytes * (1 + 1 / model.cfg.n_layers)
-    activations += _scores(recipe, model, activation_bytes)
-    vocab, dim = model.output.weight.shape
-    activations += 4 * (tokens * dim + vocab * dim + 2 * LOSS_CHUNK_ROWS * vocab)  # the fused loss's buffers
+    per_role, sizes = state_per_parameter(recipe), dict(model.named_parameters())
+    state = sum(sizes[name].numel() * per_role.get(role, 0.0) for name, role in parameter_roles(model).items())
     return Estimate(
         4 * params // shard,
         4 * params // shard,
-        8 * params // shard,
-        activations,
+        int(state) // shard,
+        _activations(recipe, model, activation_bytes),
         f"{t.micro_batch_size} x {t.seq_len}",
+        component(t.optimizer)[0],
+        state / params,
+        t.activation_checkpointing,
     )
+
+
+def _activations(recipe: Recipe, model: nn.Module, activation_bytes: int) -> int:
+    """What autograd keeps for one micro-batch's backward (see the module docstring), per block as
+    ``train.activation_checkpointing`` decides."""
+    t, cfg = recipe.train, model.cfg
+    tokens, mode = t.micro_batch_size * t.seq_len, t.activation_checkpointing
+    blocks = [_kept(block, cfg.dim) for block in model.layers]  # per token: (everything, matmul/attention outputs)
+    outside = _kept(model, cfg.dim)[0] - sum(every for every, _ in blocks)  # the embedding, the final norm
+    one_layer = max(every for every, _ in blocks)  # one block's tensors again: the backward's gradients of them
+    if mode == "none":
+        kept = sum(every for every, _ in blocks) + one_layer
+    else:  # a block's input (the fp32 residual stream), what selective keeps, and one block recomputed
+        inputs = len(blocks) * cfg.dim * 4 / activation_bytes
+        kept = inputs + (sum(costly for _, costly in blocks) if mode == "selective" else 0) + 2 * one_layer
+    activations = tokens * (outside + kept) * activation_bytes
+    activations += _scores(recipe, model, activation_bytes)
+    vocab, dim = model.output.weight.shape
+    return int(activations + 4 * (tokens * dim + vocab * dim + 2 * LOSS_CHUNK_ROWS * vocab))  # the fused loss's
+
+
+def _kept(module: nn.Module, dim: int) -> tuple[int, int]:
+    """Per token, the elements autograd keeps inside ``module``: every Linear's input and output and every norm's
+    (and the embedding's, if inside); and of them the outputs of the costly ops selective checkpointing saves
+    (matmuls, and an attention kernel's output, ~dim)."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear) and m is not getattr(module, "output", None)]
+    norms = sum(1 for m in module.modules() if _is_norm(m)) + sum(isinstance(m, nn.Embedding) for m in module.modules())
+    every = sum(m.in_features + m.out_features for m in linears) + 2 * dim * norms
+    return every, sum(m.out_features for m in linears) + dim * hasattr(module, "attention")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -89,7 +136,11 @@ def _scores(recipe: Recipe, model: nn.Module, activation_bytes: int) -> int:
     document = recipe.data.packing == "document" and not _cuda(t.device)
     # per layer: layers may differ in their attention (model.layer_types)
     dense = sum(document or component(spec["attention"])[0] == "math" for spec in model.specs)
-    return 2 * dense * t.micro_batch_size * cfg.n_heads * t.seq_len**2 * activation_bytes
+    # scores and weights per dense layer (selective keeps the scores, a matmul's, and recomputes the weights; full
+    # recomputes both), and in backward one layer's pair again for their gradients (and recomputed, if it was)
+    one = min(dense, 1)
+    kept = {"none": 2 * dense + 2 * one, "selective": dense + 3 * one, "full": 4 * one}[t.activation_checkpointing]
+    return kept * t.micro_batch_size * cfg.n_heads * t.seq_len**2 * activation_bytes
 
 
 def _cuda(device: str) -> bool:
