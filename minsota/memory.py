@@ -1,18 +1,24 @@
 """The memory a training run needs on one device, estimated from the meta-device model before anything is
 allocated, and the memory the device has: `minsota.train` refuses a run that cannot fit (unless
-``train.check_memory = false``) and `minsota show` prints both.
+``train.check_memory = false``) and `minsota show` prints both, with what the estimate assumed.
 
-What is counted, per device: fp32 weights, their fp32 gradients and AdamW's two fp32 moments (16 bytes a
-parameter; FSDP2 divides all three by the world size), and the activations autograd keeps for the backward of
-one micro-batch: the input and output of every Linear, of every norm and of the token embedding, at the
-autocast dtype's width (Korthikanti et al. 2022, arXiv:2205.05198 §4, count the same tensors, for a GPT layer
-~34·s·b·h bytes in 16-bit), the (T, T) scores of attention kernels that materialise them (``math``, and
-document masks off CUDA), and the fused LM-head loss's gradient buffers (minsota.loss: d hidden and d head in
-fp32, one (256, vocab) chunk at a time), plus one layer's activations again for the gradients of them that
-the backward holds. Not counted: the allocator's slack and one op's temporaries. Measured on the 2-core CPU
-(fp32, the growth of peak resident memory over two real training steps): the estimate was 0.67-0.68x of it for
-`tiny` (0.85M parameters, 8 x 64 and 8 x 512 tokens), 0.89x at 55M, 1.08x at 110M parameters and 0.94x with the
-`math` kernel at T = 512. A run is refused only when the estimate alone exceeds what the device has.
+What is counted, per device: fp32 weights and their fp32 gradients (8 bytes a parameter), the optimizer's state
+as measured: ``train.optimizer``'s own factory (a plugin's too, with no code of its own) built on one small
+stand-in tensor per role and stepped once, its state tensors' bytes per parameter times the model's parameters
+of that role (AdamW 8, Lion 4, Muon 4 for matrices and AdamW's 8 for the rest; FSDP2 divides weights, gradients
+and state by the world size). Then the activations autograd keeps for the backward of one micro-batch: the
+input and output of every Linear, of every norm and of the token embedding, at the autocast dtype's width
+(Korthikanti et al. 2022, arXiv:2205.05198 §4, count the same tensors, for a GPT layer ~34·s·b·h bytes in
+16-bit), the (T, T) scores of attention kernels that materialise them (``math``, and document masks off CUDA),
+and the fused LM-head loss's gradient buffers (minsota.loss: d hidden and d head in fp32, one (256, vocab)
+chunk at a time), plus one layer's activations again for the gradients of them that the backward holds. With
+``train.activation_checkpointing`` (minsota.recompute) a block keeps only its fp32 input (``full``) or that
+and its matmuls' and attention kernel's outputs (``selective``), and one block is recomputed at a time in
+backward. Not counted: the allocator's slack and one op's temporaries. Measured on the 2-core CPU (fp32, the
+growth of peak resident memory over two real training steps): the estimate was 0.67-0.68x of it for `tiny`
+(0.85M parameters, 8 x 64 and 8 x 512 tokens), 0.89x at 55M, 1.08x at 110M parameters and 0.93x with the
+`math` kernel at T = 512 (dim 256; AdamW and Muon alike), 0.83x there with ``selective`` and 0.74x with
+``full`` checkpointing. A run is refused only when the estimate alone exceeds what the device has.
 """
 
 import os

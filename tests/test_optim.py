@@ -124,6 +124,26 @@ def test_a_resume_that_changes_the_optimizer_is_refused_unless_allowed(tmp_path,
     assert "train.optimizer changed (allowed): its state starts afresh" in err and max(losses(run_dir)) == 5
 
 
+@pytest.mark.parametrize(
+    "optimizer, plugin, message",
+    [
+        ("{name='muon', momentum='x'}", (), "muon: momentum must be a number in [0, 1), got 'x'"),
+        ("{name='muon', lr=-1}", (), "muon: lr must be a number > 0, got -1"),
+        ("{name='muon', ns_dtype='fp8'}", (), "muon: ns_dtype must be one of bfloat16, float32, got 'fp8'"),
+        ("{name='lion', beta2=1.5}", (), "lion: beta2 must be a number in [0, 1), got 1.5"),
+        ("{name='signum', momentum=1.5}", ("--plugin", SIGNUM), "signum: momentum must be in [0, 1), got 1.5"),
+    ],
+    ids=["muon-type", "muon-lr", "muon-dtype", "lion", "third-party"],
+)
+def test_a_bad_optimizer_option_value_is_refused_when_the_recipe_is_read(tmp_path, cli, optimizer, plugin, message):
+    """Whatever the factory refuses on the stand-in tensors, a plugin's as a built-in's: one line naming the key,
+    exit 2, before a model or a run directory exists."""
+    code, _, err = cli("train", "tiny", *plugin, "--out", tmp_path / "run", "--set", f"train.optimizer={optimizer}")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--set train.optimizer: train.optimizer: {message}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_builtin_registers_through_the_hooks_and_lists(cli):
     code, out, err = cli("list", "optimizers", "--plugin", SIGNUM)
     assert code == 0, err
