@@ -43,9 +43,9 @@ class Estimate:
     optimizer: int
     activations: int
     tokens: str  # the micro-batch the activations are for, "B x T"
-    optimizer_name: str = "adamw"
-    state_per_parameter: float = 8.0  # the optimizer's measured bytes of state per parameter (all roles)
-    checkpointing: str = "none"  # train.activation_checkpointing
+    optimizer_name: str
+    state_per_parameter: float  # the optimizer's measured bytes of state per parameter (all roles)
+    checkpointing: str  # train.activation_checkpointing
 
     @property
     def total(self) -> int:
