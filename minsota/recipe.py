@@ -27,8 +27,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-import torch
-
 from minsota.errors import UserError, did_you_mean
 from minsota.registry import Registry
 
@@ -593,6 +591,8 @@ def stand_in_groups(t: TrainConfig) -> list[dict]:
     """One group per role, each holding one small tensor of its role's shape with a gradient. The recipe's
     validation builds ``train.optimizer`` on them, so that a bad option value is refused at recipe time naming
     the key, before any model exists; `minsota.memory` steps one to measure the optimizer's state."""
+    import torch  # here: `import minsota.cli` stays free of torch (its error handling imports it)
+
     generator = torch.Generator().manual_seed(0)
     groups = []
     for role, shape in STAND_IN_SHAPES.items():
