@@ -33,6 +33,8 @@ def _number(key: str, value, ok, what: str) -> None:
 
 def adamw(groups, cfg, fused: bool | None = None):
     """AdamW with the recipe's betas and eps; fused on CPU and CUDA."""
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"fused must be true or false, got {fused!r}")
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=_fused(groups) if fused is None else fused
     )
@@ -176,6 +178,9 @@ def lion(groups, cfg, lr: float | None = None, beta1: float = 0.9, beta2: float 
 
 def schedulefree_adamw(groups, cfg, warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0):
     """Schedule-Free AdamW (the schedulefree package); use with train.schedule = "constant"."""
+    _number("warmup_steps", warmup_steps, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    _number("r", r, lambda v: v >= 0, "a number >= 0")
+    _number("weight_lr_power", weight_lr_power, lambda v: v >= 0, "a number >= 0")
     try:
         import schedulefree
     except ImportError:

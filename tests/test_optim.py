@@ -131,9 +131,15 @@ def test_a_resume_that_changes_the_optimizer_is_refused_unless_allowed(tmp_path,
         ("{name='muon', lr=-1}", (), "muon: lr must be a number > 0, got -1"),
         ("{name='muon', ns_dtype='fp8'}", (), "muon: ns_dtype must be one of bfloat16, float32, got 'fp8'"),
         ("{name='lion', beta2=1.5}", (), "lion: beta2 must be a number in [0, 1), got 1.5"),
+        ("{name='adamw', fused='yes'}", (), "adamw: fused must be true or false, got 'yes'"),
+        (
+            "{name='schedulefree-adamw', warmup_steps=-3}",
+            (),
+            "schedulefree-adamw: warmup_steps must be an integer >= 0, got -3",
+        ),
         ("{name='signum', momentum=1.5}", ("--plugin", SIGNUM), "signum: momentum must be in [0, 1), got 1.5"),
     ],
-    ids=["muon-type", "muon-lr", "muon-dtype", "lion", "third-party"],
+    ids=["muon-type", "muon-lr", "muon-dtype", "lion", "adamw", "schedulefree", "third-party"],
 )
 def test_a_bad_optimizer_option_value_is_refused_when_the_recipe_is_read(tmp_path, cli, optimizer, plugin, message):
     """Whatever the factory refuses on the stand-in tensors, a plugin's as a built-in's: one line naming the key,
