@@ -68,18 +68,22 @@ def plot(result: dict, order: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [row for row in result["recipes"][1:] if "vs_base" in row]
+    varied = {row["recipe"]: row for row in (order or {"recipes": []})["recipes"][1:] if "vs_base" in row}
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.6))
+
+    def bar(d, y, colour, marker, label=None):
+        error = [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]]
+        ax.errorbar(d["mean"], y, xerr=error, fmt=marker, color=colour, capsize=3, label=label)
+
     for i, row in enumerate(reversed(rows)):
         d = row["vs_base"]["val_loss"]
-        colour = "C3" if d["p_value"] < 0.05 and d["mean"] > 0 else "C2" if d["p_value"] < 0.05 else "C7"
-        ax.errorbar(
-            d["mean"], i, xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o", color=colour, capsize=3
-        )
+        bar(d, i, "C3" if d["p_value"] < 0.05 and d["mean"] > 0 else "C2" if d["p_value"] < 0.05 else "C7", "o")
+        if row["recipe"] in varied:  # the same difference when the seed also sets the data order
+            label = "data order varied too" if not ax.get_legend_handles_labels()[0] else None
+            bar(varied[row["recipe"]]["vs_base"]["val_loss"], i - 0.3, "C0", "s", label)
     ax.set_yticks(range(len(rows)), [row["recipe"].removeprefix("ablation-") for row in reversed(rows)])
     ax.axvline(0, color="k", lw=0.8)
-    if order is not None:  # the baseline's seed-to-seed spread when the seed also sets the data order
-        spread = order["recipes"][0]["val_loss"]["std"]
-        ax.axvspan(-spread, spread, color="C0", alpha=0.12, lw=0, label="± std of the baseline, data order varied")
+    if varied:
         ax.legend(loc="lower right", fontsize=8)
     n = len(rows[0]["runs"])
     ax.set_xlabel(f"validation loss − baseline's (paired by seed, {n} seeds; bars: 95% CI)")

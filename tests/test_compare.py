@@ -8,6 +8,7 @@ import io
 import json
 import math
 import shutil
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -17,6 +18,7 @@ from minsota.cli import main
 from minsota.compare import _tokens, format_table, read_at, read_metrics, recipe_diff
 from minsota.data import build_batches, build_tokenizer
 from minsota.loader import load_recipe, read_recipe_json
+from minsota.plugins import load_plugins
 
 QUICK = [
     "--steps",
@@ -338,3 +340,17 @@ def test_a_time_budget_reads_a_slower_recipe_at_an_earlier_step(tmp_path):
     assert result["budget"]["kind"] == "tokens" and at_step["tokens"] == [12, 12]
     fast, slow = at_step["time"]
     assert fast == 12 and 1 <= slow < 11, at_step  # the same time buys fewer of the costlier steps
+
+
+def test_the_committed_ablation_study_covers_every_ablation_recipe():
+    """docs/ablation/compare.json (benchmarks/ablation_study.sh): every `ablation-*` recipe over 3 seeds, paired
+    against ablation-base, with initialisation variance; the baseline again with the data order varied."""
+    study = json.loads((Path(__file__).parent.parent / "docs" / "ablation" / "compare.json").read_text())
+    recipes = load_plugins().registry("recipe").list("ablation-*")
+    init, order = study["init"], study["data-order"]
+    assert init["base"] == "ablation-base" and sorted(r["recipe"] for r in init["recipes"]) == recipes
+    assert init["variance"]["data_order"] is False and order["variance"]["data_order"] is True
+    assert order["recipes"][0]["recipe"] == "ablation-base"
+    for row in init["recipes"] + order["recipes"]:
+        assert [run["seed"] for run in row["runs"]] == [0, 1, 2]
+    assert all("vs_base" in row for row in init["recipes"][1:])
