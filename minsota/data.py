@@ -406,6 +406,8 @@ class TokenizedBlocks(IterableDataset):
         order_seed: int | None = None,
     ):
         self.source, self.tokenizer, self.block_docs = source, tokenizer, block_docs
+        if state is not None and ("block" in state) != (order_seed is not None):
+            state = None  # a position in the other order (--allow-change data.shuffle): the epoch starts afresh
         self.epoch, self.state, self.order_seed = epoch, state, order_seed
         self._starts = None  # shuffled: the source's state before each of its blocks
 

@@ -485,6 +485,18 @@ def test_shuffle_permutes_each_epochs_blocks_by_the_seed_and_leaves_validation_a
     )
 
 
+@pytest.mark.parametrize("before, after", [(False, True), (True, False)])
+def test_a_position_in_the_other_order_restarts_its_epoch(tmp_path, before, after):
+    """--allow-change data.shuffle: a saved position of the other order is not the source's to resume."""
+    spec, _ = corpus(tmp_path, "jsonl.gz")
+    tokenizer = build_tokenizer(tiny())
+    saved = build_batches(tiny(source=spec, shuffle=before), tokenizer)
+    take(saved, 3)
+    resumed = build_batches(tiny(source=spec, shuffle=after), tokenizer)
+    resumed.load_state_dict(json.loads(json.dumps(saved.state_dict())))
+    assert next(resumed)["tokens"].shape == (2, 16) and resumed.epoch == 0
+
+
 def test_shuffling_a_hub_stream_is_refused_naming_the_key():
     with pytest.raises(UserError, match=r"data.source = 'c4': data.shuffle = true needs a finite local source"):
         build_source(tiny({"data.source": "c4", "data.shuffle": True}))
