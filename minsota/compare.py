@@ -363,6 +363,41 @@ def variance(recipes: list[Recipe]) -> dict:
     return {"initialisation": True, "data_order": order, "measured": what}
 
 
+def _report(rows: list[dict], out: Path, budget: tuple[str, float], spread: dict, seeds: int) -> None:
+    """Plot, write compare.json and print the table with what it compared at and which variance it measured."""
+    kind, value = budget
+    trained = [row for row in rows if "runs" in row]
+    if trained:
+        plot(trained, out / "compare.png", (kind, value))
+    drop = ("curve", "val_curve")  # they stay in each run's metrics.jsonl
+    results = [
+        {**row, "runs": [{k: v for k, v in run.items() if k not in drop} for run in row["runs"]]}
+        if "runs" in row
+        else row
+        for row in rows
+    ]
+    (out / "compare.json").write_text(
+        json.dumps(
+            {
+                "base": rows[0]["recipe"],
+                "level": LEVEL,
+                "test": "paired t (by seed)",
+                "budget": {"kind": kind, "value": value, "unit": BUDGETS[kind]},
+                "variance": spread,
+                "recipes": results,
+            },
+            indent=2,
+        )
+    )
+    print(format_table(rows))
+    print(
+        f"validation loss at an equal budget of {_si(value)} {BUDGETS[kind]} (--budget {kind}), read off each "
+        f"run's evaluations; train loss: the last {TRAIN_TAIL:.0%} of steps"
+    )
+    print(f"spread over {seeds} seed{'s' * (seeds > 1)}: {spread['measured']}")
+    print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}" if trained else f"wrote {out / 'compare.json'}")
+
+
 def compare(
     specs: list[str],
     steps: int | None = None,
@@ -421,37 +456,7 @@ def compare(
         for label, per_seed, dirs in zip(labels, recipes, run_dirs)
     ]
     _add_differences(rows)
-    spread = variance([per_seed[0] for per_seed in recipes])
-    trained = [row for row in rows if "runs" in row]
-    if trained:
-        plot(trained, out / "compare.png", (kind, value))
-    drop = ("curve", "val_curve")  # they stay in each run's metrics.jsonl
-    results = [
-        {**row, "runs": [{k: v for k, v in run.items() if k not in drop} for run in row["runs"]]}
-        if "runs" in row
-        else row
-        for row in rows
-    ]
-    (out / "compare.json").write_text(
-        json.dumps(
-            {
-                "base": labels[0],
-                "level": LEVEL,
-                "test": "paired t (by seed)",
-                "budget": {"kind": kind, "value": value, "unit": BUDGETS[kind]},
-                "variance": spread,
-                "recipes": results,
-            },
-            indent=2,
-        )
-    )
-    print(format_table(rows))
-    print(
-        f"validation loss at an equal budget of {_si(value)} {BUDGETS[kind]} (--budget {kind}), read off each "
-        f"run's evaluations; train loss: the last {TRAIN_TAIL:.0%} of steps"
-    )
-    print(f"spread over {seeds} seed{'s' * (seeds > 1)}: {spread['measured']}")
-    print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}" if trained else f"wrote {out / 'compare.json'}")
+    _report(rows, out, (kind, value), variance([per_seed[0] for per_seed in recipes]), seeds)
     return 0
 
 
