@@ -129,6 +129,7 @@ class DataConfig:
     num_workers: int | None = None  # DataLoader processes tokenizing ahead; 0 = in the trainer; default 1, on CUDA more
     holdout_every: int = 100  # sources without a validation split: documents 0, N, 2N, … are held out for it
     block_docs: int = 32  # documents per unit of tokenizing work handed to a worker (a resume re-reads one)
+    shuffle: bool = False  # train documents in an order seeded by train.seed, new each epoch (local sources only)
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}

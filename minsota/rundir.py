@@ -30,6 +30,7 @@ GUARDED = (
     "data.tokenizer",
     "data.text_field",
     "data.holdout_every",
+    "data.shuffle",
     "train.batch_size",
     "train.seq_len",
     "train.optimizer",
