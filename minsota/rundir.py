@@ -31,6 +31,7 @@ GUARDED = (
     "data.text_field",
     "data.holdout_every",
     "data.shuffle",
+    "train.seed",  # with data.shuffle it orders the documents the saved position counts through
     "train.batch_size",
     "train.seq_len",
     "train.optimizer",
