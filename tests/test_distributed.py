@@ -174,7 +174,8 @@ def test_two_ranks_match_one_per_optimizer(tmp_path, name, parallelism, override
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_compiled_ranks_match_one(single, tmp_path, parallelism):
-    """train.compile under DDP (dynamo splits the graph at its gradient buckets) and FSDP2 (per component)."""
+    """train.compile under DDP (dynamo splits the graph at its gradient buckets) and FSDP2 (each block compiled on
+    its own, outside FSDP2's hooks)."""
     run_dir = tmp_path / "run"
     overrides = {**RUN, "train.parallelism": parallelism, "train.compile": True, "train.checkpoint_every": 0}
     process = torchrun("train", "tiny", "--out", run_dir, *sets(overrides))
@@ -215,7 +216,8 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
 
 
 def test_fsdp_ranks_build_on_meta_and_receive_rank_zeros_weights(tmp_path):
-    """Rank 1 allocates no full weight: it builds on meta, and its shards hold exactly one process's init."""
+    """Rank 1 allocates no full weight: it builds on meta, and its shards hold exactly one process's init; each
+    block is one FSDP2 unit."""
     script = tmp_path / "meta.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
@@ -228,6 +230,9 @@ def test_fsdp_ranks_build_on_meta_and_receive_rank_zeros_weights(tmp_path):
         "model = build_model(recipe, build_device('fsdp'))\n"
         "assert all(p.is_meta for p in model.parameters()) == (dist.get_rank() == 1)\n"
         "parallelize(model, 'fsdp', None, torch.device('cpu'))\n"
+        "from torch.distributed.fsdp import FSDPModule\n"
+        "units = [m for m in model.modules() if isinstance(m, FSDPModule)]\n"
+        "assert units == [model, *model.layers], units  # one unit per block, then the root\n"
         "torch.manual_seed(0)\n"
         "alone = build_model(recipe, 'cpu')\n"
         "for (name, p), q in zip(model.named_parameters(), alone.parameters()):\n"
