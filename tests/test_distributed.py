@@ -93,7 +93,8 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
 
 def test_two_ranks_on_prepared_data_match_one_streaming_and_resume_exactly(single, tmp_path):
     """stdlib's first ~300k tokens prepared: each rank reads its own windows, the global batches stay the stream's;
-    the resume's checkpoint is read by rank 0 alone."""
+    the resume's weights and optimizer state are read and hashed by rank 0 alone, whose choice of checkpoint the
+    other ranks follow."""
     prepared = tmp_path / "stdlib"
     process = run(
         "prepare",
@@ -120,22 +121,32 @@ def test_two_ranks_on_prepared_data_match_one_streaming_and_resume_exactly(singl
     assert [r["val_loss"] for r in records(run_dir) if "val_loss" in r] == pytest.approx(
         [r["val_loss"] for r in records(single) if "val_loss" in r], rel=1e-4
     )
-    # rank 0 alone reads the weights and optimizer state, and broadcasts them
+    # rank 0 alone reads and hashes the weights and optimizer state, and broadcasts them. Step 6's weights are
+    # damaged unseen by size: rank 0 falls back to step 3, and rank 1, which never hashes them, follows it
+    model = run_dir / "checkpoints" / "step-6" / checkpoint.MODEL
+    data = model.read_bytes()
+    model.write_bytes(data[:100] + bytes([data[100] ^ 0x01]) + data[101:])
     script = tmp_path / "reads.py"
     script.write_text(
         "import os, sys\n"
         "import minsota.checkpoint as checkpoint\n"
-        "def load_weights(path, real=checkpoint.load_weights):\n"
-        "    print(f'rank {os.environ[\"RANK\"]} reads {path.name}', file=sys.stderr)\n"
-        "    return real(path)\n"
-        "checkpoint.load_weights = load_weights\n"
+        "def spy(verb, real):\n"
+        "    def call(path):\n"
+        "        print(f'rank {os.environ[\"RANK\"]} {verb} {path.name}', file=sys.stderr)\n"
+        "        return real(path)\n"
+        "    return call\n"
+        "checkpoint.load_weights = spy('reads', checkpoint.load_weights)\n"
+        "checkpoint._sha256 = spy('hashes', checkpoint._sha256)\n"
         "from minsota.cli import main\n"
         "sys.exit(main())\n"
     )
-    process = torchrun("train", "--resume", run_dir / "checkpoints" / "step-3", script=script)
+    process = torchrun("train", "--resume", run_dir, script=script)
     assert process.returncode == 0, process.stderr
-    assert "rank 0 reads model.safetensors" in process.stderr and "rank 0 reads optimizer" in process.stderr
-    assert "rank 1 reads model" not in process.stderr and "rank 1 reads optimizer" not in process.stderr
+    assert process.stderr.count("skipping corrupt checkpoint") == 1 and "step-6/model.safetensors" in process.stderr
+    for verb in ("reads", "hashes"):
+        assert f"rank 0 {verb} model.safetensors" in process.stderr and f"rank 0 {verb} optimizer" in process.stderr
+        assert f"rank 1 {verb} model" not in process.stderr and f"rank 1 {verb} optimizer" not in process.stderr
+    assert "rank 1 hashes trainer.json" in process.stderr  # what it reads itself
     again = [r for r in records(run_dir)[written:] if "loss" in r]
     assert [(r["step"], r["loss"]) for r in again] == [(step, two[step]) for step in (4, 5, 6)]
 
