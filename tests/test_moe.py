@@ -217,8 +217,34 @@ def test_fullgraph_compile_trains_without_recompiles():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+MOE_MLA = REPO / "tests" / "assets" / "tiny-moe-mla.toml"
+MOE_RUN = {
+    "train.steps": 4,
+    "train.micro_batch_size": 4,
+    "train.log_every": 1,
+    "train.checkpoint_every": 4,
+    "train.eval_every": 0,
+    "train.sample_tokens": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def moe_single(tmp_path_factory):
+    """The one-process run both parallelisms are compared with."""
+    one = tmp_path_factory.mktemp("moe") / "one"
+    process = subprocess.run(
+        [sys.executable, "-m", "minsota", "train", MOE_MLA, "--out", one, *sets(MOE_RUN)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stderr
+    return one
+
+
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_two_ranks_match_one_with_bias_balancing(tmp_path, parallelism):
+def test_two_ranks_match_one_with_bias_balancing(moe_single, tmp_path, parallelism):
     """MoE (bias balancing, shared expert) and MLA under DDP and FSDP2 (no expert parallelism: every rank holds
     every expert): the 2-rank run's losses, grad norms and final expert biases equal one process's on the same
     global batch, which only holds if the bias update sees the token counts of both ranks."""
@@ -226,25 +252,8 @@ def test_two_ranks_match_one_with_bias_balancing(tmp_path, parallelism):
 
     from minsota import checkpoint
 
-    recipe = REPO / "tests" / "assets" / "tiny-moe-mla.toml"
-    run = {
-        "train.steps": 4,
-        "train.micro_batch_size": 4,
-        "train.log_every": 1,
-        "train.checkpoint_every": 4,
-        "train.eval_every": 0,
-        "train.sample_tokens": 0,
-    }
-    one, two = tmp_path / "one", tmp_path / "two"
-    process = subprocess.run(
-        [sys.executable, "-m", "minsota", "train", recipe, "--out", one, *sets(run)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert process.returncode == 0, process.stderr
-    process = torchrun("train", recipe, "--out", two, *sets({**run, "train.parallelism": parallelism}))
+    one, two = moe_single, tmp_path / "two"
+    process = torchrun("train", MOE_MLA, "--out", two, *sets({**MOE_RUN, "train.parallelism": parallelism}))
     assert process.returncode == 0, process.stderr
     for key in ("loss", "grad_norm", "moe_imbalance"):
         assert [r[key] for r in records(two) if "loss" in r] == pytest.approx(
