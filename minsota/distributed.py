@@ -82,13 +82,14 @@ def build_device(parallelism: str) -> torch.device:
 def parallelize(
     model: nn.Module, parallelism: str, dtype: torch.dtype | None, device: torch.device, compile: bool = False
 ):
-    """(the module computing the training loss, the function to call for it: the same, compiled when ``compile``).
-    The module is `model.losses` itself, through DDP, or on a model sharded by FSDP2 (Zhao et al. 2023,
-    arXiv:2304.11277; weights gathered per unit for compute).
+    """(loss module, loss function). The module computes the training loss: `model.losses` itself, through DDP,
+    or on a model sharded by FSDP2 (Zhao et al. 2023, arXiv:2304.11277; weights gathered per unit for compute);
+    the function is what the step calls: the same, compiled when ``compile``.
 
-    In one process the whole loss compiles as one graph (under DDP, split at its gradient buckets). Under FSDP2, whose hooks break a graph
-    at every unit (pytorch#181924), each block is one unit and compiles on its own, then the root (embeddings,
-    final norm, head) is the last unit, as in torchtitan; the root runs eagerly around the compiled blocks.
+    In one process the whole loss compiles as one graph (under DDP, split at its gradient buckets). Under FSDP2,
+    whose hooks break a graph at every unit (pytorch#181924), each block is one unit and compiles on its own
+    (one graph serves every block of one kind), then the root (embeddings, final norm, head) is the last unit,
+    as in torchtitan; the root runs eagerly around the compiled blocks.
 
     Under FSDP2 rank 0 alone built the weights (its own RNG, as one process would: the same model at every
     world size); the others built on meta (`build_device`). After sharding, every rank allocates only its
