@@ -106,14 +106,14 @@ def parallelize(
     for block in model.layers:
         if compile:  # its forward, not the module: FSDP2's hooks stay outside the graph
             block.forward = torch.compile(block.forward, fullgraph=True)
-        shard_block(block, policy)
+        _shard_block(block, policy)
     fully_shard(model, mp_policy=policy)
     _materialise(model, full, device)
     register_fsdp_forward_method(model, "losses")  # gather the embeddings and head around it as around forward
     return model.losses, model.losses
 
 
-def shard_block(block: nn.Module, policy: MixedPrecisionPolicy) -> None:
+def _shard_block(block: nn.Module, policy: MixedPrecisionPolicy) -> None:
     """Make ``block`` one FSDP2 unit. FSDP2 finds the tensors whose backward must gather the weights again (and
     those whose gradients end the unit's backward) in the dicts, lists and dataclasses a unit takes and returns,
     never inside a TensorDict: without help the block's weights would be freed when backward needs them. So
