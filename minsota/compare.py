@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from statistics import median
 
-from minsota import checkpoint
+from minsota import rundir
 from minsota.errors import DivergedError, UserError
 from minsota.loader import load_recipe
 from minsota.model import model_size
@@ -76,7 +76,7 @@ def _run(recipe: Recipe, run_dir: Path) -> int:
     # a key added to minsota after the run was saved holds its default there (the runs did not change)
     if any({**_defaults(SECTIONS[s]), **found.get(s, {})} != wanted[s] for s in SECTIONS):
         raise UserError(f"{run_dir} holds a run of a different recipe: choose another --out")
-    _, newest = checkpoint.find_resumable(run_dir)
+    _, newest = rundir.find_resumable(run_dir)
     if newest is not None and newest.name == f"step-{recipe.train.steps}":
         return 0  # complete: skip the trainer's set-up (model, data) just to hear that
     return resume(run_dir)  # recipe.json lists the recipe's plugins (absolute paths) already
