@@ -315,7 +315,13 @@ def test_resume_from_a_named_older_checkpoint_abandons_the_later_ones(tmp_path, 
 
 @pytest.mark.parametrize(
     "key, value",
-    [("data.holdout_every", 50), ("data.text_field", "content"), ("data.source", "other"), ("train.seq_len", 32)],
+    [
+        ("data.holdout_every", 50),
+        ("data.text_field", "content"),
+        ("data.source", "other"),
+        ("train.seq_len", 32),
+        ("train.seed", 7),  # the shuffled order's seed
+    ],
 )
 def test_resume_refuses_a_change_to_the_train_stream_unless_allowed(key, value, capsys):
     """These keys change the token stream the saved data position points into."""
