@@ -23,22 +23,18 @@ kill at any instant leaves the new checkpoint whole or absent. A checkpoint whos
 whose files differ from it in size or sha256, is never loaded. Nothing here unpickles: tensors are
 safetensors, everything else JSON. Resuming from a named older checkpoint moves the later ones into
 ``checkpoints/abandoned-after-step-N/`` (`set_aside_after`): no longer resumable, never deleted.
-One trainer at a time writes a run directory: `lock_run` holds RUN_DIR/.lock exclusively for the whole run,
-so a double launch or a requeued job whose predecessor still runs is refused instead of interleaving.
+The run directory's lock and the choice of the checkpoint a resume continues from are `minsota.rundir`'s.
 
 `save_weights` / `load_weights` read and write one weights file in that format for other tools
 (`minsota.hf` import/export).
 """
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -253,92 +249,6 @@ def set_aside_after(directory: Path, step: int) -> Path | None:
     return target
 
 
-# ----------------------------------------------------------------------------------------------- lock
-
-_held_locks: set[int] = set()  # lock file descriptors of this process
-
-
-def _drop_inherited_locks() -> None:
-    """In a forked child (a data worker): close the inherited lock descriptors, so that the lock ends with the
-    trainer (a kill -9 included) rather than with the last worker to notice its parent is gone."""
-    for fd in _held_locks:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _held_locks.clear()
-
-
-os.register_at_fork(after_in_child=_drop_inherited_locks)
-
-
-@contextlib.contextmanager
-def lock_run(run_dir: Path, create: bool = False):
-    """Hold ``run_dir/.lock`` exclusively (flock, never waiting) for the body: one trainer per run directory.
-
-    Another holder is refused with a `UserError` naming the directory and the holder's pid and host. With
-    ``create`` (a new run), a missing ``run_dir`` is made first (a path that cannot be one is a `UserError`), and
-    removed again if the body leaves nothing in it but the lock file (a run refused before it wrote anything).
-    The lock file stays; the kernel releases the lock when the holder exits, however it exits.
-    """
-    run_dir = Path(run_dir)
-    made = []  # directories this call created, deepest first
-    if create and not run_dir.is_dir():
-        made = [run_dir, *(p for p in run_dir.parents if not p.exists())]
-        try:
-            run_dir.mkdir(parents=True)
-        except FileExistsError:
-            if not run_dir.is_dir():
-                raise UserError(f"{run_dir}: exists and is not a directory; choose another --out") from None
-            made = []  # another process made it meanwhile
-        except OSError as e:
-            raise UserError(
-                f"{run_dir}: cannot create the run directory ({e.strerror or e}); choose another --out"
-            ) from None
-    path, fd = run_dir / LOCK, None
-    try:
-        while fd is None:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise UserError(f"{path}: cannot open the run directory's lock file ({e.strerror or e})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                fd = None
-                then = "choose another --out" if create else f"let it finish or stop it, then --resume {run_dir}"
-                raise UserError(
-                    f"{run_dir} is being written by another trainer ({holder}, holding {path}): {then}"
-                ) from None
-            except OSError as e:  # a file system without locks
-                print(
-                    f"minsota: warning: {path}: cannot lock ({e.strerror or e}); make sure no other trainer "
-                    f"writes {run_dir}",
-                    file=sys.stderr,
-                )
-                break
-            try:  # the file locked must still be the one at the path (a refused new run removes it)
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                fd = None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        _held_locks.add(fd)
-        yield path
-    finally:
-        if fd is not None:
-            _held_locks.discard(fd)
-            with contextlib.suppress(OSError):  # unlinked while still held: no one locks a stale file
-                if made and os.listdir(run_dir) == [LOCK]:
-                    path.unlink()
-                    for directory in made:
-                        directory.rmdir()
-            os.close(fd)
-
-
 # ----------------------------------------------------------------------------------------------- load
 
 
@@ -353,8 +263,11 @@ def checkpoints(directory: Path) -> list[Path]:
     return sorted((p for p in directory.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()), key=_step)
 
 
-def verify(path: Path) -> dict:
-    """The manifest of checkpoint ``path``; raises `CorruptCheckpoint` naming the first file that disagrees."""
+def verify(path: Path, unread=()) -> dict:
+    """The manifest of checkpoint ``path``; raises `CorruptCheckpoint` naming the first file that disagrees.
+    Every file it lists must be there at its size; all but those in ``unread`` must also match their sha256
+    and parse. A process that never reads a file (the ranks but 0 of a resume never read the weights and
+    optimizer state, ~12 bytes per parameter: `load`) leaves hashing it to the one that does."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
@@ -375,6 +288,8 @@ def verify(path: Path) -> dict:
             raise CorruptCheckpoint(f"{file}: missing") from None
         if stat.st_size != expected["bytes"]:
             raise CorruptCheckpoint(f"{file}: {stat.st_size} bytes, manifest says {expected['bytes']} (truncated?)")
+        if name in unread:
+            continue
         if _sha256_as_of(str(file), stat.st_size, stat.st_mtime_ns) != expected["sha256"]:
             raise CorruptCheckpoint(f"{file}: sha256 differs from the manifest (corrupted)")
         _check_readable(file)
@@ -404,16 +319,20 @@ def does_not_fit(path: Path, error: Exception) -> UserError:
     return UserError(f"{path}: does not fit this model: {reason}")
 
 
+def unread_by(weights_only: bool = False, tensors_of_the_model: bool = True) -> tuple[str, ...]:
+    """The files `load` leaves unread (and `verify` unhashed) with these arguments."""
+    unread = (OPTIMIZER, RNG, TRAINER) if weights_only else ()
+    return unread if tensors_of_the_model else (*unread, MODEL, OPTIMIZER)
+
+
 def load(path: Path, weights_only: bool = False, tensors_of_the_model: bool = True) -> dict:
     """A verified checkpoint's parts: step, model, recipe; optimizer, rng, trainer (None when absent, and with
     ``weights_only``: inference and export need no AdamW state, which is twice the model's size). Without
     ``tensors_of_the_model`` model and optimizer stay None: the ranks but 0 of a resume, which receive them
-    from rank 0 (`minsota.train_state.restore`), never hold the whole ~12 bytes per parameter in memory."""
-    files = verify(path)["files"]
-    if weights_only:
-        files = [name for name in files if name not in (OPTIMIZER, RNG, TRAINER)]
-    if not tensors_of_the_model:
-        files = [name for name in files if name not in (MODEL, OPTIMIZER)]
+    from rank 0 (`minsota.train_state.restore`), never hold the whole ~12 bytes per parameter in memory. Only
+    the files read are hashed (`verify`)."""
+    unread = unread_by(weights_only, tensors_of_the_model)
+    files = [name for name in verify(path, unread)["files"] if name not in unread]  # verified: read
 
     def tensors(name):
         try:
@@ -433,33 +352,3 @@ def load(path: Path, weights_only: bool = False, tensors_of_the_model: bool = Tr
         "trainer": obj(TRAINER),
         "recipe": obj(RECIPE),
     }
-
-
-def find_resumable(path: Path) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from) for ``--resume PATH``.
-
-    PATH is a run directory (its newest valid checkpoint; a corrupt one is skipped with a one-line warning;
-    None if the run never checkpointed; `CorruptCheckpoint` if it has checkpoints but none verifies, rather than
-    starting it over) or one named checkpoint ``RUN_DIR/checkpoints/step-N`` (refused with `CorruptCheckpoint`,
-    exit 2, if it does not verify).
-    """
-    path = Path(path)
-    if STEP_DIR.fullmatch(path.name):
-        verify(path)
-        return path.parent.parent, path
-    if not (path / RECIPE).is_file():
-        raise UserError(f"--resume {path}: not a run directory (no {RECIPE})")
-    found = checkpoints(path / "checkpoints")
-    for candidate in reversed(found):
-        try:
-            verify(candidate)
-            return path, candidate
-        except CorruptCheckpoint as e:
-            print(f"minsota: warning: skipping corrupt checkpoint: {e}", file=sys.stderr)
-    if found:
-        raise CorruptCheckpoint(
-            f"{path}: every checkpoint is corrupt ({', '.join(p.name for p in found)}; see "
-            f"above): restore one, or move them out of {path / 'checkpoints'} to start the run "
-            f"again from step 0"
-        )
-    return path, None

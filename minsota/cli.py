@@ -143,7 +143,14 @@ def cmd_compare(args):
     from minsota.compare import compare
 
     return compare(
-        [args.base, *args.variants], args.steps, args.seeds, _overrides(args), args.out, args.plugin, args.budget
+        [args.base, *args.variants],
+        args.steps,
+        args.seeds,
+        _overrides(args),
+        args.out,
+        args.plugin,
+        args.budget,
+        args.vary_data_order,
     )
 
 
@@ -319,7 +326,9 @@ def _add_comparisons(sub, common, overridable) -> None:
         help="train a base and variants over seeds: table with CIs and p-values, plot, JSON",
     )
     p.add_argument("base", help="the baseline recipe (name or TOML path)")
-    p.add_argument("variants", nargs="+", metavar="variant", help="recipes to compare with it")
+    p.add_argument(
+        "variants", nargs="*", metavar="variant", help="recipes to compare with it (none: the base's own spread)"
+    )
     p.add_argument("--steps", type=int, help="optimizer steps of every run (default: each recipe's own)")
     p.add_argument(
         "--seeds",
@@ -339,6 +348,12 @@ def _add_comparisons(sub, common, overridable) -> None:
         metavar="KIND[=VALUE]",
         help="compare validation loss at equal tokens (default), flops (training FLOPs) or time "
         "(seconds of training steps); VALUE defaults to the most every run reached",
+    )
+    p.add_argument(
+        "--vary-data-order",
+        action="store_true",
+        help="let each seed also set the order of the training documents (data.shuffle = true): the spread is "
+        "initialisation and data-order variance, not initialisation alone",
     )
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("diff", parents=[common], help="components and hyperparameters two recipes differ in")

@@ -3,9 +3,10 @@
 compare trains every recipe for K seeds as ordinary run directories ``DIR/<recipe>/seed-<seed>/`` (so an
 interrupted comparison resumes where it stopped), then prints a table, and writes ``DIR/compare.png`` (loss vs
 tokens) and ``DIR/compare.json``. A recipe with a diverged run is tabled as diverged, without statistics. Run k of every recipe gets the same seed (the base's ``train.seed`` + k), which
-sets initialisation and sampling, so the runs are paired by seed (see `minsota.stats`); the data order does not
-depend on the seed, so every run sees the same batches in the same order and the spread over seeds is
-initialisation variance, not data-order variance. Runs go seed-major, each recipe's seed 0 before any seed 1,
+sets initialisation and sampling, so the runs are paired by seed (see `minsota.stats`); by default the data order
+does not depend on the seed, so every run sees the same batches in the same order and the spread over seeds is
+initialisation variance alone. ``--vary-data-order`` (data.shuffle) lets the seed set the order of the training
+documents too; the table's footer and compare.json (``variance``) say which was measured. Runs go seed-major, each recipe's seed 0 before any seed 1,
 so every recipe's tokens/s is measured interleaved in one process: eager speed drifts ~30% between processes
 (FIELD-NOTES), far more than within one.
 
@@ -20,6 +21,7 @@ components (and their options) apart from the other hyperparameters.
 """
 
 import bisect
+import dataclasses
 import itertools
 import json
 import math
@@ -28,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from statistics import median
 
-from minsota import checkpoint
+from minsota import rundir
 from minsota.errors import DivergedError, UserError
 from minsota.loader import load_recipe
 from minsota.model import model_size
@@ -54,6 +56,14 @@ def _labels(recipes: list[Recipe]) -> list[str]:
     return labels
 
 
+def _defaults(config) -> dict:
+    """The default of every field of a recipe table's dataclass that has one, as recipe.json stores it."""
+    fields = dataclasses.fields(config)
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    defaults |= {f.name: f.default_factory() for f in fields if f.default_factory is not dataclasses.MISSING}
+    return json.loads(json.dumps(defaults))
+
+
 def _run(recipe: Recipe, run_dir: Path) -> int:
     """Train one run, or resume it (the trainer returns at once when it is complete); the trainer's exit code."""
     from minsota.train import resume, train
@@ -63,9 +73,10 @@ def _run(recipe: Recipe, run_dir: Path) -> int:
         return train(recipe, run_dir)
     wanted = json.loads(json.dumps(recipe.to_dict()))
     found = json.loads(saved.read_text())
-    if any(found.get(section) != wanted[section] for section in SECTIONS):  # e.g. another --steps
+    # a key added to minsota after the run was saved holds its default there (the runs did not change)
+    if any({**_defaults(SECTIONS[s]), **found.get(s, {})} != wanted[s] for s in SECTIONS):
         raise UserError(f"{run_dir} holds a run of a different recipe: choose another --out")
-    _, newest = checkpoint.find_resumable(run_dir)
+    _, newest = rundir.find_resumable(run_dir)
     if newest is not None and newest.name == f"step-{recipe.train.steps}":
         return 0  # complete: skip the trainer's set-up (model, data) just to hear that
     return resume(run_dir)  # recipe.json lists the recipe's plugins (absolute paths) already
@@ -339,6 +350,54 @@ def parse_budget(text: str) -> tuple[str, float | None]:
     return kind, number
 
 
+def variance(recipes: list[Recipe]) -> dict:
+    """What the spread over seeds measures: initialisation always; data order where data.shuffle lets the seed
+    set the order of the training documents (in every recipe, or it is a mixed comparison)."""
+    shuffled = {recipe.data.shuffle for recipe in recipes}
+    order = "mixed" if len(shuffled) > 1 else shuffled.pop()
+    what = {
+        False: "initialisation only (every seed sees the same batches in the same order)",
+        True: "initialisation and data order (data.shuffle: the seed sets both)",
+        "mixed": "mixed: data.shuffle is on in some recipes only, so their seeds also vary the data order",
+    }[order]
+    return {"initialisation": True, "data_order": order, "measured": what}
+
+
+def _report(rows: list[dict], out: Path, budget: tuple[str, float], spread: dict, seeds: int) -> None:
+    """Plot, write compare.json and print the table with what it compared at and which variance it measured."""
+    kind, value = budget
+    trained = [row for row in rows if "runs" in row]
+    if trained:
+        plot(trained, out / "compare.png", (kind, value))
+    drop = ("curve", "val_curve")  # they stay in each run's metrics.jsonl
+    results = [
+        {**row, "runs": [{k: v for k, v in run.items() if k not in drop} for run in row["runs"]]}
+        if "runs" in row
+        else row
+        for row in rows
+    ]
+    (out / "compare.json").write_text(
+        json.dumps(
+            {
+                "base": rows[0]["recipe"],
+                "level": LEVEL,
+                "test": "paired t (by seed)",
+                "budget": {"kind": kind, "value": value, "unit": BUDGETS[kind]},
+                "variance": spread,
+                "recipes": results,
+            },
+            indent=2,
+        )
+    )
+    print(format_table(rows))
+    print(
+        f"validation loss at an equal budget of {_si(value)} {BUDGETS[kind]} (--budget {kind}), read off each "
+        f"run's evaluations; train loss: the last {TRAIN_TAIL:.0%} of steps"
+    )
+    print(f"spread over {seeds} seed{'s' * (seeds > 1)}: {spread['measured']}")
+    print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}" if trained else f"wrote {out / 'compare.json'}")
+
+
 def compare(
     specs: list[str],
     steps: int | None = None,
@@ -347,12 +406,18 @@ def compare(
     out: Path | None = None,
     plugin_specs=(),
     budget: str = "tokens",
+    vary_data_order: bool = False,
 ) -> int:
-    """Train (or resume) BASE = specs[0] and every variant for ``seeds`` seeds, then report at ``budget``."""
+    """Train (or resume) BASE = specs[0] and every variant for ``seeds`` seeds, then report at ``budget``;
+    ``vary_data_order`` sets data.shuffle in every run, so the seed also sets the documents' order."""
     if seeds < 1 or (steps is not None and steps < 1):
         raise UserError("--seeds and --steps must be at least 1")
     kind, value = parse_budget(budget)
-    overrides = {**(overrides or {}), **({"train.steps": steps} if steps else {})}
+    overrides = {
+        **(overrides or {}),
+        **({"train.steps": steps} if steps else {}),
+        **({"data.shuffle": True} if vary_data_order else {}),
+    }
     first_seed = load_recipe(specs[0], overrides, plugin_specs).train.seed
     recipes = [
         [load_recipe(spec, {**overrides, "train.seed": first_seed + k}, plugin_specs) for k in range(seeds)]
@@ -391,34 +456,7 @@ def compare(
         for label, per_seed, dirs in zip(labels, recipes, run_dirs)
     ]
     _add_differences(rows)
-    trained = [row for row in rows if "runs" in row]
-    if trained:
-        plot(trained, out / "compare.png", (kind, value))
-    drop = ("curve", "val_curve")  # they stay in each run's metrics.jsonl
-    results = [
-        {**row, "runs": [{k: v for k, v in run.items() if k not in drop} for run in row["runs"]]}
-        if "runs" in row
-        else row
-        for row in rows
-    ]
-    (out / "compare.json").write_text(
-        json.dumps(
-            {
-                "base": labels[0],
-                "level": LEVEL,
-                "test": "paired t (by seed)",
-                "budget": {"kind": kind, "value": value, "unit": BUDGETS[kind]},
-                "recipes": results,
-            },
-            indent=2,
-        )
-    )
-    print(format_table(rows))
-    print(
-        f"validation loss at an equal budget of {_si(value)} {BUDGETS[kind]} (--budget {kind}), read off each "
-        f"run's evaluations; train loss: the last {TRAIN_TAIL:.0%} of steps"
-    )
-    print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}" if trained else f"wrote {out / 'compare.json'}")
+    _report(rows, out, (kind, value), variance([per_seed[0] for per_seed in recipes]), seeds)
     return 0
 
 

@@ -34,6 +34,13 @@ windows [s·B, (s+1)·B) (B = train.batch_size), dealt in micro-batches of M win
 rank q mod world_size. Every world size sees the same global batch, and the ranks' union is the
 single-process stream.
 
+Shuffled order. ``data.shuffle = true`` puts the training documents in an order seeded by train.seed, new each
+epoch (`epoch_order`), so seeds differ in data order as well as initialisation: on the fly each epoch's blocks
+of ``data.block_docs`` documents are permuted (a block keeps its documents' order), a prepared split permutes
+its documents. Packing, sharding and resuming work as above on the permuted stream; validation keeps the
+source's order. It needs a finite source (one pass reads the epoch's block positions): the hub sources
+refuse it; prepare them first.
+
 Loading. Tokenizing runs off the training thread in ``data.num_workers`` DataLoader workers (0: in process;
 unset: `default_workers`) that prefetch. Documents come in blocks of ``data.block_docs``; worker w of W tokenizes blocks w, w+W, … and
 the DataLoader's round-robin hands them back in order, so the worker count changes speed, never data. Each
@@ -44,7 +51,8 @@ micro-batches. Tokenizing work therefore grows with world size: `minsota.prepare
 training, and a rank then reads only its own windows (a source whose object has ``batches`` deals them).
 
 Resume. The position is a global window counter plus the place of the next window's first token: the
-epoch, the source's resumable state at the start of a block, and a token offset into that block. For every
+epoch, the source's resumable state at the start of a block (shuffled: the block's index in the epoch's order),
+and a token offset into that block. For every
 built-in source that state is a ``datasets.IterableDataset.state_dict()``, with no shuffle buffer on the path.
 Resuming re-reads and re-tokenizes one block.
 """
@@ -65,6 +73,7 @@ from functools import cache
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -375,13 +384,32 @@ def build_batches(recipe, tokenizer: Tokenizer, split: str = "train", rank: int 
 # --------------------------------------------------------------------------------- tokenizing and packing
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of ``n`` units (blocks of documents, prepared documents) in ``epoch`` under data.shuffle: a
+    permutation from numpy's PCG64 seeded by (seed, epoch), the same on every machine and new each epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 class TokenizedBlocks(IterableDataset):
     """From a position on, every block of the endless (epoch after epoch) document stream, tokenized and joined
-    with EOS. Worker w of W yields blocks w, w+W, …, which the DataLoader's round-robin puts back in order."""
+    with EOS. Worker w of W yields blocks w, w+W, …, which the DataLoader's round-robin puts back in order.
+    With ``order_seed`` (data.shuffle) each epoch's blocks come in `epoch_order`, and a position is
+    ``{"block": k}``, the k-th block of that order."""
 
-    def __init__(self, source: Source, tokenizer: Tokenizer, block_docs: int, epoch: int, state: dict | None):
+    def __init__(
+        self,
+        source: Source,
+        tokenizer: Tokenizer,
+        block_docs: int,
+        epoch: int,
+        state: dict | None,
+        order_seed: int | None = None,
+    ):
         self.source, self.tokenizer, self.block_docs = source, tokenizer, block_docs
-        self.epoch, self.state = epoch, state
+        if state is not None and ("block" in state) != (order_seed is not None):
+            state = None  # a position in the other order (--allow-change data.shuffle): the epoch starts afresh
+        self.epoch, self.state, self.order_seed = epoch, state, order_seed
+        self._starts = None  # shuffled: the source's state before each of its blocks
 
     def __iter__(self):
         info = get_worker_info()
@@ -392,11 +420,27 @@ class TokenizedBlocks(IterableDataset):
             fsspec.asyn.reset_lock()  # a lock inherited through fork hangs hub streaming (datasets does the same)
         epoch, state, n = self.epoch, self.state, 0
         while True:
-            for texts, after in self.source.blocks(self.block_docs, state):
+            for before, texts in self._epoch(epoch, state):
                 if n % workers == me:
-                    yield {"epoch": epoch, "source": state, **self.tokenize(texts)}
-                state, n = after, n + 1
+                    yield {"epoch": epoch, "source": before, **self.tokenize(texts())}
+                n += 1
             epoch, state = epoch + 1, None
+
+    def _epoch(self, epoch: int, state: dict | None):
+        """(the position before it, a function that reads its texts) for each block of ``epoch`` from ``state``.
+        Shuffled, a block is read only when asked (other workers' blocks are skipped unread), by resuming the
+        source at the state before it; those states come from one pass of reading, without tokenizing."""
+        if self.order_seed is None:
+            for texts, after in self.source.blocks(self.block_docs, state):
+                yield state, lambda texts=texts: texts
+                state = after
+            return
+        if self._starts is None:
+            self._starts = [None] + [after for _, after in self.source.blocks(self.block_docs)][:-1]
+        order = epoch_order(self.order_seed, epoch, len(self._starts))
+        for k in range(state["block"] if state else 0, len(order)):
+            start = self._starts[order[k]]
+            yield {"block": k}, lambda start=start: next(self.source.blocks(self.block_docs, start))[0]
 
     def tokenize(self, texts: list[str]) -> dict:
         """tokens (N,), starts (N,) true at each document's first token, and the number of empty documents."""
@@ -439,6 +483,12 @@ def _outlive_stop_signals(worker_id: int) -> None:
     threading.Thread(target=wait, name="minsota-stop-signals", daemon=True).start()
 
 
+def shuffle_seed(recipe, split: str) -> int | None:
+    """The seed of the training documents' order (data.shuffle: train.seed), None for the source's own order;
+    the validation split always keeps its own, so every run is evaluated on the same windows."""
+    return recipe.train.seed if recipe.data.shuffle and split == "train" else None
+
+
 def default_workers(cuda: bool) -> int:
     """data.num_workers left unset: 1 on CPU, where the cores also train; on CUDA this rank's share of the cores
     less one for the trainer, up to 8: one worker tokenizes ~0.34M tokens/s (gpt-neox, FIELD-NOTES), and on
@@ -463,6 +513,7 @@ class Batches:
         workers = recipe.data.num_workers
         self.num_workers = default_workers(self.pin_memory) if workers is None else workers
         self.block_docs = recipe.data.block_docs
+        self.order_seed = shuffle_seed(recipe, split)
         self.load_state_dict({"windows": 0, "epoch": 0, "source": None, "offset": 0, "empty_documents": 0})
 
     def state_dict(self) -> dict:
@@ -508,7 +559,7 @@ class Batches:
 
     def _start(self):
         p = self._position
-        blocks = TokenizedBlocks(self.source, self.tokenizer, self.block_docs, p["epoch"], p["source"])
+        blocks = TokenizedBlocks(self.source, self.tokenizer, self.block_docs, p["epoch"], p["source"], self.order_seed)
         # its own generator: starting an iterator draws a worker seed, which from the global RNG would shift
         # what training draws next (dropout) on every (re)start, so a resumed run would no longer repeat
         self._loader = iter(

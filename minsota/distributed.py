@@ -6,10 +6,12 @@ same in one process and in many. One process (WORLD_SIZE unset or 1) never touch
 
 import contextlib
 import os
+import warnings
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tensordict import TensorDict
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -17,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minsota.errors import UserError
 from minsota.recipe import Recipe
+from minsota.state import HIDDEN
 
 # Rank 0 writes and hashes a checkpoint while the other ranks wait for its outcome: they wait on a CPU (gloo)
 # group of their own, whose timeout allows for a 100 GB file, not in the training collectives (NCCL's 10 min).
@@ -76,34 +79,58 @@ def build_device(parallelism: str) -> torch.device:
     return torch.device("meta" if sharded else "cpu")
 
 
-def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype | None, device: torch.device):
-    """The module or function computing the training loss: `model.losses` itself, through DDP, or on a model
-    sharded by FSDP2 (Zhao et al. 2023, arXiv:2304.11277; weights gathered per unit for compute).
+def parallelize(
+    model: nn.Module, parallelism: str, dtype: torch.dtype | None, device: torch.device, compile: bool = False
+):
+    """(loss module, loss function). The module computes the training loss: `model.losses` itself, through DDP,
+    or on a model sharded by FSDP2 (Zhao et al. 2023, arXiv:2304.11277; weights gathered per unit for compute);
+    the function is what the step calls: the same, compiled when ``compile``.
+
+    In one process the whole loss compiles as one graph (under DDP, split at its gradient buckets). Under FSDP2,
+    whose hooks break a graph at every unit (pytorch#181924), each block is one unit and compiles on its own
+    (one graph serves every block of one kind), then the root (embeddings, final norm, head) is the last unit,
+    as in torchtitan; the root runs eagerly around the compiled blocks.
 
     Under FSDP2 rank 0 alone built the weights (its own RNG, as one process would: the same model at every
     world size); the others built on meta (`build_device`). After sharding, every rank allocates only its
     shards on ``device`` and receives them from rank 0 (``broadcast_from_rank0``), buffers too.
-
-    FSDP2's units are each block's components (attention, feed-forward, norms), then the rest, not whole
-    blocks: FSDP2 finds the tensors to hook for backward in dicts, lists and dataclasses, never inside the
-    TensorDict a block returns, while components are plain tensor -> tensor modules (minsota.state).
     """
     if not dist.is_initialized() or parallelism == "ddp":
         model.to(device)  # from the CPU it was built on (`build_device`)
-        if not dist.is_initialized():
-            return model.losses
-        # buffers are not broadcast from rank 0: every rank's own (an MoE's per-step token counts) must survive
-        return DistributedDataParallel(LossAsForward(model), broadcast_buffers=False)
+        loss = model.losses
+        if dist.is_initialized():  # buffers not broadcast from rank 0: each rank's own (MoE token counts) survive
+            loss = DistributedDataParallel(LossAsForward(model), broadcast_buffers=False)
+        return loss, torch.compile(loss) if compile else loss
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's full tensors, before they are sharded
-    for layer in model.layers:
-        for component in layer.children():
-            if list(component.parameters()):
-                fully_shard(component, mp_policy=policy)
+    for block in model.layers:
+        if compile:  # its forward, not the module: FSDP2's hooks stay outside the graph
+            block.forward = torch.compile(block.forward, fullgraph=True)
+        _shard_block(block, policy)
     fully_shard(model, mp_policy=policy)
     _materialise(model, full, device)
     register_fsdp_forward_method(model, "losses")  # gather the embeddings and head around it as around forward
-    return model.losses
+    return model.losses, model.losses
+
+
+def _shard_block(block: nn.Module, policy: MixedPrecisionPolicy) -> None:
+    """Make ``block`` one FSDP2 unit. FSDP2 finds the tensors whose backward must gather the weights again (and
+    those whose gradients end the unit's backward) in the dicts, lists and dataclasses a unit takes and returns,
+    never inside a TensorDict: without help the block's weights would be freed when backward needs them. So
+    around FSDP2's own hooks the state is a plain dict (same tensors, same keys), and a TensorDict again inside
+    the block and after it."""
+    # `embeddings` passes through every block; FSDP2's post-backward function hands it on as a view, which it
+    # warns of (an in-place write would lose its hook): blocks only read it (`minsota.state`)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+    fully_shard(block, mp_policy=policy)
+    block.register_forward_pre_hook(lambda _, args: (args[0].to_dict(),), prepend=True)  # before FSDP2's
+    block.register_forward_pre_hook(lambda _, args: (_as_state(args[0]),))  # after FSDP2's, before forward
+    block.register_forward_hook(lambda _, args, state: state.to_dict(), prepend=True)  # before FSDP2's
+    block.register_forward_hook(lambda _, args, entries: _as_state(entries))  # after FSDP2's
+
+
+def _as_state(entries: dict) -> TensorDict:
+    return TensorDict(entries, batch_size=entries[HIDDEN].shape[:2])
 
 
 def _materialise(model: nn.Module, full: dict, device: torch.device) -> None:

@@ -173,8 +173,10 @@ def minsota_register_optimizers():
     of each logical matrix it fuses, or None). The factory may change a group's ``lr`` (its base: each step
     sets ``lr = initial_lr × schedule multiplier``) or add keys. ``cfg`` is the resolved
     `minsota.recipe.TrainConfig`; ``**options`` the keys of ``train.optimizer``'s inline table. Unknown options
-    are refused at recipe time (the factory's signature); a bad value raises ValueError, reported naming
-    ``train.optimizer``.
+    are refused at recipe time (the factory's signature), and so are bad values: the recipe's validation
+    calls the factory on `minsota.recipe.stand_in_groups` (one small tensor per role, with a gradient), so
+    raise ValueError (or TypeError) for a bad value there, and build nothing beyond the optimizer. The memory
+    estimate (`minsota.memory`) steps that stand-in optimizer once and counts its state tensors per parameter.
 
     Checkpoints save the whole ``state_dict()``: tensors as safetensors, everything else (ints, floats,
     nested dicts, strings) as JSON. Optional seams: ``train()``/``eval()`` methods, called before stepping

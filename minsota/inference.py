@@ -8,7 +8,7 @@ import itertools
 import math
 from pathlib import Path
 
-from minsota import checkpoint
+from minsota import checkpoint, rundir
 from minsota.data import build_batches, build_tokenizer
 from minsota.errors import UserError
 from minsota.generation import generate
@@ -25,7 +25,7 @@ def load_run(path: Path, overrides: dict | None = None, plugin_specs=(), device=
     path = Path(path)
     if not (path / "recipe.json").is_file() and not checkpoint.STEP_DIR.fullmatch(path.name):
         raise UserError(f"{path}: not a run directory (no recipe.json)")
-    run_dir, newest = checkpoint.find_resumable(path)
+    run_dir, newest = rundir.find_resumable(path)
     if newest is None:
         raise UserError(
             f"{run_dir}: no checkpoint yet (the trainer writes one every train.checkpoint_every steps and at the end)"

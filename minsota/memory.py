@@ -1,18 +1,24 @@
 """The memory a training run needs on one device, estimated from the meta-device model before anything is
 allocated, and the memory the device has: `minsota.train` refuses a run that cannot fit (unless
-``train.check_memory = false``) and `minsota show` prints both.
+``train.check_memory = false``) and `minsota show` prints both, with what the estimate assumed.
 
-What is counted, per device: fp32 weights, their fp32 gradients and AdamW's two fp32 moments (16 bytes a
-parameter; FSDP2 divides all three by the world size), and the activations autograd keeps for the backward of
-one micro-batch: the input and output of every Linear, of every norm and of the token embedding, at the
-autocast dtype's width (Korthikanti et al. 2022, arXiv:2205.05198 §4, count the same tensors, for a GPT layer
-~34·s·b·h bytes in 16-bit), the (T, T) scores of attention kernels that materialise them (``math``, and
-document masks off CUDA), and the fused LM-head loss's gradient buffers (minsota.loss: d hidden and d head in
-fp32, one (256, vocab) chunk at a time), plus one layer's activations again for the gradients of them that
-the backward holds. Not counted: the allocator's slack and one op's temporaries. Measured on the 2-core CPU
-(fp32, the growth of peak resident memory over two real training steps): the estimate was 0.67-0.68x of it for
-`tiny` (0.85M parameters, 8 x 64 and 8 x 512 tokens), 0.89x at 55M, 1.08x at 110M parameters and 0.94x with the
-`math` kernel at T = 512. A run is refused only when the estimate alone exceeds what the device has.
+What is counted, per device: fp32 weights and their fp32 gradients (8 bytes a parameter), the optimizer's state
+as measured: ``train.optimizer``'s own factory (a plugin's too, with no code of its own) built on one small
+stand-in tensor per role and stepped once, its state tensors' bytes per parameter times the model's parameters
+of that role (AdamW 8, Lion 4, Muon 4 for matrices and AdamW's 8 for the rest; FSDP2 divides weights, gradients
+and state by the world size). Then the activations autograd keeps for the backward of one micro-batch: the
+input and output of every Linear, of every norm and of the token embedding, at the autocast dtype's width
+(Korthikanti et al. 2022, arXiv:2205.05198 §4, count the same tensors, for a GPT layer ~34·s·b·h bytes in
+16-bit), the (T, T) scores of attention kernels that materialise them (``math``, and document masks off CUDA),
+and the fused LM-head loss's gradient buffers (minsota.loss: d hidden and d head in fp32, one (256, vocab)
+chunk at a time), plus one layer's activations again for the gradients of them that the backward holds. With
+``train.activation_checkpointing`` (minsota.recompute) a block keeps only its fp32 input (``full``) or that
+and its matmuls' and attention kernel's outputs (``selective``), and one block is recomputed at a time in
+backward. Not counted: the allocator's slack and one op's temporaries. Measured on the 2-core CPU (fp32, the
+growth of peak resident memory over two real training steps): the estimate was 0.67-0.68x of it for `tiny`
+(0.85M parameters, 8 x 64 and 8 x 512 tokens), 0.89x at 55M, 1.08x at 110M parameters and 0.93x with the
+`math` kernel at T = 512 (dim 256; AdamW and Muon alike), 0.83x there with ``selective`` and 0.74x with
+``full`` checkpointing. A run is refused only when the estimate alone exceeds what the device has.
 """
 
 import os
@@ -23,7 +29,8 @@ from torch import nn
 
 from minsota.errors import UserError
 from minsota.model import build_model
-from minsota.recipe import Recipe, component
+from minsota.optim import optimizer_over, parameter_roles, train_mode
+from minsota.recipe import Recipe, component, stand_in_groups
 
 GIB = 2**30
 LOSS_CHUNK_ROWS = 256  # minsota.loss.linear_cross_entropy's default chunk
@@ -36,6 +43,9 @@ class Estimate:
     optimizer: int
     activations: int
     tokens: str  # the micro-batch the activations are for, "B x T"
+    optimizer_name: str
+    state_per_parameter: float  # the optimizer's measured bytes of state per parameter (all roles)
+    checkpointing: str  # train.activation_checkpointing
 
     @property
     def total(self) -> int:
@@ -44,8 +54,9 @@ class Estimate:
     def __str__(self) -> str:
         parts = (self.weights, self.gradients, self.optimizer, self.activations)
         return (
-            f"{gib(self.total)} (weights {gib(parts[0])}, gradients {gib(parts[1])}, AdamW {gib(parts[2])}, "
-            f"activations {gib(parts[3])} at {self.tokens} tokens per micro-batch)"
+            f"{gib(self.total)} (weights {gib(parts[0])}, gradients {gib(parts[1])}, {self.optimizer_name} state "
+            f"{gib(parts[2])} at {self.state_per_parameter:.3g} B/parameter, activations {gib(parts[3])} at "
+            f"{self.tokens} tokens per micro-batch with activation checkpointing {self.checkpointing})"
         )
 
 
@@ -55,28 +66,70 @@ def gib(n: float) -> str:
     return f"{n / scale:.3g} {unit}"
 
 
+def state_per_parameter(recipe: Recipe) -> dict[str, float]:
+    """Role -> the bytes of optimizer state per parameter that ``train.optimizer`` keeps, measured: the real
+    factory (a plugin's too) built on `minsota.recipe.stand_in_groups` and stepped once. Per-tensor scalars
+    (a step count) are left out; state that grows slower than its tensor (a factored second moment) is
+    overcounted at the stand-ins' small shapes."""
+    optimizer = optimizer_over(stand_in_groups(recipe.train), recipe.train, recipe.plugins)
+    train_mode(optimizer)
+    optimizer.step()
+    per_role = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {}).values()
+            kept = sum(v.numel() * v.element_size() for v in state if isinstance(v, torch.Tensor) and v.ndim > 0)
+            per_role[group["role"]] = kept / p.numel()
+    return per_role
+
+
 def estimate(recipe: Recipe, model: nn.Module, activation_bytes: int, world: int = 1) -> Estimate:
     """What training ``model`` (built on "meta") needs on one device; ``activation_bytes``: 2 under bf16/fp16
     autocast, 4 in fp32."""
     t = recipe.train
     params = sum(p.numel() for p in model.parameters())
     shard = world if t.parallelism == "fsdp" else 1
-    tokens = t.micro_batch_size * t.seq_len
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.output]
-    per_token = sum(m.in_features + m.out_features for m in linears)  # every layer's projections
-    per_token += 2 * model.cfg.dim * (1 + sum(1 for m in model.modules() if _is_norm(m)))  # embedding, norms
-    # what autograd keeps, plus one layer's worth again: the backward's gradients of the layer it is in
-    activations = tokens * per_token * activation_bytes * (1 + 1 / model.cfg.n_layers)
-    activations += _scores(recipe, model, activation_bytes)
-    vocab, dim = model.output.weight.shape
-    activations += 4 * (tokens * dim + vocab * dim + 2 * LOSS_CHUNK_ROWS * vocab)  # the fused loss's buffers
+    per_role, sizes = state_per_parameter(recipe), dict(model.named_parameters())
+    state = sum(sizes[name].numel() * per_role.get(role, 0.0) for name, role in parameter_roles(model).items())
     return Estimate(
         4 * params // shard,
         4 * params // shard,
-        8 * params // shard,
-        activations,
+        int(state) // shard,
+        _activations(recipe, model, activation_bytes),
         f"{t.micro_batch_size} x {t.seq_len}",
+        component(t.optimizer)[0],
+        state / params,
+        t.activation_checkpointing,
     )
+
+
+def _activations(recipe: Recipe, model: nn.Module, activation_bytes: int) -> int:
+    """What autograd keeps for one micro-batch's backward (see the module docstring), per block as
+    ``train.activation_checkpointing`` decides."""
+    t, cfg = recipe.train, model.cfg
+    tokens, mode = t.micro_batch_size * t.seq_len, t.activation_checkpointing
+    blocks = [_kept(block, cfg.dim) for block in model.layers]  # per token: (everything, matmul/attention outputs)
+    outside = _kept(model, cfg.dim)[0] - sum(every for every, _ in blocks)  # the embedding, the final norm
+    one_layer = max(every for every, _ in blocks)  # one block's tensors again: the backward's gradients of them
+    if mode == "none":
+        kept = sum(every for every, _ in blocks) + one_layer
+    else:  # a block's input (the fp32 residual stream), what selective keeps, and one block recomputed
+        inputs = len(blocks) * cfg.dim * 4 / activation_bytes
+        kept = inputs + (sum(costly for _, costly in blocks) if mode == "selective" else 0) + 2 * one_layer
+    activations = tokens * (outside + kept) * activation_bytes
+    activations += _scores(recipe, model, activation_bytes)
+    vocab, dim = model.output.weight.shape
+    return int(activations + 4 * (tokens * dim + vocab * dim + 2 * LOSS_CHUNK_ROWS * vocab))  # the fused loss's
+
+
+def _kept(module: nn.Module, dim: int) -> tuple[int, int]:
+    """Per token, the elements autograd keeps inside ``module``: every Linear's input and output and every norm's
+    (and the embedding's, if inside); and of them the outputs of the costly ops selective checkpointing saves
+    (matmuls, and an attention kernel's output, ~dim)."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear) and m is not getattr(module, "output", None)]
+    norms = sum(1 for m in module.modules() if _is_norm(m)) + sum(isinstance(m, nn.Embedding) for m in module.modules())
+    every = sum(m.in_features + m.out_features for m in linears) + 2 * dim * norms
+    return every, sum(m.out_features for m in linears) + dim * hasattr(module, "attention")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -89,7 +142,11 @@ def _scores(recipe: Recipe, model: nn.Module, activation_bytes: int) -> int:
     document = recipe.data.packing == "document" and not _cuda(t.device)
     # per layer: layers may differ in their attention (model.layer_types)
     dense = sum(document or component(spec["attention"])[0] == "math" for spec in model.specs)
-    return 2 * dense * t.micro_batch_size * cfg.n_heads * t.seq_len**2 * activation_bytes
+    # scores and weights per dense layer (selective keeps the scores, a matmul's, and recomputes the weights; full
+    # recomputes both), and in backward one layer's pair again for their gradients (and recomputed, if it was)
+    one = min(dense, 1)
+    kept = {"none": 2 * dense + 2 * one, "selective": dense + 3 * one, "full": 4 * one}[t.activation_checkpointing]
+    return kept * t.micro_batch_size * cfg.n_heads * t.seq_len**2 * activation_bytes
 
 
 def _cuda(device: str) -> bool:

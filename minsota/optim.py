@@ -25,7 +25,7 @@ from torch import nn
 
 from minsota.errors import UserError
 from minsota.plugins import load_plugins
-from minsota.recipe import TrainConfig, component
+from minsota.recipe import TrainConfig, component, param_group
 
 ROLES = ("matrix", "embedding", "head", "vector")
 
@@ -68,16 +68,7 @@ def param_groups(model: nn.Module, t: TrainConfig) -> list[dict]:
             lr_scale = float(rules[rule].get("lr_scale", lr_scale))
             weight_decay = float(rules[rule].get("weight_decay", weight_decay))
         group = groups.setdefault(
-            (role, rule, weight_decay),
-            {
-                "params": [],
-                "names": [],
-                "splits": [],
-                "role": role,
-                "lr": t.lr * lr_scale,
-                "lr_scale": lr_scale,
-                "weight_decay": weight_decay,
-            },
+            (role, rule, weight_decay), param_group(role, t.lr * lr_scale, lr_scale, weight_decay)
         )
         group["params"].append(params[name])
         group["names"].append(name)
@@ -94,10 +85,15 @@ def param_groups(model: nn.Module, t: TrainConfig) -> list[dict]:
 
 def build_optimizer(model: nn.Module, t: TrainConfig, plugin_specs=()) -> torch.optim.Optimizer:
     """``train.optimizer`` (a registered name, or an inline table with its options) over `param_groups`."""
+    return optimizer_over(param_groups(model, t), t, plugin_specs)
+
+
+def optimizer_over(groups: list[dict], t: TrainConfig, plugin_specs=()) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``groups`` (a model's, or `minsota.recipe.stand_in_groups`)."""
     name, options = component(t.optimizer)
     factory = load_plugins(plugin_specs).registry("optimizer").get(name)
     try:
-        optimizer = factory(param_groups(model, t), t, **options)
+        optimizer = factory(groups, t, **options)
     except (TypeError, ValueError) as e:
         raise UserError(f"train.optimizer: {name}: {e}") from None
     for group in optimizer.param_groups:  # what the schedule multiplies (torch's LRScheduler keeps it there too)

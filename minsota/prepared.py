@@ -18,6 +18,9 @@ stream[g·T : g·T + T + 1] of the endless stream, epoch after epoch, and micro-
 goes to rank q mod world_size. Here a rank reads only its own windows: data work per rank falls as ranks
 are added. The position is the global window counter alone, so resume is exact at any world size, and a
 run that streamed a source can continue from that source prepared (``--allow-change data.source``).
+``data.shuffle`` permutes each epoch's documents (`PreparedSource.read_shuffled`); the position stays the window
+counter, so it too resumes exactly at any world size. (On the fly, blocks of documents are permuted instead: the
+two orders differ.)
 
 The tokenizer's identity is its name, vocabulary size, EOS id and a fingerprint (a hash of the ids it gives
 a fixed probe text); training with any other tokenizer is refused in one line.
@@ -28,13 +31,14 @@ import json
 import os
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from minsota.data import Batches, TokenizedBlocks, Tokenizer, build_source, build_tokenizer
+from minsota.data import Batches, TokenizedBlocks, Tokenizer, build_source, build_tokenizer, epoch_order, shuffle_seed
 from minsota.errors import UserError
 
 FORMAT = "minsota-prepared-1"
@@ -154,6 +158,7 @@ class PreparedSource:
         self.shards = [np.memmap(folder / s["file"], dtype=dtype, mode="r") for s in meta["shards"] if s["tokens"]]
         self.shard_starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.documents = np.fromfile(folder / "documents.bin", dtype="<i8")
+        self._laid_out = (None, None)
         if not self.length:
             raise UserError(f"{self.path}: its {split} split holds no tokens")
 
@@ -167,7 +172,7 @@ class PreparedSource:
                 f"tokenizer {self.path} was prepared with ('{prepared['name']}': {differs} "
                 f"{prepared.get(differs)} vs {given[differs]}): set data.tokenizer to it, or prepare again"
             )
-        return PreparedBatches(recipe, self, rank, world_size)
+        return PreparedBatches(recipe, self, rank, world_size, shuffle_seed(recipe, split))
 
     def read(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """``count`` tokens of the endless stream from ``start`` (wrapping into the next epoch), and whether each
@@ -180,6 +185,31 @@ class PreparedSource:
             at, left = 0, left - (end - at)
         found = np.minimum(np.searchsorted(self.documents, positions), len(self.documents) - 1)
         return np.concatenate(pieces).astype(np.int64), self.documents[found] == positions
+
+    def read_shuffled(self, start: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """`read` of the stream whose epoch e holds the documents (each whole, its EOS included) in
+        `minsota.data.epoch_order` (seed, e): data.shuffle."""
+        tokens, firsts = [], []
+        while count:
+            epoch, at = divmod(start, self.length)
+            order, starts = self._layout(epoch, seed)  # starts[i]: where the i-th document of the order begins
+            end = min(self.length, at + count)
+            for i in range(np.searchsorted(starts, at, "right") - 1, np.searchsorted(starts, end, "left")):
+                lo, hi = max(at, starts[i]), min(end, starts[i + 1])
+                origin = self.documents[order[i]] + lo - starts[i]
+                tokens += self._range(origin, origin + hi - lo)
+                firsts.append(np.arange(lo, hi) == starts[i])
+            start, count = start + end - at, count - (end - at)
+        return np.concatenate(tokens).astype(np.int64), np.concatenate(firsts)
+
+    def _layout(self, epoch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the epoch's document order, each one's start in the permuted epoch and the epoch's length last),
+        kept for the epoch being read."""
+        if self._laid_out[:2] != (epoch, seed):
+            order = epoch_order(seed, epoch, len(self.documents))
+            lengths = np.diff(self.documents, append=self.length)[order]
+            self._laid_out = (epoch, seed, order, np.concatenate([[0], np.cumsum(lengths)]))
+        return self._laid_out[2:]
 
     def _range(self, start: int, end: int) -> list[np.ndarray]:
         shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
@@ -196,8 +226,10 @@ class PreparedBatches(Batches):
     """`minsota.data.Batches` over a prepared split: the same micro-batches (its packing), read from the memory
     map, with no worker processes."""
 
-    def __init__(self, recipe, source: PreparedSource, rank: int = 0, world_size: int = 1):
-        self.source, self.rank, self.world_size = source, rank, world_size
+    def __init__(
+        self, recipe, source: PreparedSource, rank: int = 0, world_size: int = 1, order_seed: int | None = None
+    ):
+        self.source, self.rank, self.world_size, self.order_seed = source, rank, world_size, order_seed
         self.seq_len, self.micro = recipe.train.seq_len, recipe.train.micro_batch_size
         self.document_positions = recipe.data.packing == "document"
         self.pin_memory = torch.cuda.is_available() and recipe.train.device != "cpu"
@@ -219,7 +251,8 @@ class PreparedBatches(Batches):
 
     def __next__(self) -> dict:
         first = self.windows + self.rank * self.micro
-        rows = [self.source.read((first + i) * self.seq_len, self.seq_len + 1) for i in range(self.micro)]
+        read = self.source.read if self.order_seed is None else partial(self.source.read_shuffled, seed=self.order_seed)
+        rows = [read((first + i) * self.seq_len, self.seq_len + 1) for i in range(self.micro)]
         self.windows += self.micro * self.world_size
         windows, starts = (torch.from_numpy(np.stack(x)) for x in zip(*rows))
         return self._micro_batch(windows, starts)

@@ -129,6 +129,7 @@ class DataConfig:
     num_workers: int | None = None  # DataLoader processes tokenizing ahead; 0 = in the trainer; default 1, on CUDA more
     holdout_every: int = 100  # sources without a validation split: documents 0, N, 2N, … are held out for it
     block_docs: int = 32  # documents per unit of tokenizing work handed to a worker (a resume re-reads one)
+    shuffle: bool = False  # train documents in an order seeded by train.seed, new each epoch (local sources only)
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
@@ -570,17 +571,54 @@ def _validate_layers(recipe: Recipe, registries: Mapping[str, Registry]) -> None
                 _check_component(recipe, registries, kind, spec, f"{prefix}.{kind}")
 
 
+def param_group(role: str, lr: float, lr_scale: float, weight_decay: float) -> dict:
+    """An empty parameter group of ``role``, as optimizer factories receive it (the optimizers hookspec):
+    `minsota.optim.param_groups` fills it with a model's tensors, `stand_in_groups` with small stand-ins."""
+    return {
+        "params": [],
+        "names": [],
+        "splits": [],
+        "role": role,
+        "lr": lr,
+        "lr_scale": lr_scale,
+        "weight_decay": weight_decay,
+    }
+
+
+STAND_IN_SHAPES = {"matrix": (16, 8), "embedding": (32, 8), "head": (32, 8), "vector": (8,)}
+
+
+def stand_in_groups(t: TrainConfig) -> list[dict]:
+    """One group per role, each holding one small tensor of its role's shape with a gradient. The recipe's
+    validation builds ``train.optimizer`` on them, so that a bad option value is refused at recipe time naming
+    the key, before any model exists; `minsota.memory` steps one to measure the optimizer's state."""
+    import torch  # here: `import minsota.cli` stays free of torch (its error handling imports it)
+
+    generator = torch.Generator().manual_seed(0)
+    groups = []
+    for role, shape in STAND_IN_SHAPES.items():
+        tensor = torch.nn.Parameter(torch.randn(shape, generator=generator))
+        tensor.grad = torch.randn(shape, generator=generator)
+        group = param_group(role, t.lr, 1.0, t.weight_decay if role in ("matrix", "head") else 0.0)
+        group["params"].append(tensor)
+        group["names"].append(f"stand_in.{role}")
+        group["splits"].append(None)
+        groups.append(group)
+    return groups
+
+
 def _validate_train_plugins(recipe: Recipe, registries: Mapping[str, Registry]) -> None:
-    """train.optimizer and train.schedule name registered plugins with options their factories take (a schedule
-    is built, so its option values are checked too); each [[train.param_groups]] rule is well formed."""
+    """train.optimizer and train.schedule name registered plugins with options their factories take, and build
+    (a schedule as it is, an optimizer on `stand_in_groups`), so option values are checked too; each
+    [[train.param_groups]] rule is well formed."""
     t = recipe.train
     for key, kind in TRAIN_PLUGIN_KEYS.items():
         where, (name, options) = recipe.where(f"train.{key}"), component(getattr(t, key))
         try:
             factory = registries[kind].get(name)
             inspect.signature(factory).bind(*([[]] if kind == "optimizer" else []), t, **options)
-            if kind == "schedule":
-                factory(t, **options)
+            # built, so the factory checks its options' values: an optimizer on stand-in tensors (no model yet)
+            factory(*([stand_in_groups(t)] if kind == "optimizer" else []), t, **options)
         except UserError as e:
             raise UserError(f"{where}: train.{key}: {e}") from None
         except (TypeError, ValueError) as e:

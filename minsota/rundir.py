@@ -1,19 +1,21 @@
 """The run directory: who may write it, what a resume finds there and may change, the metrics file, trackers.
 
-Layout and checkpoint format: `minsota.checkpoint`, whose `lock_run` (one trainer per directory) and
-`find_resumable` (the checkpoint a resume continues from) this module drives. Here: taking the lock for the
-process that writes (rank 0), reading a run to resume (its ``recipe.json``, newest valid checkpoint, the
-keys a resume may not change: `GUARDED`), preparing it to be written, ``metrics.jsonl`` and the trackers
-that mirror it (TensorBoard, W&B).
+Layout and checkpoint format: `minsota.checkpoint`. Here: one trainer at a time per run directory (`lock_run`
+holds RUN_DIR/.lock exclusively for the whole run, so a double launch or a requeued job whose predecessor still
+runs is refused instead of interleaving), taken by the process that writes (rank 0); reading a run to resume
+(its ``recipe.json``, newest valid checkpoint: `find_resumable`, the keys a resume may not change: `GUARDED`),
+preparing it to be written, ``metrics.jsonl`` and the trackers that mirror it (TensorBoard, W&B).
 """
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -30,6 +32,8 @@ GUARDED = (
     "data.tokenizer",
     "data.text_field",
     "data.holdout_every",
+    "data.shuffle",
+    "train.seed",  # with data.shuffle it orders the documents the saved position counts through
     "train.batch_size",
     "train.seq_len",
     "train.optimizer",
@@ -37,14 +41,98 @@ GUARDED = (
 )
 
 
+_held_locks: set[int] = set()  # lock file descriptors of this process
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data worker): close the inherited lock descriptors, so that the lock ends with the
+    trainer (a kill -9 included) rather than with the last worker to notice its parent is gone."""
+    for fd in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+@contextlib.contextmanager
+def lock_run(run_dir: Path, create: bool = False):
+    """Hold ``run_dir/.lock`` exclusively (flock, never waiting) for the body: one trainer per run directory.
+
+    Another holder is refused with a `UserError` naming the directory and the holder's pid and host. With
+    ``create`` (a new run), a missing ``run_dir`` is made first (a path that cannot be one is a `UserError`), and
+    removed again if the body leaves nothing in it but the lock file (a run refused before it wrote anything).
+    The lock file stays; the kernel releases the lock when the holder exits, however it exits.
+    """
+    run_dir = Path(run_dir)
+    made = []  # directories this call created, deepest first
+    if create and not run_dir.is_dir():
+        made = [run_dir, *(p for p in run_dir.parents if not p.exists())]
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            if not run_dir.is_dir():
+                raise UserError(f"{run_dir}: exists and is not a directory; choose another --out") from None
+            made = []  # another process made it meanwhile
+        except OSError as e:
+            raise UserError(
+                f"{run_dir}: cannot create the run directory ({e.strerror or e}); choose another --out"
+            ) from None
+    path, fd = run_dir / checkpoint.LOCK, None
+    try:
+        while fd is None:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"{path}: cannot open the run directory's lock file ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                fd = None
+                then = "choose another --out" if create else f"let it finish or stop it, then --resume {run_dir}"
+                raise UserError(
+                    f"{run_dir} is being written by another trainer ({holder}, holding {path}): {then}"
+                ) from None
+            except OSError as e:  # a file system without locks
+                print(
+                    f"minsota: warning: {path}: cannot lock ({e.strerror or e}); make sure no other trainer "
+                    f"writes {run_dir}",
+                    file=sys.stderr,
+                )
+                break
+            try:  # the file locked must still be the one at the path (a refused new run removes it)
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                fd = None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _held_locks.add(fd)
+        yield path
+    finally:
+        if fd is not None:
+            _held_locks.discard(fd)
+            with contextlib.suppress(OSError):  # unlinked while still held: no one locks a stale file
+                if made and os.listdir(run_dir) == [checkpoint.LOCK]:
+                    path.unlink()
+                    for directory in made:
+                        directory.rmdir()
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def lock(run_dir: Path, create: bool):
-    """Hold the run directory's lock (`checkpoint.lock_run`) in the process that writes it (rank 0; RANK is
+    """Hold the run directory's lock (`lock_run`) in the process that writes it (rank 0; RANK is
     set by torchrun, the process group is joined later). A resume of what is no run directory takes none:
     `find_resumable` then says what it is not."""
     with contextlib.ExitStack() as stack:
         if int(os.environ.get("RANK", "0")) == 0 and (create or (run_dir / checkpoint.RECIPE).is_file()):
-            stack.enter_context(checkpoint.lock_run(run_dir, create=create))
+            stack.enter_context(lock_run(run_dir, create=create))
         yield
 
 
@@ -54,15 +142,48 @@ def refuse_existing(run_dir: Path) -> None:
         raise UserError(f"{run_dir} holds a run already: continue it with --resume {run_dir}, or choose another --out")
 
 
+def find_resumable(path: Path, unread=()) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from) for ``--resume PATH``.
+
+    PATH is a run directory (its newest valid checkpoint; a corrupt one is skipped with a one-line warning;
+    None if the run never checkpointed; `CorruptCheckpoint` if it has checkpoints but none verifies, rather than
+    starting it over) or one named checkpoint ``RUN_DIR/checkpoints/step-N`` (refused with `CorruptCheckpoint`,
+    exit 2, if it does not verify). Files in ``unread`` are not hashed (`checkpoint.verify`): a rank that
+    never reads them picks the newest checkpoint whose other files verify, and follows rank 0 if that one
+    turns out corrupt (`minsota.train_state.restore`).
+    """
+    path = Path(path)
+    if checkpoint.STEP_DIR.fullmatch(path.name):
+        checkpoint.verify(path, unread)
+        return path.parent.parent, path
+    if not (path / checkpoint.RECIPE).is_file():
+        raise UserError(f"--resume {path}: not a run directory (no {checkpoint.RECIPE})")
+    found = checkpoint.checkpoints(path / "checkpoints")
+    for candidate in reversed(found):
+        try:
+            checkpoint.verify(candidate, unread)
+            return path, candidate
+        except checkpoint.CorruptCheckpoint as e:
+            print(f"minsota: warning: skipping corrupt checkpoint: {e}", file=sys.stderr)
+    if found:
+        raise checkpoint.CorruptCheckpoint(
+            f"{path}: every checkpoint is corrupt ({', '.join(p.name for p in found)}; see "
+            f"above): restore one, or move them out of {path / 'checkpoints'} to start the run "
+            f"again from step 0"
+        )
+    return path, None
+
+
 def open_resumed(path: Path, overrides: dict | None, plugin_specs, allow_changes) -> tuple[Path, Recipe, dict | None]:
     """(run directory, its recipe with ``overrides``, the checkpoint to continue from or None) for ``--resume
     PATH``; a change of a `GUARDED` key is refused unless ``allow_changes`` names it."""
-    run_dir, ckpt_path = checkpoint.find_resumable(path)
+    reads = os.environ.get("RANK", "0") == "0"  # rank 0 alone reads the weights and optimizer state, and broadcasts
+    run_dir, ckpt_path = find_resumable(path, checkpoint.unread_by(tensors_of_the_model=reads))
     recipe = read_recipe_json(run_dir / checkpoint.RECIPE, overrides, plugin_specs)
     if ckpt_path is None:
         print(f"minsota: warning: {run_dir} has no checkpoint yet; starting it again from step 0", file=sys.stderr)
         return run_dir, recipe, None
-    ckpt = checkpoint.load(ckpt_path, tensors_of_the_model=os.environ.get("RANK", "0") == "0")  # rank 0 broadcasts
+    ckpt = checkpoint.load(ckpt_path, tensors_of_the_model=reads)
     check_changes(ckpt["recipe"], recipe, ckpt_path, allow_changes)
     if ckpt["trainer"] and ckpt["recipe"]["train"].get("optimizer", "adamw") != recipe.to_dict()["train"]["optimizer"]:
         print("minsota: warning: train.optimizer changed (allowed): its state starts afresh", file=sys.stderr)

@@ -148,10 +148,9 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     memory.check(recipe, device, dtype, world)  # before anything is allocated
     model = build_model(recipe, build_device(t.parallelism))  # CPU; "meta" on FSDP2's ranks but 0
     checkpoint_activations(model, t.activation_checkpointing)
-    loss_module = parallelize(model, t.parallelism, dtype, device)
+    loss_module, loss_fn = parallelize(model, t.parallelism, dtype, device, t.compile)  # loss_fn compiled or not
     state = TrainState(model, build_optimizer(model, t, recipe.plugins), build_scaler(device, dtype), batches=None)
     train_mode(state.optimizer)  # optimizers with modes (schedule-free) step, and restore, in training mode
-    loss_fn = torch.compile(loss_module) if t.compile else loss_module
     tokenizer = build_tokenizer(recipe)
     state.batches = build_batches(recipe, tokenizer, "train", rank, world)
     val_batches = list(

@@ -3,7 +3,8 @@
 `TrainState` is the model, optimizer, loss scaler and data position, plus the counters (optimizer steps
 done, steps skipped as non-finite, tokens seen). `save_checkpoint` gathers it (FSDP2 shards included) and
 rank 0 writes it; `restore` loads one back, RNG states too, so a resumed run continues bit for bit. Under
-torchrun rank 0 alone reads the weights and optimizer state and broadcasts them (each rank keeps its shards).
+torchrun rank 0 alone reads (and hashes) the weights and optimizer state and broadcasts them (each rank keeps
+its shards).
 """
 
 import json
@@ -143,9 +144,23 @@ def save_checkpoint(run_dir, recipe: Recipe, state: TrainState, device: torch.de
         raise error
 
 
+def _rank_zeros(ckpt: dict) -> dict:
+    """The checkpoint as rank 0 chose it. The other ranks chose theirs without hashing the weights and optimizer
+    state, which they never read (`minsota.rundir.find_resumable`): where rank 0 found those corrupt and fell
+    back to an earlier checkpoint, they follow it."""
+    if not dist.is_initialized():
+        return ckpt
+    chosen = [ckpt["path"]]
+    dist.broadcast_object_list(chosen, src=0, group=checkpoint_group())
+    if chosen[0] == ckpt["path"]:
+        return ckpt
+    return checkpoint.load(chosen[0], tensors_of_the_model=False)
+
+
 def restore(ckpt: dict, state: TrainState) -> None:
     """Load a checkpoint into ``state``: weights, and unless it is weights-only (e.g. an imported model, which
     starts a fresh run from its weights) the optimizer, RNG, loss scaler, data position and counters."""
+    ckpt = _rank_zeros(ckpt)
     options, weights = _to_load(), ckpt["model"] or {}  # {} on the ranks that receive them from rank 0
     try:
         if ckpt["trainer"] is None:

@@ -71,7 +71,12 @@ def stdlib(arg: str, data_cfg, split: str):
     return _text_files(modules, data_cfg, split)
 
 
-def _require_hub(what: str, local_hint: str):
+def _require_hub(what: str, local_hint: str, data_cfg):
+    if data_cfg.shuffle:  # a seeded order needs one pass over the epoch: not of an endless stream
+        raise UserError(
+            f"data.shuffle = true needs a finite local source, and {what} streams from the Hugging Face hub: "
+            "`minsota prepare` it (--max-tokens N) and train from that directory"
+        )
     if not hub_reachable(for_datasets=True):
         raise UserError(
             f"the Hugging Face hub is unreachable (or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set), "
@@ -86,6 +91,7 @@ def c4(arg: str, data_cfg, split: str):
         "C4",
         "point data.source at local copies of its json.gz files, e.g. "
         "--set data.source='PATH/c4/en/c4-train.*.json.gz'",
+        data_cfg,
     )
     return hf_source(split, data_cfg, "allenai/c4", "en", text_field="text")
 
@@ -96,7 +102,7 @@ def hf(spec: str, data_cfg, split: str):
     if not name:
         raise UserError("hf: needs a dataset, e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT")
     if not Path(name).expanduser().is_dir():
-        _require_hub(f"'{name}'", "point data.source at a local copy of its files (a path or glob)")
+        _require_hub(f"'{name}'", "point data.source at a local copy of its files (a path or glob)", data_cfg)
     return hf_source(split, data_cfg, name, config or None)
 
 

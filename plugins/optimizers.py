@@ -25,8 +25,16 @@ def _fused(groups) -> bool:
     return all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
 
 
+def _number(key: str, value, ok, what: str) -> None:
+    """A numeric option's value, checked (the recipe's validation reports the ValueError naming the key)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+
+
 def adamw(groups, cfg, fused: bool | None = None):
     """AdamW with the recipe's betas and eps; fused on CPU and CUDA."""
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"fused must be true or false, got {fused!r}")
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=_fused(groups) if fused is None else fused
     )
@@ -55,18 +63,37 @@ class MuonAdamW(torch.optim.AdamW):
             self.param_groups = everything
 
 
+def newton_schulz(update: torch.Tensor, coefficients: tuple, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix, `torch.optim.Muon`'s op for
+    op (bit for bit in bf16, its dtype), in ``dtype``: fp32 removes bf16's rounding of the input (2^-9 relative),
+    which turns the last-bit differences of a gradient summed in another order into ~1e-4 differences of loss."""
+    a, b, c = coefficients
+    x = update.to(dtype)
+    tall = update.size(0) > update.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1 (not in place: x may be the momentum)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def _muon_step(p: torch.Tensor, buffer: torch.Tensor, sizes: list[int], group: dict) -> None:
-    """`torch.optim.Muon`'s step, op for op (its Newton-Schulz and lr adjustment), one logical matrix (``sizes``:
+    """`torch.optim.Muon`'s step, op for op (its lr adjustment; `newton_schulz`), one logical matrix (``sizes``:
     rows) at a time. On an FSDP2 shard (a DTensor) the momentum stays sharded (it is elementwise); the update
     and the parameter are gathered whole, stepped as one process would, and each rank keeps its own rows."""
-    from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch >= 2.9
+    from torch.optim._muon import _adjust_lr  # torch >= 2.9
 
     buffer.lerp_(p.grad, 1 - group["momentum"])
     update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
     sharded = isinstance(p, DTensor)
     whole, target = (update.full_tensor(), p.full_tensor()) if sharded else (update, p)
     for part, param in zip(whole.split(sizes), target.split(sizes)):
-        ortho = _zeropower_via_newtonschulz(part, group["ns_coefficients"], group["ns_steps"], 1e-7)
+        ortho = newton_schulz(part, group["ns_coefficients"], group["ns_steps"], NS_DTYPES[group["ns_dtype"]])
         param.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay with the unadjusted lr
         param.add_(ortho, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], part.shape))
     if sharded:
@@ -82,12 +109,18 @@ def muon(
     ns_steps: int = 5,
     ns_coefficients: tuple = (3.4445, -4.775, 2.0315),
     match_rms_adamw: bool = False,
+    ns_dtype: str = "bfloat16",
 ):
     """Muon (lr 0.02, momentum 0.95, Nesterov, 5 Newton-Schulz steps) for matrices, AdamW for the rest."""
     if not hasattr(torch.optim, "Muon"):
         raise ValueError(f"muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
-    if not 0 <= momentum < 1 or ns_steps < 1:
-        raise ValueError(f"momentum must be in [0, 1) and ns_steps >= 1, got {momentum} and {ns_steps}")
+    _number("lr", lr, lambda v: v > 0, "a number > 0")
+    _number("momentum", momentum, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    _number("ns_steps", ns_steps, lambda v: isinstance(v, int) and 1 <= v < 100, "an integer in [1, 99]")
+    if len(ns_coefficients) != 3:
+        raise ValueError(f"ns_coefficients must be 3 numbers (a, b, c), got {ns_coefficients!r}")
+    if ns_dtype not in NS_DTYPES:
+        raise ValueError(f"ns_dtype must be one of {', '.join(NS_DTYPES)}, got {ns_dtype!r}")
     for group in groups:
         if group["role"] == "matrix":
             if any(p.ndim != 2 for p in group["params"]):
@@ -100,6 +133,7 @@ def muon(
                 nesterov=nesterov,
                 ns_steps=ns_steps,
                 ns_coefficients=tuple(ns_coefficients),
+                ns_dtype=ns_dtype,
                 adjust_lr_fn="match_rms_adamw" if match_rms_adamw else "original",
             )
         else:
@@ -134,8 +168,9 @@ class Lion(torch.optim.Optimizer):
 def lion(groups, cfg, lr: float | None = None, beta1: float = 0.9, beta2: float = 0.99):
     """Lion; lr defaults to train.lr / 3, and weight decay grows as lr shrinks (lr·λ stays AdamW's, §5)."""
     lr = cfg.lr / 3 if lr is None else lr
-    if lr <= 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-        raise ValueError(f"lr must be > 0 and betas in [0, 1), got {lr}, {beta1}, {beta2}")
+    _number("lr", lr, lambda v: v > 0, "a number > 0")
+    for key, beta in (("beta1", beta1), ("beta2", beta2)):
+        _number(key, beta, lambda v: 0 <= v < 1, "a number in [0, 1)")
     for group in groups:
         group.update(lr=lr * group["lr_scale"], weight_decay=group["weight_decay"] * cfg.lr / lr)
     return Lion(groups, lr=lr, betas=(beta1, beta2))
@@ -143,6 +178,9 @@ def lion(groups, cfg, lr: float | None = None, beta1: float = 0.9, beta2: float 
 
 def schedulefree_adamw(groups, cfg, warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0):
     """Schedule-Free AdamW (the schedulefree package); use with train.schedule = "constant"."""
+    _number("warmup_steps", warmup_steps, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    _number("r", r, lambda v: v >= 0, "a number >= 0")
+    _number("weight_lr_power", weight_lr_power, lambda v: v >= 0, "a number >= 0")
     try:
         import schedulefree
     except ImportError:

@@ -1,5 +1,6 @@
 """minsota.checkpoint on small tensors: round trip, atomic layout, manifest checks, pruning, refusals; and
-the trainer's resume rules that guard checkpoints (abandoned branches, keys a resume may not change)."""
+minsota.rundir's rules that guard checkpoints (the lock, the checkpoint a resume finds, abandoned branches, keys a
+resume may not change)."""
 
 import functools
 import json
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-from minsota import checkpoint
+from minsota import checkpoint, rundir
 from minsota.errors import DivergedError, SaveError, UserError
 from minsota.loader import load_recipe
 from minsota.rundir import check_changes
@@ -84,9 +85,32 @@ def test_finding_then_loading_hashes_each_file_once(tmp_path, monkeypatch):
     hashed = []
     sha256 = checkpoint._sha256
     monkeypatch.setattr(checkpoint, "_sha256", lambda file: hashed.append(file.name) or sha256(file))
-    _, found = checkpoint.find_resumable(tmp_path)
+    _, found = rundir.find_resumable(tmp_path)
     checkpoint.load(found)
     assert found == path and sorted(hashed) == sorted(json.loads((path / checkpoint.MANIFEST).read_text())["files"])
+
+
+def test_a_rank_that_receives_the_weights_hashes_only_what_it_reads(tmp_path, monkeypatch):
+    """The ranks but 0 of a resume read the RNG, trainer and recipe files, never the weights or optimizer state:
+    those are only checked for presence and size (rank 0, which reads them, hashes them)."""
+    (tmp_path / checkpoint.RECIPE).write_text("{}")
+    older = checkpoint.save(tmp_path / "checkpoints", 1, **parts(1))
+    path = checkpoint.save(tmp_path / "checkpoints", 2, **parts(2))
+    hashed = []
+    sha256 = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda file: hashed.append(file.name) or sha256(file))
+    unread = checkpoint.unread_by(tensors_of_the_model=False)
+    assert rundir.find_resumable(tmp_path, unread) == (tmp_path, path)
+    loaded = checkpoint.load(path, tensors_of_the_model=False)
+    assert loaded["model"] is loaded["optimizer"] is None and loaded["trainer"]["step"] == 2
+    assert sorted(hashed) == [checkpoint.RECIPE, checkpoint.RNG, checkpoint.TRAINER]
+    model = path / checkpoint.MODEL
+    data = model.read_bytes()
+    model.write_bytes(data[:100] + bytes([data[100] ^ 0x01]) + data[101:])  # same size: only a hash sees it
+    assert rundir.find_resumable(tmp_path, unread) == (tmp_path, path)  # rank 0 finds step-1: they follow it
+    assert rundir.find_resumable(tmp_path) == (tmp_path, older)
+    model.write_bytes(data[:-1])  # a size they do check
+    assert rundir.find_resumable(tmp_path, unread) == (tmp_path, older)
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete a file", "delete the manifest"])
@@ -114,25 +138,25 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, capsys):
         checkpoint.save(run / "checkpoints", step, **parts(step))
     model = run / "checkpoints" / "step-4" / checkpoint.MODEL
     model.write_bytes(model.read_bytes()[:-1])
-    assert checkpoint.find_resumable(run) == (run, run / "checkpoints" / "step-2")
+    assert rundir.find_resumable(run) == (run, run / "checkpoints" / "step-2")
     warning = capsys.readouterr().err
     assert warning.count("\n") == 1 and "step-4" in warning and "model.safetensors" in warning
     # one named checkpoint is never replaced by another: it loads or it is refused
     with pytest.raises(checkpoint.CorruptCheckpoint, match="step-4/model.safetensors"):
-        checkpoint.find_resumable(run / "checkpoints" / "step-4")
-    assert checkpoint.find_resumable(run / "checkpoints" / "step-2") == (run, run / "checkpoints" / "step-2")
+        rundir.find_resumable(run / "checkpoints" / "step-4")
+    assert rundir.find_resumable(run / "checkpoints" / "step-2") == (run, run / "checkpoints" / "step-2")
 
 
 def test_resume_refuses_a_run_whose_every_checkpoint_is_corrupt(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "recipe.json").write_text("{}")
-    assert checkpoint.find_resumable(run) == (run, None)  # never checkpointed: it starts from step 0
+    assert rundir.find_resumable(run) == (run, None)  # never checkpointed: it starts from step 0
     for step in (2, 4):
         checkpoint.save(run / "checkpoints", step, **parts(step))
         (run / "checkpoints" / f"step-{step}" / checkpoint.MANIFEST).unlink()
     with pytest.raises(checkpoint.CorruptCheckpoint, match=r"every checkpoint is corrupt \(step-2, step-4; ") as info:
-        checkpoint.find_resumable(run)
+        rundir.find_resumable(run)
     assert info.value.exit_code == 2 and "\n" not in str(info.value) and str(run / "checkpoints") in str(info.value)
     assert capsys.readouterr().err.count("skipping corrupt checkpoint") == 2
 
@@ -140,13 +164,13 @@ def test_resume_refuses_a_run_whose_every_checkpoint_is_corrupt(tmp_path, capsys
 def test_one_lock_holder_per_run_directory(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    with checkpoint.lock_run(run) as lock:
+    with rundir.lock_run(run) as lock:
         assert lock == run / ".lock" and lock.read_text() == f"pid {os.getpid()} on {os.uname().nodename}\n"
         refused = (
             rf"^{run} is being written by another trainer \(pid {os.getpid()} on .*holding {lock}\): let it "
             rf"finish or stop it, then --resume {run}$"
         )
-        with pytest.raises(UserError, match=refused), checkpoint.lock_run(run):
+        with pytest.raises(UserError, match=refused), rundir.lock_run(run):
             pass
         # a forked child (a data worker) does not keep the lock once the trainer lets go
         fork = multiprocessing.get_context("fork")
@@ -155,7 +179,7 @@ def test_one_lock_holder_per_run_directory(tmp_path):
         child.start()
         assert started.wait(60)
     try:
-        with checkpoint.lock_run(run):
+        with rundir.lock_run(run):
             pass
     finally:
         child.kill()
@@ -165,16 +189,16 @@ def test_one_lock_holder_per_run_directory(tmp_path):
 
 def test_a_new_run_directory_refused_before_writing_is_removed(tmp_path):
     run = tmp_path / "new" / "run"
-    with pytest.raises(UserError, match="refused"), checkpoint.lock_run(run, create=True):
+    with pytest.raises(UserError, match="refused"), rundir.lock_run(run, create=True):
         assert (run / ".lock").exists()
         raise UserError("refused")
     assert list(tmp_path.iterdir()) == []  # its parents too
-    with checkpoint.lock_run(run, create=True):
+    with rundir.lock_run(run, create=True):
         (run / "recipe.json").write_text("{}")
     assert sorted(os.listdir(run)) == [".lock", "recipe.json"]
     (tmp_path / "file").write_text("")
     not_a_directory = f"^{tmp_path / 'file'}: exists and is not a directory; choose another --out$"
-    with pytest.raises(UserError, match=not_a_directory), checkpoint.lock_run(tmp_path / "file", create=True):
+    with pytest.raises(UserError, match=not_a_directory), rundir.lock_run(tmp_path / "file", create=True):
         pass
 
 
@@ -281,7 +305,7 @@ def test_resume_from_a_named_older_checkpoint_abandons_the_later_ones(tmp_path, 
     assert f"moved the later checkpoints step-3, step-4 of the abandoned branch to {abandoned}" in err
     assert [p.name for p in checkpoint.checkpoints(run / "checkpoints")] == ["step-1", "step-2", "step-3"]
     assert sorted(os.listdir(abandoned)) == ["step-3", "step-4"]
-    assert checkpoint.find_resumable(run) == (run, run / "checkpoints" / "step-3")
+    assert rundir.find_resumable(run) == (run, run / "checkpoints" / "step-3")
     assert checkpoint.load(run / "checkpoints" / "step-3")["recipe"]["train"]["lr"] == 0.0001
     # a plain resume moves nothing
     code, _, err = cli("train", "--resume", run, "--set", "train.steps=4")
@@ -291,7 +315,13 @@ def test_resume_from_a_named_older_checkpoint_abandons_the_later_ones(tmp_path, 
 
 @pytest.mark.parametrize(
     "key, value",
-    [("data.holdout_every", 50), ("data.text_field", "content"), ("data.source", "other"), ("train.seq_len", 32)],
+    [
+        ("data.holdout_every", 50),
+        ("data.text_field", "content"),
+        ("data.source", "other"),
+        ("train.seq_len", 32),
+        ("train.seed", 7),  # the shuffled order's seed
+    ],
 )
 def test_resume_refuses_a_change_to_the_train_stream_unless_allowed(key, value, capsys):
     """These keys change the token stream the saved data position points into."""

@@ -8,13 +8,17 @@ import io
 import json
 import math
 import shutil
+from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 
 from minsota.cli import main
 from minsota.compare import _tokens, format_table, read_at, read_metrics, recipe_diff
+from minsota.data import build_batches, build_tokenizer
 from minsota.loader import load_recipe, read_recipe_json
+from minsota.plugins import load_plugins
 
 QUICK = [
     "--steps",
@@ -124,7 +128,9 @@ def test_json_has_paired_statistics_over_the_same_seeds(compared):
 
 
 def test_runs_share_seeds_and_data_order(compared):
-    _, out_dir, _ = compared
+    _, out_dir, out = compared
+    variance = json.loads((out_dir / "compare.json").read_text())["variance"]
+    assert variance["data_order"] is False and "initialisation only" in out
     # the first loss is measured before any update: same seed + same batch -> same loss, whatever the lr
     first = {
         (name, seed): read_metrics(out_dir / name / f"seed-{seed}")[0][0]["loss"]
@@ -139,6 +145,10 @@ def test_rerun_resumes_only_what_is_missing(compared):
     args, out_dir, out = compared
     before = json.loads((out_dir / "compare.json").read_text())
     shutil.rmtree(out_dir / "lowlr" / "seed-1")
+    saved = out_dir / "tiny" / "seed-0" / "recipe.json"  # as a minsota from before data.shuffle wrote it
+    record = json.loads(saved.read_text())
+    del record["data"]["shuffle"]
+    saved.write_text(json.dumps(record))
     written = {path: path.stat().st_mtime_ns for path in out_dir.glob("*/seed-*/metrics.jsonl")}
     code, _, err = invoke(*args)
     assert code == 0, err
@@ -154,6 +164,19 @@ def test_refuses_to_mix_runs_of_another_recipe(compared):
     args, _, _ = compared
     code, _, err = invoke(*[("5" if a == "3" else a) for a in args])  # --steps 5 into the same --out
     assert code == 2 and "different recipe" in err and len(err.strip().splitlines()[-1]) < 300
+
+
+def test_varying_the_data_order_gives_each_seed_its_own_batches(tmp_path):
+    code, out, err = invoke("compare", "tiny", *QUICK, "--steps", "2", "--vary-data-order", "--out", tmp_path)
+    assert code == 0, err
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["variance"]["data_order"] is True and "initialisation and data order" in out
+    first = []
+    for seed in (0, 1):
+        recipe = read_recipe_json(tmp_path / "tiny" / f"seed-{seed}" / "recipe.json")
+        assert recipe.data.shuffle and recipe.train.seed == seed
+        first.append(next(build_batches(recipe, build_tokenizer(recipe)))["tokens"])
+    assert not torch.equal(*first)  # another seed, other documents first
 
 
 def test_one_seed_table_has_differences_but_no_statistics():
@@ -317,3 +340,17 @@ def test_a_time_budget_reads_a_slower_recipe_at_an_earlier_step(tmp_path):
     assert result["budget"]["kind"] == "tokens" and at_step["tokens"] == [12, 12]
     fast, slow = at_step["time"]
     assert fast == 12 and 1 <= slow < 11, at_step  # the same time buys fewer of the costlier steps
+
+
+def test_the_committed_ablation_study_covers_every_ablation_recipe():
+    """docs/ablation/compare.json (benchmarks/ablation_study.sh): every `ablation-*` recipe over 3 seeds, paired
+    against ablation-base, with initialisation variance; the baseline again with the data order varied."""
+    study = json.loads((Path(__file__).parent.parent / "docs" / "ablation" / "compare.json").read_text())
+    recipes = load_plugins().registry("recipe").list("ablation-*")
+    init, order = study["init"], study["data-order"]
+    assert init["base"] == "ablation-base" and sorted(r["recipe"] for r in init["recipes"]) == recipes
+    assert init["variance"]["data_order"] is False and order["variance"]["data_order"] is True
+    assert order["recipes"][0]["recipe"] == "ablation-base"
+    for row in init["recipes"] + order["recipes"]:
+        assert [run["seed"] for run in row["runs"]] == [0, 1, 2]
+    assert all("vs_base" in row for row in init["recipes"][1:])

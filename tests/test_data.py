@@ -19,7 +19,14 @@ import pytest
 import torch
 
 import minsota
-from minsota.data import _outlive_stop_signals, absolute_spec, build_batches, build_source, build_tokenizer
+from minsota.data import (
+    _outlive_stop_signals,
+    absolute_spec,
+    build_batches,
+    build_source,
+    build_tokenizer,
+    epoch_order,
+)
 from minsota.errors import UserError
 from minsota.loader import recipe_from_dict
 
@@ -417,9 +424,10 @@ def test_document_masking_keeps_documents_apart(tmp_path):
 # ------------------------------------------------------------------------------------- sharding and resume
 
 
-def test_ranks_and_workers_split_the_single_process_stream(tmp_path):
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_ranks_and_workers_split_the_single_process_stream(tmp_path, shuffle):
     spec, _ = corpus(tmp_path, "jsonl.gz")
-    overrides = {"train.batch_size": 8, "data.block_docs": 1}
+    overrides = {"train.batch_size": 8, "data.block_docs": 1, "data.shuffle": shuffle}
     single = take(build_batches(tiny(overrides, source=spec), build_tokenizer(tiny())), 16)
     recipe = tiny(overrides, source=spec, num_workers=2)
     tokenizer = build_tokenizer(recipe)
@@ -431,10 +439,12 @@ def test_ranks_and_workers_split_the_single_process_stream(tmp_path):
     assert ranks[0].state_dict()["windows"] == 4 * 8  # four optimizer steps of 8 sequences
 
 
-@pytest.mark.parametrize("kind", ["jsonl.gz", "txt", "parquet", "hf-dir"])
-def test_resume_is_exact_twice_over_and_across_worker_counts(tmp_path, kind):
+@pytest.mark.parametrize(
+    "kind, shuffle", [("jsonl.gz", False), ("txt", False), ("parquet", False), ("hf-dir", False), ("txt", True)]
+)
+def test_resume_is_exact_twice_over_and_across_worker_counts(tmp_path, kind, shuffle):
     spec, _ = corpus(tmp_path, kind)
-    recipe = tiny(source=spec)
+    recipe = tiny(source=spec, shuffle=shuffle)
     tokenizer = build_tokenizer(recipe)
     original = build_batches(recipe, tokenizer)
     take(original, 3)
@@ -442,13 +452,54 @@ def test_resume_is_exact_twice_over_and_across_worker_counts(tmp_path, kind):
     reference = take(original, 12)
     assert original.epoch >= 1  # the resumed stretch crosses into the next epoch
 
-    first = build_batches(tiny(source=spec, num_workers=2), tokenizer)
+    first = build_batches(tiny(source=spec, num_workers=2, shuffle=shuffle), tokenizer)
     first.load_state_dict(saved)
     assert_same(take(first, 6), reference[:6])
-    second = build_batches(tiny(source=spec, num_workers=1), tokenizer)
+    second = build_batches(tiny(source=spec, num_workers=1, shuffle=shuffle), tokenizer)
     second.load_state_dict(json.loads(json.dumps(first.state_dict())))  # a resumed run's position resumes again
     assert_same(take(second, 6), reference[6:])
     assert second.state_dict() == json.loads(json.dumps(original.state_dict()))
+
+
+def test_shuffle_permutes_each_epochs_blocks_by_the_seed_and_leaves_validation_alone(tmp_path):
+    """data.shuffle: epoch e's blocks (2 source documents each, document 0 held out) in epoch_order(seed, e),
+    packed as ever; another seed, another order; the validation windows are the unshuffled ones."""
+    spec, _ = corpus(tmp_path, "jsonl.gz")
+    blocks = [[t for i, t in enumerate(DOCS[b : b + 2], b) if i % 100] for b in range(0, len(DOCS), 2)]
+    tokenizer = build_tokenizer(tiny())
+    streams = {}
+    for seed in (0, 1):
+        recipe = tiny({"train.seed": seed}, source=spec, shuffle=True)
+        batches = build_batches(recipe, tokenizer)
+        got = torch.cat([b["tokens"] for b in take(batches, 12)]).flatten().tolist()
+        assert batches.epoch >= 1  # the stretch crossed into a second epoch, which has an order of its own
+        orders = [epoch_order(seed, epoch, len(blocks)) for epoch in range(3)]
+        texts = [t for order in orders for k in order for t in blocks[k]]
+        stream, _ = packed(texts, tokenizer)
+        assert got == [token for g in range(24) for token in stream[g * 16 : g * 16 + 16]]
+        streams[seed] = got
+    assert streams[0] != streams[1] and list(orders[0]) != list(orders[1])
+    plain = tiny(source=spec)
+    assert_same(
+        take(build_batches(recipe, tokenizer, "validation"), 3), take(build_batches(plain, tokenizer, "validation"), 3)
+    )
+
+
+@pytest.mark.parametrize("before, after", [(False, True), (True, False)])
+def test_a_position_in_the_other_order_restarts_its_epoch(tmp_path, before, after):
+    """--allow-change data.shuffle: a saved position of the other order is not the source's to resume."""
+    spec, _ = corpus(tmp_path, "jsonl.gz")
+    tokenizer = build_tokenizer(tiny())
+    saved = build_batches(tiny(source=spec, shuffle=before), tokenizer)
+    take(saved, 3)
+    resumed = build_batches(tiny(source=spec, shuffle=after), tokenizer)
+    resumed.load_state_dict(json.loads(json.dumps(saved.state_dict())))
+    assert next(resumed)["tokens"].shape == (2, 16) and resumed.epoch == 0
+
+
+def test_shuffling_a_hub_stream_is_refused_naming_the_key():
+    with pytest.raises(UserError, match=r"data.source = 'c4': data.shuffle = true needs a finite local source"):
+        build_source(tiny({"data.source": "c4", "data.shuffle": True}))
 
 
 # --------------------------------------------------------------------------------------------- offline

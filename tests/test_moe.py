@@ -217,39 +217,52 @@ def test_fullgraph_compile_trains_without_recompiles():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_two_ranks_match_one_with_bias_balancing(tmp_path, parallelism):
-    """MoE (bias balancing, shared expert) and MLA under DDP and FSDP2 (no expert parallelism: every rank holds
-    every expert): the 2-rank run's losses, grad norms and final expert biases equal one process's on the same
-    global batch, which only holds if the bias update sees the token counts of both ranks."""
-    from test_distributed import torchrun
+MOE_MLA = REPO / "tests" / "assets" / "tiny-moe-mla.toml"
+# the last layer's feed-forward is a third-party plugin's with an auxiliary loss of its own (tests/plugins/layers/)
+PENALTY = ["--plugin", REPO / "tests" / "plugins" / "layers" / "activation_penalty.py"]
+MOE_RUN = {
+    "model.layer_overrides": '{"-1" = {feedforward = {name = "activation-penalty", coefficient = 0.01}}}',
+    "train.steps": 4,
+    "train.micro_batch_size": 4,
+    "train.log_every": 1,
+    "train.checkpoint_every": 4,
+    "train.eval_every": 0,
+    "train.sample_tokens": 0,
+}
 
-    from minsota import checkpoint
 
-    recipe = REPO / "tests" / "assets" / "tiny-moe-mla.toml"
-    run = {
-        "train.steps": 4,
-        "train.micro_batch_size": 4,
-        "train.log_every": 1,
-        "train.checkpoint_every": 4,
-        "train.eval_every": 0,
-        "train.sample_tokens": 0,
-    }
-    one, two = tmp_path / "one", tmp_path / "two"
+@pytest.fixture(scope="module")
+def moe_single(tmp_path_factory):
+    """The one-process run both parallelisms are compared with."""
+    one = tmp_path_factory.mktemp("moe") / "one"
     process = subprocess.run(
-        [sys.executable, "-m", "minsota", "train", recipe, "--out", one, *sets(run)],
+        [sys.executable, "-m", "minsota", "train", MOE_MLA, *PENALTY, "--out", one, *sets(MOE_RUN)],
         env=ENV,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert process.returncode == 0, process.stderr
-    process = torchrun("train", recipe, "--out", two, *sets({**run, "train.parallelism": parallelism}))
+    return one
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_ranks_match_one_with_bias_balancing(moe_single, tmp_path, parallelism):
+    """MoE (bias balancing, shared expert) and MLA under DDP and FSDP2 (no expert parallelism: every rank holds
+    every expert): the 2-rank run's losses, grad norms and final expert biases equal one process's on the same
+    global batch, which only holds if the bias update sees the token counts of both ranks. The auxiliary loss
+    terms too: the router's z-loss and a plugin's (`ffn_activation_l2`), logged and differentiated."""
+    from test_distributed import torchrun
+
+    from minsota import checkpoint
+
+    one, two = moe_single, tmp_path / "two"
+    process = torchrun("train", MOE_MLA, *PENALTY, "--out", two, *sets({**MOE_RUN, "train.parallelism": parallelism}))
     assert process.returncode == 0, process.stderr
-    for key in ("loss", "grad_norm", "moe_imbalance"):
-        assert [r[key] for r in records(two) if "loss" in r] == pytest.approx(
-            [r[key] for r in records(one) if "loss" in r], rel=1e-4
-        ), key
+    ones, twos = ([r for r in records(d) if "loss" in r] for d in (one, two))
+    assert len(ones) == len(twos) == 4 and all(r["aux_loss"] > 0 and r["ffn_activation_l2"] > 0 for r in ones)
+    for key in ("loss", "grad_norm", "moe_imbalance", "aux_loss", "ffn_activation_l2"):
+        assert [r[key] for r in twos] == pytest.approx([r[key] for r in ones], rel=1e-4, abs=1e-4), key
     biases = [checkpoint.load(run_dir / "checkpoints" / "step-4")["model"] for run_dir in (one, two)]
     for name in (k for k in biases[0] if k.endswith("expert_bias")):
         assert biases[0][name].abs().sum() > 0

@@ -124,6 +124,32 @@ def test_a_resume_that_changes_the_optimizer_is_refused_unless_allowed(tmp_path,
     assert "train.optimizer changed (allowed): its state starts afresh" in err and max(losses(run_dir)) == 5
 
 
+@pytest.mark.parametrize(
+    "optimizer, plugin, message",
+    [
+        ("{name='muon', momentum='x'}", (), "muon: momentum must be a number in [0, 1), got 'x'"),
+        ("{name='muon', lr=-1}", (), "muon: lr must be a number > 0, got -1"),
+        ("{name='muon', ns_dtype='fp8'}", (), "muon: ns_dtype must be one of bfloat16, float32, got 'fp8'"),
+        ("{name='lion', beta2=1.5}", (), "lion: beta2 must be a number in [0, 1), got 1.5"),
+        ("{name='adamw', fused='yes'}", (), "adamw: fused must be true or false, got 'yes'"),
+        (
+            "{name='schedulefree-adamw', warmup_steps=-3}",
+            (),
+            "schedulefree-adamw: warmup_steps must be an integer >= 0, got -3",
+        ),
+        ("{name='signum', momentum=1.5}", ("--plugin", SIGNUM), "signum: momentum must be in [0, 1), got 1.5"),
+    ],
+    ids=["muon-type", "muon-lr", "muon-dtype", "lion", "adamw", "schedulefree", "third-party"],
+)
+def test_a_bad_optimizer_option_value_is_refused_when_the_recipe_is_read(tmp_path, cli, optimizer, plugin, message):
+    """Whatever the factory refuses on the stand-in tensors, a plugin's as a built-in's: one line naming the key,
+    exit 2, before a model or a run directory exists."""
+    code, _, err = cli("train", "tiny", *plugin, "--out", tmp_path / "run", "--set", f"train.optimizer={optimizer}")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--set train.optimizer: train.optimizer: {message}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_builtin_registers_through_the_hooks_and_lists(cli):
     code, out, err = cli("list", "optimizers", "--plugin", SIGNUM)
     assert code == 0, err
@@ -148,7 +174,9 @@ def test_an_optimizer_with_modes_evaluates_checkpoints_and_samples_in_eval_mode(
     for mode in ("train", "eval"):
         real = getattr(schedulefree.AdamWScheduleFree, mode)
         monkeypatch.setattr(
-            schedulefree.AdamWScheduleFree, mode, lambda self, real=real, mode=mode: (calls.append(mode), real(self))[1]
+            schedulefree.AdamWScheduleFree,
+            mode,
+            lambda self, real=real, mode=mode: (calls.append((self, mode)), real(self))[1],
         )
     overrides = {
         **RUN,
@@ -159,8 +187,9 @@ def test_an_optimizer_with_modes_evaluates_checkpoints_and_samples_in_eval_mode(
     }
     code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets(overrides))
     assert code == 0, err
-    # start; step 2: validate; step 3: checkpoint; step 4: validate, checkpoint, sample
-    assert calls == ["train"] + ["eval", "train"] * 5
+    # the trainer's optimizer (the memory estimate steps a stand-in first): start; step 2: validate; step 3:
+    # checkpoint; step 4: validate, checkpoint, sample
+    assert [mode for optimizer, mode in calls if optimizer is calls[-1][0]] == ["train"] + ["eval", "train"] * 5
     for step in (3, 4):
         groups = json.loads((tmp_path / "run" / "checkpoints" / f"step-{step}" / "trainer.json").read_text())
         assert {g["train_mode"] for g in groups["optimizer"]["param_groups"]} == {False}

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from minsota.data import build_batches, build_tokenizer, default_workers
+from minsota.data import build_batches, build_tokenizer, default_workers, epoch_order
 from minsota.loader import load_recipe
 from minsota.prepared import PreparedSource, prepare
 
 from conftest import ENV, losses, run, sets
-from test_data import assert_same, corpus, take, tiny
+from test_data import assert_same, corpus, packed, take, tiny
 
 
 @pytest.fixture
@@ -65,6 +65,33 @@ def test_resume_is_exact_at_another_world_size_and_from_a_streamed_position(prep
     per_rank = [take(b, 2) for b in halves]
     assert_same([per_rank[q % 2][q // 2] for q in range(4)], reference[4:])
     assert halves[0].state_dict() == halves[1].state_dict() and halves[0].state_dict()["windows"] == 11 * 2
+
+
+def test_shuffled_prepared_documents_follow_the_seed_at_every_world_size_and_resume(prepared, tmp_path):
+    """data.shuffle on a prepared split: epoch e holds its documents whole in epoch_order(seed, e), across
+    shard and epoch boundaries; ranks deal the one order; a saved position resumes at another world size."""
+    spec, directory = prepared
+    _, train = corpus(tmp_path, "jsonl.gz")
+    documents = [t for t in train if t.strip()]
+    recipe = tiny({"train.seed": 3, "train.batch_size": 8}, source=directory, shuffle=True)
+    tokenizer = build_tokenizer(recipe)
+    texts = [documents[i] for epoch in range(3) for i in epoch_order(3, epoch, len(documents))]
+    stream, starts = packed(texts, tokenizer)
+    alone = build_batches(recipe, tokenizer)
+    reference = take(alone, 24)
+    for q, batch in enumerate(reference):
+        for row in range(2):
+            g = 2 * q + row
+            assert batch["tokens"][row].tolist() == stream[g * 16 : g * 16 + 16]
+            assert batch["targets"][row].tolist() == stream[g * 16 + 1 : g * 16 + 17]
+    assert alone.epoch >= 1 and texts[: len(documents)] != documents
+    ranks = [build_batches(recipe, tokenizer, rank=r, world_size=4) for r in range(4)]
+    for batches in ranks:
+        batches.load_state_dict({"windows": 8 * 2, "epoch": 0})  # after micro-batch 8 of the single process
+    per_rank = [take(b, 4) for b in ranks]
+    assert_same([per_rank[q % 4][q // 4] for q in range(16)], reference[8:])
+    plain = take(build_batches(tiny({"train.seed": 3}, source=directory), tokenizer, "validation"), 3)
+    assert_same(take(build_batches(recipe, tokenizer, "validation"), 3), plain)
 
 
 def test_training_on_prepared_data_gives_the_streamed_losses(tmp_path):

@@ -28,6 +28,8 @@ class Signum(torch.optim.Optimizer):
 def minsota_register_optimizers():
     def signum(groups, cfg, momentum: float = 0.9):
         """Signum: the sign of an EMA of gradients."""
+        if not 0 <= momentum < 1:  # refused when the recipe is read: minsota builds this on stand-in tensors
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         return Signum(groups, cfg.lr, momentum)
 
     return {"signum": signum}
