@@ -137,7 +137,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 CUDA_CHUNK_BYTES = 1 << 30  # the (chunk, vocab) fp32 blocks alive at once on CUDA (logits/gradient, softcap's)
 
 
-def chunk_rows(weight: torch.Tensor, rows: int) -> int:
+def chunk_rows(weight: torch.Tensor, rows: int, cuda: bool | None = None) -> int:
     """Rows per chunk of ``rows`` rows, from a memory budget for the (chunk, vocab) fp32 block. On the CPU the
     block may be as large as the fp32 d weight sum the loss holds anyway (vocab × dim: about ``dim`` rows, at
     least 256), so the loss's working set is at most twice that (three times under softcap); the block then is
@@ -145,9 +145,10 @@ def chunk_rows(weight: torch.Tensor, rows: int) -> int:
     More rows make d weight's GEMM, whose inner dimension is the chunk, run closer to the square rate (K = 256
     is the narrowest GEMM of a step; `benchmarks/README.md`). On CUDA `CUDA_CHUNK_BYTES` for both blocks (~1,000
     rows at a 128k vocabulary, ~4,000 at 32k), so the fp32 d weight sum is re-read a few times per micro-batch
-    rather than dozens. The rows are then split into equal chunks (a multiple of 32): no short last chunk."""
+    rather than dozens. The rows are then split into equal chunks (a multiple of 32): no short last chunk.
+    ``cuda`` (default: where ``weight`` is) lets `minsota.memory` ask for a device its meta model is not on."""
     vocab, dim = weight.shape
-    budget = CUDA_CHUNK_BYTES // 2 if weight.is_cuda else max(256, dim) * vocab * 4
+    budget = CUDA_CHUNK_BYTES // 2 if (weight.is_cuda if cuda is None else cuda) else max(256, dim) * vocab * 4
     most = max(256, budget // (vocab * 4)) // 32 * 32
     chunks = -(-rows // most)
     return min(rows, -(-rows // chunks) // -32 * -32)

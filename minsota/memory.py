@@ -10,8 +10,8 @@ and state by the world size). Then the activations autograd keeps for the backwa
 input and output of every Linear, of every norm and of the token embedding, at the autocast dtype's width
 (Korthikanti et al. 2022, arXiv:2205.05198 §4, count the same tensors, for a GPT layer ~34·s·b·h bytes in
 16-bit), the (T, T) scores of attention kernels that materialise them (``math``, and document masks off CUDA),
-and the fused LM-head loss's gradient buffers (minsota.loss: d hidden and d head in fp32, one (256, vocab)
-chunk at a time), plus one layer's activations again for the gradients of them that the backward holds. With
+and the fused LM-head loss's gradient buffers (minsota.loss: d hidden and d head in fp32, one (chunk, vocab)
+block at a time, its rows as `minsota.loss.chunk_rows` picks them on the device), plus one layer's activations again for the gradients of them that the backward holds. With
 ``train.activation_checkpointing`` (minsota.recompute) a block keeps only its fp32 input (``full``) or that
 and its matmuls' and attention kernel's outputs (``selective``), and one block is recomputed at a time in
 backward. Not counted: the allocator's slack and one op's temporaries. Measured on the 2-core CPU (fp32, the
@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from minsota.errors import UserError
+from minsota.loss import chunk_rows
 from minsota.model import build_model
 from minsota.optim import optimizer_over, parameter_roles, train_mode
 from minsota.recipe import Recipe, component, stand_in_groups
 
 GIB = 2**30
-LOSS_CHUNK_ROWS = 256  # minsota.loss.linear_cross_entropy's default chunk
 
 
 @dataclass
@@ -83,9 +83,9 @@ def state_per_parameter(recipe: Recipe) -> dict[str, float]:
     return per_role
 
 
-def estimate(recipe: Recipe, model: nn.Module, activation_bytes: int, world: int = 1) -> Estimate:
-    """What training ``model`` (built on "meta") needs on one device; ``activation_bytes``: 2 under bf16/fp16
-    autocast, 4 in fp32."""
+def estimate(recipe: Recipe, model: nn.Module, activation_bytes: int, world: int = 1, cuda: bool = False) -> Estimate:
+    """What training ``model`` (built on "meta") needs on one device, a GPU if ``cuda``; ``activation_bytes``: 2
+    under bf16/fp16 autocast, 4 in fp32."""
     t = recipe.train
     params = sum(p.numel() for p in model.parameters())
     shard = world if t.parallelism == "fsdp" else 1
@@ -95,7 +95,7 @@ def estimate(recipe: Recipe, model: nn.Module, activation_bytes: int, world: int
         4 * params // shard,
         4 * params // shard,
         int(state) // shard,
-        _activations(recipe, model, activation_bytes),
+        _activations(recipe, model, activation_bytes, cuda),
         f"{t.micro_batch_size} x {t.seq_len}",
         component(t.optimizer)[0],
         state / params,
@@ -103,7 +103,7 @@ def estimate(recipe: Recipe, model: nn.Module, activation_bytes: int, world: int
     )
 
 
-def _activations(recipe: Recipe, model: nn.Module, activation_bytes: int) -> int:
+def _activations(recipe: Recipe, model: nn.Module, activation_bytes: int, cuda: bool) -> int:
     """What autograd keeps for one micro-batch's backward (see the module docstring), per block as
     ``train.activation_checkpointing`` decides."""
     t, cfg = recipe.train, model.cfg
@@ -119,7 +119,8 @@ def _activations(recipe: Recipe, model: nn.Module, activation_bytes: int) -> int
     activations = tokens * (outside + kept) * activation_bytes
     activations += _scores(recipe, model, activation_bytes)
     vocab, dim = model.output.weight.shape
-    return int(activations + 4 * (tokens * dim + vocab * dim + 2 * LOSS_CHUNK_ROWS * vocab))  # the fused loss's
+    chunk = chunk_rows(model.output.weight, tokens, cuda)
+    return int(activations + 4 * (tokens * dim + vocab * dim + 2 * chunk * vocab))  # the fused loss's
 
 
 def _kept(module: nn.Module, dim: int) -> tuple[int, int]:
@@ -174,7 +175,7 @@ def check(recipe: Recipe, device: torch.device, dtype: torch.dtype | None, world
     """Refuse, before the model is built, a run whose estimate exceeds what ``device`` has (train.check_memory)."""
     if not recipe.train.check_memory:
         return
-    need = estimate(recipe, build_model(recipe, "meta"), 4 if dtype is None else 2, world)
+    need = estimate(recipe, build_model(recipe, "meta"), 4 if dtype is None else 2, world, device.type == "cuda")
     have, what = available(device)
     if need.total > have:
         raise UserError(
@@ -189,6 +190,6 @@ def summary(recipe: Recipe) -> str:
 
     device = resolve_device(recipe.train.device)
     dtype = autocast_dtype(recipe.train.precision, device)
-    need = estimate(recipe, build_model(recipe, "meta"), 4 if dtype is None else 2)
+    need = estimate(recipe, build_model(recipe, "meta"), 4 if dtype is None else 2, cuda=device.type == "cuda")
     have, what = available(device)
     return f"~{need} to train on {device}; it has {gib(have)} {what}"

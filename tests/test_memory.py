@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from minsota import build_model, load_recipe, memory
+from minsota.loss import chunk_rows
 from minsota.optim import parameter_roles
 
 from conftest import ENV, PLUGINS, sets
@@ -22,6 +23,11 @@ def test_state_is_16_bytes_a_parameter_and_fsdp_shards_it():
     sharded = memory.estimate(load_recipe("tiny", {"train.parallelism": "fsdp"}), model, 4, world=4)
     assert (sharded.weights, sharded.optimizer) == (params, 2 * params)
     assert sharded.activations == e.activations  # each rank runs its own micro-batch
+    # the fused loss's (chunk, vocab) blocks as the loss picks them: larger chunks on a GPU (its 1 GiB budget)
+    vocab, tokens = model.output.weight.shape[0], recipe.train.micro_batch_size * recipe.train.seq_len
+    cuda_rows, cpu_rows = chunk_rows(model.output.weight, tokens, True), chunk_rows(model.output.weight, tokens)
+    gpu = memory.estimate(recipe, model, 4, cuda=True)
+    assert gpu.activations - e.activations == 2 * 4 * vocab * (cuda_rows - cpu_rows) > 0
 
 
 @pytest.mark.parametrize(
