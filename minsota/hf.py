@@ -472,14 +472,7 @@ def _config_to_hf(cfg: ModelConfig, spec: dict, family: str, ffn_dim: int) -> di
         family,
         "final_norm = false, logit_softcap and embed_scale have no equivalent",
     )
-    common = {
-        "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-    }
+    common = hf_moe.config_base(cfg)
     attention = _options(spec, "attention", ("sdpa", "math"), family, **ATTENTION_OPTIONS)
     _refuse(
         attention["softcap"] or attention["scale"] not in (None, cfg.head_dim**-0.5),
@@ -585,12 +578,7 @@ def _gemma_config_to_hf(cfg: ModelConfig, specs: list[dict], family: str, ffn_di
     scalar = (attention["scale"] or cfg.head_dim**-0.5) ** -2  # scale = query_pre_attn_scalar^-0.5, an integer
     _refuse(abs(scalar - round(scalar)) > 1e-6 * scalar, family, f"attention scale^-2 = {scalar} is not an integer")
     config = {
-        "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
+        **hf_moe.config_base(cfg),
         "hidden_size": cfg.dim,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,

@@ -253,6 +253,19 @@ MOE_DEFAULTS = {
 }
 
 
+def config_base(cfg: ModelConfig) -> dict:
+    """The keys every exported `transformers` config starts from: vocabulary, tying, init, and no special token ids
+    (minsota's tokenizer settings travel with the tokenizer files, not the model config)."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+
+
 def config_to_hf(cfg: ModelConfig, specs: list[dict], family: str, rope_to_hf) -> dict:
     """The config.json keys of ``family`` for these layers; UserError naming what the family cannot hold."""
     dense = [i for i, s in enumerate(specs) if component(s["feedforward"])[0] != "moe"]
@@ -271,12 +284,7 @@ def config_to_hf(cfg: ModelConfig, specs: list[dict], family: str, rope_to_hf) -
         )
     moe = {**MOE_DEFAULTS, **component(sparse["feedforward"])[1]}
     common = {
-        "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
+        **config_base(cfg),
         "hidden_size": cfg.dim,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
