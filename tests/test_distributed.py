@@ -1,18 +1,15 @@
 """Data-parallel training under torchrun, 2 CPU processes over gloo: DDP and FSDP2 match one process on the
 same global batch, write the single-process checkpoint format, resume exactly, and a dying rank ends the job."""
 
-import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from minsota import checkpoint
 
-from conftest import ENV, grad_norms, losses, records, run, sets
+# torchrun unused here: test_harness.py imports it from this module
+from conftest import Launch, copied, grad_norms, in_turn, losses, records, sets, torchrun  # noqa: F401
 
 # 8 sequences per step: 2 micro-batches of 4 in one process, one per rank in two
 RUN = {
@@ -24,40 +21,65 @@ RUN = {
 }
 
 
-def torchrun(*args, script: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=2 -m minsota ARGS`` (or SCRIPT ARGS)."""
-    target = [str(script)] if script else ["-m", "minsota"]
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target, *map(str, args)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Launch:
+    """The one-process runs the ranks are compared with, in turn in one process: the stream prepared (`minsota
+    prepare`: stdlib's first ~300k tokens, read per rank), AdamW's run and each optimizer's (OPTIMIZED)."""
+    out = tmp_path_factory.mktemp("one")
+    prepare = ["prepare", "stdlib", "--tokenizer", "bytes", "--recipe", "tiny", "--max-tokens", 300_000]
+    jobs = {
+        "stdlib": {"argv": [*prepare, "--out", out / "stdlib" / "run"]},
+        "single": {"argv": train(out / "single", RUN)},
+    }
+    for name, _, overrides, _ in OPTIMIZED:
+        jobs[name] = {"argv": train(out / name, short(overrides))}  # once for its DDP and FSDP2 cases
+    return in_turn(jobs, out)
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    process = subprocess.run(
-        [sys.executable, "-m", "minsota", "train", "tiny", "--out", run_dir, *sets(RUN)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert process.returncode == 0, process.stderr
-    return run_dir
+def two_ranks(one_process, tmp_path_factory) -> Launch:
+    """Every 2-rank run of this file in one torchrun launch (each launch costs ~10 s of start-up), in turn: the
+    resumes just after the runs they continue (from a copy, taken by rank 0), the ones that patch the trainer last,
+    the dying rank at the very end."""
+    out = tmp_path_factory.mktemp("two")
+    ddp, fsdp = {**RUN, "train.parallelism": "ddp"}, {**RUN, "train.parallelism": "fsdp"}
+    jobs = {
+        "ddp": {"argv": train(out / "ddp", ddp)},
+        "ddp-resumed": {
+            "code": copied(out / "ddp", out / "ddp-resumed"),
+            "argv": ["train", "--resume", out / "ddp-resumed" / "run" / "checkpoints" / "step-3"],
+        },
+        "fsdp": {"argv": train(out / "fsdp", {**fsdp, "data.source": one_process.run_dir("stdlib")})},
+    }
+    for parallelism, overrides in (("ddp", ddp), ("fsdp", fsdp)):
+        compiled = {**overrides, "train.compile": True, "train.checkpoint_every": 0}
+        jobs[f"compiled-{parallelism}"] = {"argv": train(out / f"compiled-{parallelism}", compiled)}
+    for name, parallelism, overrides, _ in OPTIMIZED:
+        checkpoints = 2 if (name, parallelism) == RESUMES else 0
+        overrides = {**short(overrides), "train.parallelism": parallelism, "train.checkpoint_every": checkpoints}
+        jobs[f"{name}-{parallelism}"] = {"argv": train(out / f"{name}-{parallelism}", overrides)}
+    jobs["muon-fsdp-resumed"] = {
+        "code": copied(out / "muon-fsdp", out / "muon-fsdp-resumed"),
+        "argv": ["train", "--resume", out / "muon-fsdp-resumed" / "run" / "checkpoints" / "step-2"],
+    }
+    jobs["fsdp-resumed"] = {  # step 6's weights damaged unseen by size; every rank says what it reads and hashes
+        "code": copied(out / "fsdp", out / "fsdp-resumed", then=DAMAGE) + READS,
+        "argv": ["train", "--resume", out / "fsdp-resumed" / "run"],
+    }
+    jobs["meta"] = {"code": META, "argv": None}
+    jobs["dies"] = {"code": DIES, "argv": train(out / "dies", ddp)}
+    return in_turn(jobs, out, ranks=2)
 
 
-def prepare_stdlib(out: Path) -> Path:
-    """stdlib's first ~300k tokens prepared (`minsota prepare`): the batches the stream gives, read per rank."""
-    process = run(
-        "prepare", "stdlib", "--tokenizer", "bytes", "--out", out, "--recipe", "tiny", "--max-tokens", 300_000, env=ENV
-    )
-    assert process.returncode == 0, process.stderr
-    return out
+def train(out: Path, overrides: dict) -> list:
+    return ["train", "tiny", "--out", out / "run", *sets(overrides)]
 
+
+DAMAGE = (
+    "model = run / 'checkpoints' / 'step-6' / 'model.safetensors'\n"
+    "data = model.read_bytes()\n"
+    "model.write_bytes(data[:100] + bytes([data[100] ^ 0x01]) + data[101:])\n"
+)  # one bit of step 6's weights flipped: the manifest's sizes still match
 
 READS = (
     "import os, sys\n"
@@ -69,23 +91,16 @@ READS = (
     "    return call\n"
     "checkpoint.load_weights = spy('reads', checkpoint.load_weights)\n"
     "checkpoint._sha256 = spy('hashes', checkpoint._sha256)\n"
-    "from minsota.cli import main\n"
-    "sys.exit(main())\n"
-)  # a trainer that says which files each rank reads and hashes
+)  # the trainer says which files each rank reads and hashes
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
+def test_two_ranks_match_one_and_resume_exactly(one_process, two_ranks, cli, tmp_path, parallelism):
     """DDP on the stream and FSDP2 on the stream prepared (each rank reads its own windows; the global batches stay
     the stream's) match one process streaming, write its checkpoint format and resume exactly: from a named
     checkpoint (DDP), from the run directory past a damaged checkpoint (FSDP2: rank 0 alone reads and hashes the
     weights and optimizer state, and the other rank follows its choice), and at another world size (FSDP2)."""
-    run_dir = tmp_path / "run"
-    overrides = {**RUN, "train.parallelism": parallelism}
-    if parallelism == "fsdp":
-        overrides["data.source"] = prepare_stdlib(tmp_path / "stdlib")
-    process = torchrun("train", "tiny", "--out", run_dir, *sets(overrides))
-    assert process.returncode == 0, process.stderr
+    single, run_dir = one_process.run_dir("single"), two_ranks.run_dir(parallelism)
     one, two, written = losses(single), losses(run_dir), len(records(run_dir))
     assert two == pytest.approx(one, rel=1e-4)
     assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-4)  # averaged over ranks, not summed
@@ -100,30 +115,18 @@ def test_two_ranks_match_one_and_resume_exactly(single, tmp_path, parallelism):
     for part in ("model", "optimizer"):
         assert {k: v.shape for k, v in gathered[part].items()} == {k: v.shape for k, v in alone[part].items()}
 
-    if parallelism == "fsdp":  # at another world size: one process continues the sharded run
+    if parallelism == "fsdp":  # at another world size: one process (this one) continues the sharded run
         alone_dir = Path(shutil.copytree(run_dir, tmp_path / "alone"))
-        process = subprocess.run(
-            [sys.executable, "-m", "minsota", "train", "--resume", alone_dir / "checkpoints" / "step-3"],
-            env=ENV,
-            capture_output=True,
-            text=True,
-        )
-        assert process.returncode == 0, process.stderr
+        code, _, err = cli("train", "--resume", alone_dir / "checkpoints" / "step-3")
+        assert code == 0, err
         tail = [r for r in records(alone_dir)[written:] if "loss" in r]
         assert [r["loss"] for r in tail] == pytest.approx([one[step] for step in (4, 5, 6)], rel=1e-4)
         assert [r["grad_norm"] for r in tail] == pytest.approx([grad_norms(single)[s] for s in (4, 5, 6)], rel=1e-4)
 
-    # from step 3 again: at the same world size, steps 4-6 repeat bit for bit
-    resumed = Path(shutil.copytree(run_dir, tmp_path / "resumed"))
-    if parallelism == "ddp":
-        process = torchrun("train", "--resume", resumed / "checkpoints" / "step-3")
-    else:  # step 6's weights damaged unseen by size: rank 0 falls back to step 3, rank 1 never hashes them
-        model = resumed / "checkpoints" / "step-6" / checkpoint.MODEL
-        data = model.read_bytes()
-        model.write_bytes(data[:100] + bytes([data[100] ^ 0x01]) + data[101:])
-        (tmp_path / "reads.py").write_text(READS)
-        process = torchrun("train", "--resume", resumed, script=tmp_path / "reads.py")
-    assert process.returncode == 0, process.stderr
+    # from step 3 again (a copy of the run): at the same world size, steps 4-6 repeat bit for bit; DDP from the
+    # named checkpoint, FSDP2 from the run directory, whose step 6 is damaged: rank 0 falls back to step 3, and
+    # rank 1 never hashes it
+    resumed, process = two_ranks.run_dir(f"{parallelism}-resumed"), two_ranks.jobs[f"{parallelism}-resumed"]
     again = [r for r in records(resumed)[written:] if "loss" in r]
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in again] == [
         (step, two[step], grad_norms(run_dir)[step]) for step in (4, 5, 6)
@@ -151,130 +154,87 @@ OPTIMIZED = [
     ("schedulefree-adamw", "ddp", {"train.optimizer": "schedulefree-adamw", "train.schedule": "constant"}, 1e-4),
     ("schedulefree-adamw", "fsdp", {"train.optimizer": "schedulefree-adamw", "train.schedule": "constant"}, 1e-4),
 ]
+RESUMES = ("muon", "fsdp")  # Muon's sharded run resumes too
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """The 1-process run of an optimizer's overrides, once for its DDP and FSDP2 cases."""
-    runs = {}
-
-    def get(overrides: dict) -> Path:
-        key = json.dumps(overrides, sort_keys=True)
-        if key not in runs:
-            runs[key] = tmp_path_factory.mktemp("one") / "run"
-            process = subprocess.run(
-                [sys.executable, "-m", "minsota", "train", "tiny", "--out", runs[key], *sets(overrides)],
-                env=ENV,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert process.returncode == 0, process.stderr
-        return runs[key]
-
-    return get
+def short(overrides: dict) -> dict:
+    return {**RUN, "train.steps": 4, "train.checkpoint_every": 0, **overrides}
 
 
 @pytest.mark.parametrize(
     "name, parallelism, overrides, norm_tolerance", OPTIMIZED, ids=[f"{o[0]}-{o[1]}" for o in OPTIMIZED]
 )
-def test_two_ranks_match_one_per_optimizer(one_rank, tmp_path, name, parallelism, overrides, norm_tolerance):
+def test_two_ranks_match_one_per_optimizer(one_process, two_ranks, name, parallelism, overrides, norm_tolerance):
     """The 2-rank run's losses (within 1e-4) and gradient norms are the 1-rank run's, for each optimizer; Muon's
     sharded run resumes bit for bit (its state: the sharded momentum, and AdamW's for the other roles)."""
-    short = {**RUN, "train.steps": 4, "train.checkpoint_every": 0, **overrides}
-    one = one_rank(short)
-    resumes = (name, parallelism) == ("muon", "fsdp")
-    two = tmp_path / "two"
-    process = torchrun(
-        "train",
-        "tiny",
-        "--out",
-        two,
-        *sets({**short, "train.parallelism": parallelism, "train.checkpoint_every": 2 if resumes else 0}),
-    )
-    assert process.returncode == 0, process.stderr
-    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
-    assert grad_norms(two) == pytest.approx(grad_norms(one), rel=norm_tolerance)
-    if resumes:
-        uninterrupted, written = [r for r in records(two) if "loss" in r and r["step"] > 2], len(records(two))
-        process = torchrun("train", "--resume", two / "checkpoints" / "step-2")
-        assert process.returncode == 0, process.stderr
-        again = [r for r in records(two)[written:] if "loss" in r]
+    alone, ranks = one_process.run_dir(name), two_ranks.run_dir(f"{name}-{parallelism}")
+    assert losses(ranks) == pytest.approx(losses(alone), rel=1e-4)
+    assert grad_norms(ranks) == pytest.approx(grad_norms(alone), rel=norm_tolerance)
+    if (name, parallelism) == RESUMES:  # from a copy of the run, at step 2
+        uninterrupted = [r for r in records(ranks) if "loss" in r and r["step"] > 2]
+        again = [r for r in records(two_ranks.run_dir("muon-fsdp-resumed"))[len(records(ranks)) :] if "loss" in r]
         assert [(r["step"], r["loss"], r["grad_norm"]) for r in again] == [
             (r["step"], r["loss"], r["grad_norm"]) for r in uninterrupted
         ]
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_compiled_ranks_match_one(single, tmp_path, parallelism):
+def test_compiled_ranks_match_one(one_process, two_ranks, parallelism):
     """train.compile under DDP (dynamo splits the graph at its gradient buckets) and FSDP2 (each block compiled on
     its own, outside FSDP2's hooks)."""
-    run_dir = tmp_path / "run"
-    overrides = {**RUN, "train.parallelism": parallelism, "train.compile": True, "train.checkpoint_every": 0}
-    process = torchrun("train", "tiny", "--out", run_dir, *sets(overrides))
-    assert process.returncode == 0, process.stderr
+    single, run_dir = one_process.run_dir("single"), two_ranks.run_dir(f"compiled-{parallelism}")
     assert losses(run_dir) == pytest.approx(losses(single), rel=1e-4)
     # compiled kernels fuse and reorder the sums: gradient norms agreed within 3.3e-4 here (FSDP2, step 4), the
     # losses within 1e-4; a gradient summed over ranks rather than averaged is off by 100%
     assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-3)
 
 
-def test_a_rank_that_dies_ends_the_job(tmp_path):
+DIES = (
+    "import os, signal\n"
+    "import minsota.train\n"
+    "def lr_multiplier(step, t, schedule, real=minsota.train.lr_multiplier):\n"
+    "    if step == 3 and os.environ['RANK'] == '1':\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    "    return real(step, t, schedule)\n"
+    "minsota.train.lr_multiplier = lr_multiplier\n"
+)
+
+
+def test_a_rank_that_dies_ends_the_job(two_ranks):
     """Rank 1 is killed (SIGKILL, no goodbye) as it starts step 4: torchrun stops the job and names it."""
-    script = tmp_path / "dies.py"
-    script.write_text(
-        "import os, signal, sys\n"
-        "import minsota.train\n"
-        "def lr_multiplier(step, t, schedule, real=minsota.train.lr_multiplier):\n"
-        "    if step == 3 and os.environ['RANK'] == '1':\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return real(step, t, schedule)\n"
-        "minsota.train.lr_multiplier = lr_multiplier\n"
-        "from minsota.cli import main\n"
-        "sys.exit(main())\n"
-    )
-    start = time.monotonic()
-    process = torchrun(
-        "train",
-        "tiny",
-        "--out",
-        tmp_path / "run",
-        *sets({**RUN, "train.parallelism": "ddp"}),
-        script=script,
-        timeout=120,
-    )
-    assert process.returncode != 0 and time.monotonic() - start < 90
+    dies, process = two_ranks.jobs["dies"], two_ranks.process
+    assert dies.started is not None and dies.returncode is None, dies.stderr  # it began, and never ended
+    assert process.returncode != 0 and two_ranks.ended - dies.started < 90
     assert "Root Cause" in process.stderr and "rank      : 1" in process.stderr and "SIGKILL" in process.stderr
-    assert max(losses(tmp_path / "run")) == 3
+    assert max(losses(two_ranks.out / "dies" / "run")) == 3
 
 
-def test_fsdp_ranks_build_on_meta_and_receive_rank_zeros_weights(tmp_path):
+META = (
+    "import torch, torch.distributed as dist\n"
+    "from minsota.distributed import build_device, parallelize\n"
+    "from minsota.loader import load_recipe\n"
+    "from minsota.model import build_model\n"
+    "recipe = load_recipe('tiny')\n"
+    "torch.manual_seed(0)\n"
+    "model = build_model(recipe, build_device('fsdp'))\n"
+    "assert all(p.is_meta for p in model.parameters()) == (dist.get_rank() == 1)\n"
+    "parallelize(model, 'fsdp', None, torch.device('cpu'))\n"
+    "from torch.distributed.fsdp import FSDPModule\n"
+    "units = [m for m in model.modules() if isinstance(m, FSDPModule)]\n"
+    "assert units == [model, *model.layers], units  # one unit per block, then the root\n"
+    "torch.manual_seed(0)\n"
+    "alone = build_model(recipe, 'cpu')\n"
+    "for (name, p), q in zip(model.named_parameters(), alone.parameters()):\n"
+    "    assert torch.equal(p.full_tensor(), q), name\n"
+    "for (name, b), c in zip(model.named_buffers(), alone.buffers()):\n"
+    "    assert torch.equal(b, c), name\n"
+    "print(f'rank {dist.get_rank()} ok')\n"
+)
+
+
+def test_fsdp_ranks_build_on_meta_and_receive_rank_zeros_weights(two_ranks):
     """Rank 1 allocates no full weight: it builds on meta, and its shards hold exactly one process's init; each
     block is one FSDP2 unit."""
-    script = tmp_path / "meta.py"
-    script.write_text(
-        "import torch, torch.distributed as dist\n"
-        "from minsota.distributed import build_device, parallelize\n"
-        "from minsota.loader import load_recipe\n"
-        "from minsota.model import build_model\n"
-        "dist.init_process_group('gloo')\n"
-        "recipe = load_recipe('tiny')\n"
-        "torch.manual_seed(0)\n"
-        "model = build_model(recipe, build_device('fsdp'))\n"
-        "assert all(p.is_meta for p in model.parameters()) == (dist.get_rank() == 1)\n"
-        "parallelize(model, 'fsdp', None, torch.device('cpu'))\n"
-        "from torch.distributed.fsdp import FSDPModule\n"
-        "units = [m for m in model.modules() if isinstance(m, FSDPModule)]\n"
-        "assert units == [model, *model.layers], units  # one unit per block, then the root\n"
-        "torch.manual_seed(0)\n"
-        "alone = build_model(recipe, 'cpu')\n"
-        "for (name, p), q in zip(model.named_parameters(), alone.parameters()):\n"
-        "    assert torch.equal(p.full_tensor(), q), name\n"
-        "for (name, b), c in zip(model.named_buffers(), alone.buffers()):\n"
-        "    assert torch.equal(b, c), name\n"
-        "import sys\n"
-        "sys.stdout.write(f'rank {dist.get_rank()} ok\\n')  # one write: the ranks share stdout\n"
-    )
-    process = torchrun(script=script)
-    assert process.returncode == 0, process.stderr
-    assert "rank 0 ok" in process.stdout and "rank 1 ok" in process.stdout
+    meta = two_ranks.jobs["meta"]
+    assert meta.returncode == 0, meta.stderr
+    assert "rank 0 ok" in meta.stdout and "rank 1 ok" in meta.stdout

@@ -4,7 +4,6 @@ exit 2, and nothing is left behind. Each case stands for its class (every float 
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from minsota import checkpoint
 from minsota.cli import main
 
-from conftest import ENV, losses, records, sets
+from conftest import ENV, losses, python, records, run, sets
 
 RUN = {"train.steps": 2, "train.checkpoint_every": 1, "train.eval_batches": 1, "train.sample_tokens": 0}
 
@@ -229,9 +228,7 @@ def test_eval_names_the_first_weight_that_does_not_fit(cli, trained):
 
 def interrupted(*args, prelude: str) -> subprocess.CompletedProcess:
     code = f"import sys\n{prelude}\nfrom minsota.cli import main\nsys.exit(main(sys.argv[1:]))"
-    return subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=120
-    )
+    return python("-c", code, *args, timeout=120)
 
 
 # SIGINT to itself at the end of start-up: after recipe.json is written, before the first step
@@ -248,13 +245,7 @@ def test_ctrl_c_during_start_up_of_a_new_run_leaves_nothing(tmp_path):
     assert process.returncode == 130
     one_line(process.stderr, "minsota: interrupted: during start-up", "the new run left nothing behind")
     assert not run_dir.exists()
-    process = subprocess.run(
-        [sys.executable, "-m", "minsota", "train", "tiny", "--out", run_dir, *sets(RUN)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    process = run("train", "tiny", "--out", run_dir, *sets(RUN), env=ENV, timeout=120)
     assert process.returncode == 0, process.stderr  # the same --out is not refused
 
 
@@ -283,11 +274,5 @@ def test_ctrl_c_while_importing_is_one_line():
     )
     assert process.returncode == 130
     one_line(process.stderr, "minsota: interrupted")
-    imported = subprocess.run(
-        [sys.executable, "-c", "import sys, minsota.cli; print('torch' in sys.modules)"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    imported = python("-c", "import sys, minsota.cli; print('torch' in sys.modules)", timeout=60)
     assert imported.stdout.strip() == "False", imported.stderr

@@ -2,11 +2,6 @@
 auxiliary terms and metrics, bias balancing after the optimizer step (and its exact resume), fullgraph compile,
 active parameters and FLOPs."""
 
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,7 +10,7 @@ from minsota import reference
 from minsota.loader import load_recipe
 from minsota.reference import assert_close
 
-from conftest import ENV, REPO, losses, records, sets
+from conftest import REPO, Launch, copied, in_turn, losses, records, sets
 
 TINY_MOE = REPO / "tests" / "assets" / "tiny-moe.toml"
 CFG = load_recipe("tiny", {"model.dim": 32, "model.ffn_dim": 48, "model.n_heads": 4, "model.head_dim": 8}).model
@@ -151,45 +146,6 @@ def test_show_counts_total_and_active_parameters(cli):
     assert minsota.build_model(sparse, device="meta").active_parameters() == dense_active + routers
 
 
-def test_training_logs_the_terms_and_resumes_bias_balancing_exactly(tmp_path):
-    """metrics.jsonl has the auxiliary terms and the imbalance every step; the expert bias moves and is
-    checkpointed, so a resumed run repeats the uninterrupted one bit for bit."""
-    run_dir = tmp_path / "run"
-    args = {"train.steps": 6, "train.log_every": 1, "train.checkpoint_every": 3, "train.sample_tokens": 0}
-    process = subprocess.run(
-        [sys.executable, "-m", "minsota", "train", TINY_MOE, "--out", run_dir, *sets(args)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert process.returncode == 0, process.stderr
-    steps = [r for r in records(run_dir) if "loss" in r]
-    assert len(steps) == 6
-    for r in steps:
-        assert r["router_z_loss"] > 0 and r["aux_loss"] == pytest.approx(r["router_z_loss"])
-        assert 1 <= r["moe_imbalance"] <= 2  # top-2 of 4: one expert gets at most half the assignments
-    from minsota import checkpoint
-
-    weights = checkpoint.load(run_dir / "checkpoints" / "step-6")["model"]
-    bias = weights["layers.0.feed_forward.expert_bias"]
-    assert bias.abs().sum() > 0 and torch.allclose(bias * 100, (bias * 100).round(), atol=1e-3)  # k · rate (0.01)
-    resumed = Path(shutil.copytree(run_dir, tmp_path / "resumed"))
-    process = subprocess.run(
-        [sys.executable, "-m", "minsota", "train", "--resume", resumed / "checkpoints" / "step-3"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert process.returncode == 0, process.stderr
-    again = [r for r in records(resumed)[len(records(run_dir)) :] if "loss" in r]
-    expected = losses(run_dir)
-    assert [(r["step"], r["loss"]) for r in again] == [(s, expected[s]) for s in (4, 5, 6)]
-    final = checkpoint.load(resumed / "checkpoints" / "step-6")["model"]
-    assert all(torch.equal(final[k], weights[k]) for k in weights)
-
-
 def test_fullgraph_compile_trains_without_recompiles():
     """A tiny MoE decoder's loss and backward compile as one graph (grouped matmul, bias-balancing counts,
     auxiliary terms), match eager, and later steps (the bias moved) reuse the graph."""
@@ -232,33 +188,66 @@ MOE_RUN = {
 
 
 @pytest.fixture(scope="module")
-def moe_single(tmp_path_factory):
-    """The one-process run both parallelisms are compared with."""
-    one = tmp_path_factory.mktemp("moe") / "one"
-    process = subprocess.run(
-        [sys.executable, "-m", "minsota", "train", MOE_MLA, *PENALTY, "--out", one, *sets(MOE_RUN)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert process.returncode == 0, process.stderr
-    return one
+def one_process(tmp_path_factory) -> Launch:
+    """This file's one-process runs in turn in one process: bias balancing on `tiny-moe` (6 steps) resumed from a
+    copy at step 3, and the run both parallelisms are compared with."""
+    out = tmp_path_factory.mktemp("moe-one")
+    bias = {"train.steps": 6, "train.log_every": 1, "train.checkpoint_every": 3, "train.sample_tokens": 0}
+    jobs = {
+        "bias": {"argv": ["train", TINY_MOE, "--out", out / "bias" / "run", *sets(bias)]},
+        "bias-resumed": {
+            "code": copied(out / "bias", out / "bias-resumed"),
+            "argv": ["train", "--resume", out / "bias-resumed" / "run" / "checkpoints" / "step-3"],
+        },
+        "single": {"argv": ["train", MOE_MLA, *PENALTY, "--out", out / "single" / "run", *sets(MOE_RUN)]},
+    }
+    return in_turn(jobs, out)
+
+
+def test_training_logs_the_terms_and_resumes_bias_balancing_exactly(one_process):
+    """metrics.jsonl has the auxiliary terms and the imbalance every step; the expert bias moves and is
+    checkpointed, so a resumed run (a copy, from step 3) repeats the uninterrupted one bit for bit."""
+    run_dir, resumed = one_process.run_dir("bias"), one_process.run_dir("bias-resumed")
+    steps = [r for r in records(run_dir) if "loss" in r]
+    assert len(steps) == 6
+    for r in steps:
+        assert r["router_z_loss"] > 0 and r["aux_loss"] == pytest.approx(r["router_z_loss"])
+        assert 1 <= r["moe_imbalance"] <= 2  # top-2 of 4: one expert gets at most half the assignments
+    from minsota import checkpoint
+
+    weights = checkpoint.load(run_dir / "checkpoints" / "step-6")["model"]
+    bias = weights["layers.0.feed_forward.expert_bias"]
+    assert bias.abs().sum() > 0 and torch.allclose(bias * 100, (bias * 100).round(), atol=1e-3)  # k · rate (0.01)
+    again = [r for r in records(resumed)[len(records(run_dir)) :] if "loss" in r]
+    expected = losses(run_dir)
+    assert [(r["step"], r["loss"]) for r in again] == [(s, expected[s]) for s in (4, 5, 6)]
+    final = checkpoint.load(resumed / "checkpoints" / "step-6")["model"]
+    assert all(torch.equal(final[k], weights[k]) for k in weights)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Launch:
+    """The DDP and FSDP2 runs in one torchrun launch."""
+    out = tmp_path_factory.mktemp("moe-two")
+    jobs = {
+        parallelism: {
+            "argv": ["train", MOE_MLA, *PENALTY, "--out", out / parallelism / "run"]
+            + sets({**MOE_RUN, "train.parallelism": parallelism})
+        }
+        for parallelism in ("ddp", "fsdp")
+    }
+    return in_turn(jobs, out, ranks=2)
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_two_ranks_match_one_with_bias_balancing(moe_single, tmp_path, parallelism):
+def test_two_ranks_match_one_with_bias_balancing(one_process, two_ranks, parallelism):
     """MoE (bias balancing, shared expert) and MLA under DDP and FSDP2 (no expert parallelism: every rank holds
     every expert): the 2-rank run's losses, grad norms and final expert biases equal one process's on the same
     global batch, which only holds if the bias update sees the token counts of both ranks. The auxiliary loss
     terms too: the router's z-loss and a plugin's (`ffn_activation_l2`), logged and differentiated."""
-    from test_distributed import torchrun
-
     from minsota import checkpoint
 
-    one, two = moe_single, tmp_path / "two"
-    process = torchrun("train", MOE_MLA, *PENALTY, "--out", two, *sets({**MOE_RUN, "train.parallelism": parallelism}))
-    assert process.returncode == 0, process.stderr
+    one, two = one_process.run_dir("single"), two_ranks.run_dir(parallelism)
     ones, twos = ([r for r in records(d) if "loss" in r] for d in (one, two))
     assert len(ones) == len(twos) == 4 and all(r["aux_loss"] > 0 and r["ffn_activation_l2"] > 0 for r in ones)
     for key in ("loss", "grad_norm", "moe_imbalance", "aux_loss", "ffn_activation_l2"):
