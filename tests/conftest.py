@@ -71,6 +71,8 @@ class Job:
 
 @dataclass
 class Launch:
+    """What `in_turn` ran: the launch, and each of its jobs."""
+
     process: subprocess.CompletedProcess  # the launch itself: `python tests/jobs.py` or torchrun
     ended: float  # time.time() when it returned
     jobs: dict[str, Job]
@@ -85,14 +87,15 @@ class Launch:
 
 def in_turn(jobs: dict[str, dict], out: Path, ranks: int = 1, timeout: float = 900) -> Launch:
     """Run JOBS (name -> {"code": Python first, "argv": minsota's arguments}) in turn in one process (`tests/jobs.py`),
-    or in each of 2 ranks under torchrun: one start-up for all of them. Their files go to OUT."""
+    or with ranks=2 in each rank of one torchrun launch: one start-up for all of them. Their files go to OUT."""
     out.mkdir(parents=True, exist_ok=True)
     argvs = {name: {**job, "argv": job["argv"] and [str(a) for a in job["argv"]]} for name, job in jobs.items()}
     (out / "jobs.json").write_text(json.dumps(argvs))
-    script = [REPO / "tests" / "jobs.py", out / "jobs.json", out]
-    process = (
-        torchrun(*script[1:], script=script[0], timeout=timeout) if ranks > 1 else python(*script, timeout=timeout)
-    )
+    script = REPO / "tests" / "jobs.py"
+    if ranks == 2:
+        process = torchrun(out / "jobs.json", out, script=script, timeout=timeout)
+    else:
+        process = python(script, out / "jobs.json", out, timeout=timeout)
     ended = time.time()
 
     def read(name: str, file: str) -> list[str | None]:

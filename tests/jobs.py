@@ -40,8 +40,8 @@ def run(job: dict, folder: Path, rank: int) -> None:
             if dist.is_initialized():
                 dist.barrier()  # what rank 0's code prepared (a copied run) is there before any rank goes on
             code = 0 if job["argv"] is None else main(job["argv"])
-        except SystemExit as exit_:
-            code = exit_.code or 0
+        except SystemExit as exit_:  # argparse's refusals; sys.exit("text") exits 1, as Python's own does
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
         except BaseException:
             traceback.print_exc()
             raise
