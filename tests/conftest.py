@@ -85,7 +85,7 @@ class Launch:
         return self.out / name / "run"
 
 
-def in_turn(jobs: dict[str, dict], out: Path, ranks: int = 1, timeout: float = 900) -> Launch:
+def in_turn(jobs: dict[str, dict], out: Path, ranks: int = 1, timeout: float = 600) -> Launch:
     """Run JOBS (name -> {"code": Python first, "argv": minsota's arguments}) in turn in one process (`tests/jobs.py`),
     or with ranks=2 in each rank of one torchrun launch: one start-up for all of them. Their files go to OUT."""
     out.mkdir(parents=True, exist_ok=True)
