@@ -182,7 +182,10 @@ def minsota_register_optimizers():
     nested dicts, strings) as JSON. Optional seams: ``train()``/``eval()`` methods, called before stepping
     and around evaluation, checkpoints and sampling (schedule-free); ``group_state_keys``, the param-group
     entries the optimizer itself updates while training (schedule-free's ``k``), restored on resume (the
-    rest of a group comes from the recipe).
+    rest of a group comes from the recipe). Under fp16 the trainer steps through a ``torch.amp.GradScaler``:
+    an optimizer that sets ``_step_supports_amp_scaling`` (fused AdamW, and so its subclasses) must itself
+    skip the step when ``self.found_inf`` is nonzero and divide gradients by ``self.grad_scale`` when set;
+    any other is skipped by the scaler on overflow.
     """
 
 

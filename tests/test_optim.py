@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from minsota.optim import optimizer_over, train_mode
 from minsota.plugins import load_plugins
-from minsota.recipe import TrainConfig
+from minsota.recipe import TrainConfig, stand_in_groups
 
 from conftest import PLUGINS, losses, records, sets
 
@@ -79,6 +80,46 @@ def test_muon_match_rms_adamw_uses_the_adamw_lr_scaled_per_matrix():
     # match_rms_adamw scales it by 0.2·sqrt(16) (RMS 0.2, AdamW's typical update) times AdamW's lr
     assert optimizer.param_groups[0]["lr"] == 1e-3
     assert p.detach().pow(2).mean().sqrt().item() == pytest.approx(0.2 * 4 * 1e-3 * 0.25, rel=0.3)
+
+
+FACTORIES = {  # name -> (train.optimizer, plugins): the optimizers as `optimizer_over` builds them
+    "adamw": ("adamw", ()),
+    "muon": ("muon", ()),
+    "lion": ({"name": "lion"}, ()),
+    "schedulefree-adamw": ("schedulefree-adamw", ()),
+    "signum (third-party)": ({"name": "signum"}, (SIGNUM,)),
+}
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_an_fp16_step_through_the_scaler_unscales_and_skips_an_overflow(name):
+    """GradScaler's contract, whichever way an optimizer takes it (fused AdamW and Muon's AdamW half receive the
+    scale and the overflow flag; the others are skipped by the scaler): the step on scaled gradients equals the
+    step on the true ones, and a step whose gradients overflowed leaves every parameter untouched."""
+    if name == "schedulefree-adamw":
+        pytest.importorskip("schedulefree")
+    optimizer_name, plugins = FACTORIES[name]
+    t = TrainConfig(lr=1e-2, optimizer=optimizer_name)
+    runs = {}
+    for run in ("true", "scaled", "overflow"):
+        groups = stand_in_groups(t)  # the same tensors each time (seeded)
+        optimizer = optimizer_over(groups, t, plugins)
+        train_mode(optimizer)
+        params = [p for g in groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
+        if run == "true":
+            optimizer.step()
+        else:
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+            scaler.scale(torch.ones(()))  # the scale exists once a loss was scaled
+            for p in params:
+                p.grad.mul_(2.0**16)  # a power of two: unscaling is exact
+            params[0].grad.view(-1)[0] = float("inf") if run == "overflow" else params[0].grad.view(-1)[0]
+            scaler.step(optimizer)  # no unscale_ first: the scale reaches a fused step as its grad_scale
+        runs[run] = [p.detach().clone() for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(runs["overflow"], before))
+    assert all(torch.equal(a, b) for a, b in zip(runs["scaled"], runs["true"]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs["true"], before))
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
