@@ -53,7 +53,8 @@ logs it (the mean over micro-batches and ranks) and nothing minimises it (MoE: `
 After the optimizer step. A module with ``after_optimizer_step(applied: bool)`` is called by the trainer
 (`minsota.step.train_step`, through `Decoder.after_optimizer_step`) once per optimizer step, after the step and
 outside autograd, on every rank in the same module order, so it may run collectives (``torch.distributed``, when
-initialised); ``applied`` is False when a non-finite step was skipped. What it changes lives in buffers: the
+initialised); ``applied`` is False when the parameters did not move (a non-finite step skipped, or fp16's
+loss scaler skipping an overflow). What it changes lives in buffers: the
 checkpoint saves persistent ones and a resume restores them, so the update resumes exactly. DDP does not broadcast
 buffers from rank 0 (each rank keeps its own, e.g. counts to all-reduce). MoE bias balancing is the built-in use.
 """

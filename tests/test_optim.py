@@ -1,7 +1,9 @@
 """Optimizers and schedules as plugins: Muon per logical matrix, every built-in (and a third-party plugin)
 resuming bit for bit with its whole state, and a changed optimizer refused on resume."""
 
+import itertools
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -235,3 +237,36 @@ def test_an_optimizer_with_modes_evaluates_checkpoints_and_samples_in_eval_mode(
         groups = json.loads((tmp_path / "run" / "checkpoints" / f"step-{step}" / "trainer.json").read_text())
         assert {g["train_mode"] for g in groups["optimizer"]["param_groups"]} == {False}
         assert {g["k"] for g in groups["optimizer"]["param_groups"]} == {step}
+
+
+def test_a_step_the_loss_scaler_skips_moves_nothing_not_even_the_moe_bias():
+    """fp16: gradients that overflow under the loss scale are skipped by GradScaler, not counted as divergence;
+    the modules acting after the optimizer step (MoE's bias balancing) then hear ``applied`` False and keep
+    their buffers. With a scale that does not overflow, the same step moves both."""
+    from minsota.loader import load_recipe
+    from minsota.model import build_model
+    from minsota.optim import build_optimizer
+    from minsota.step import train_step
+    from minsota.train_state import TrainState
+
+    from conftest import REPO
+
+    recipe = load_recipe(REPO / "tests" / "assets" / "tiny-moe.toml")
+    T = recipe.train.seq_len
+    tokens = torch.randint(0, recipe.model.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(T).expand(2, T)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions, "document_ids": 0 * positions}
+    moved = {}
+    for scale in (2.0**10, 2.0**127):  # the second overflows fp32 gradients to inf
+        torch.manual_seed(0)
+        model = build_model(recipe)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        state = TrainState(model, build_optimizer(model, recipe.train), scaler, itertools.repeat(batch))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        result = train_step(state, model.losses, 1.0, device=torch.device("cpu"), grad_clip=1.0)
+        assert result.finite  # the scaler's skip is not a divergence
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        moved[scale] = (changed, math.isfinite(result.grad_norm))
+    biases = {k for k in before if k.endswith("expert_bias")}
+    assert biases and moved[2.0**10][1] and biases <= moved[2.0**10][0]  # the bias and the weights moved
+    assert moved[2.0**127] == (set(), False)  # nothing moved: weights, bias
