@@ -19,7 +19,7 @@ side under the profiler (`op_seconds`): the GEMMs' share of the op time, the rat
 loss's softmax, attention, the optimizer).
 
 Sizes: CPU fp32 sota-2024 shrunk to vocab 32000, dim 384, 6 layers, 6 heads / 2 KV, batch 8 x 256 (the
-issue's targets are set there); CUDA sota-2024 itself (~124M parameters) in bf16, batch 16 x 1024; --smoke:
+issue's targets are set there); CUDA sota-2024 itself (~153M parameters) in bf16, batch 16 x 1024; --smoke:
 vocab 512, dim 64, 2 layers, batch 2 x 32.
 
 A layered case runs beside it: gemma-3-1b's layout (local/global layers, QK-norm, sandwich norms, GeGLU) at

@@ -8,7 +8,8 @@ Names must be unique within a kind across all plugins; a clash is an error namin
 plugin that means to replace a name wraps the factory in `minsota.override(factory)`.
 
 ``cfg`` below is the resolved `minsota.recipe.ModelConfig`: it has at least ``dim``, ``n_layers``,
-``n_heads``, ``n_kv_heads``, ``head_dim``, ``vocab_size``, ``ffn_dim`` (resolved), ``max_seq_len``.
+``n_heads``, ``n_kv_heads``, ``head_dim``, ``vocab_size``, ``max_seq_len``, and ``ffn_dim`` (None unless the
+recipe sets it: a feed-forward takes ``cfg.ffn_width(ratio)``, which is ``ffn_dim`` when set).
 ``**options`` are the keys of the recipe's inline table for that component (everything but ``name``);
 a factory rejects options it does not know by raising TypeError or ValueError, which minsota reports as
 one line naming the recipe key and component.
