@@ -7,11 +7,10 @@ runs it last)
 """
 
 import json
-import math
 import sys
 from pathlib import Path
 
-from minsota.stats import t_quantile
+from minsota.stats import confidence_half_width
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "ablation"
 
@@ -25,11 +24,6 @@ def relative(value, root: str):
     if isinstance(value, str):
         return value.replace(root + "/", "").replace(str(DOCS.parent.parent) + "/", "")
     return value
-
-
-def half_width(stat: dict, n: int) -> float:
-    """The 95% confidence interval's half-width of a mean over n seeds (Student t)."""
-    return t_quantile(0.975, n - 1) * stat["std"] / math.sqrt(n)
 
 
 def table(result: dict) -> str:
@@ -51,7 +45,7 @@ def table(result: dict) -> str:
         p = f"{d['p_value']:.2g}" if d else ""
         bold = "**" if d and d["p_value"] < 0.05 else ""
         lines.append(
-            f"| {row['recipe']} | {row['parameters'] / 1e3:.0f}k | {val['mean']:.4f} ± {half_width(val, n):.4f} "
+            f"| {row['recipe']} | {row['parameters'] / 1e3:.0f}k | {val['mean']:.4f} ± {confidence_half_width(val['std'], n):.4f} "
             f"| {bold}{diff}{bold} | {p} |"
         )
     lines.append(

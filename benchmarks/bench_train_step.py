@@ -13,10 +13,13 @@ by the fp32 (CUDA: bf16) matmul rate `minsota.runtime.peak_flops` measures, re-m
 GEMMs" by the rate of the model's own matmul shapes (`minsota.runtime.gemm_shapes`: every Linear forward and
 backward, the head at the loss's chunk rows), measured in the same rounds. Peak
 memory: CUDA's allocator peak; on CPU the live parameters and optimizer state plus the largest net
-allocation within a step, from the profiler's allocation events.
+allocation within a step, from the profiler's allocation events. Where the time goes: one more step of each
+side under the profiler (`op_seconds`): the GEMMs' share of the op time, the rate they reach inside the step
+(the model's GEMM FLOPs over their time) and the time of everything else (norms, RoPE, activations, the
+loss's softmax, attention, the optimizer).
 
 Sizes: CPU fp32 sota-2024 shrunk to vocab 32000, dim 384, 6 layers, 6 heads / 2 KV, batch 8 x 256 (the
-issue's targets are set there); CUDA sota-2024 itself (~124M parameters) in bf16, batch 16 x 1024; --smoke:
+issue's targets are set there); CUDA sota-2024 itself (~153M parameters) in bf16, batch 16 x 1024; --smoke:
 vocab 512, dim 64, 2 layers, batch 2 x 32.
 
 A layered case runs beside it: gemma-3-1b's layout (local/global layers, QK-norm, sandwich norms, GeGLU) at
@@ -235,6 +238,14 @@ def test_train_step(benchmark, record, setting, models, mode):
     )
     peak, hf_peak = peak_bytes(ours, batch), peak_bytes(peers[f"hf_{mode}"], batch)
     figures |= {"peak_mb": peak / 2**20, "vs_hf_peak": peak / hf_peak}
+    gemm_flop = sum(2 * m * k * n * count for (m, k, n), count in own_shapes.items())  # HF's GEMMs: the same FLOPs
+    for prefix, trainee in (("", ours), ("hf_", peers[f"hf_{mode}"])):
+        gemm_s, other_s = op_seconds(lambda t=trainee: t.step(batch), setting)
+        figures |= {
+            f"{prefix}gemm_share": gemm_s / (gemm_s + other_s),
+            f"{prefix}gemm_gflops_in_step": gemm_flop / gemm_s / 1e9,
+            f"{prefix}other_ms": other_s * 1e3,
+        }
     if timing:
         seconds, tokens = timing["ms"] / 1e3, batch["tokens"].numel()
         flops = model.flops_per_token(recipe.train.seq_len) * tokens
@@ -303,6 +314,23 @@ def test_loss_chunks(benchmark, record, setting, mode):
     if timing:
         figures |= {"ms": timing["ms"], "vs_chunk_256": timing["chunk_256"], "vs_unfused": timing["unfused"]}
     record(**figures)
+
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+
+
+def op_seconds(run, setting: Setting) -> tuple[float, float]:
+    """(seconds in GEMMs, seconds in everything else) of one ``run``: the profiler's self time per op (CUDA: on
+    the device), the GEMMs by op name; inductor's generated kernels count under the compiled graph that calls
+    them, flash attention's products under its own op (not a GEMM). The shares, not the absolute times, are
+    the figure: profiling slows the small ops most."""
+    activities = [ProfilerActivity.CUDA] if setting.cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        run()
+        setting.sync()
+    times = {e.key: e.self_device_time_total if setting.cuda else e.self_cpu_time_total for e in prof.key_averages()}
+    gemm = sum(t for key, t in times.items() if key in GEMM_OPS)
+    return gemm / 1e6, (sum(times.values()) - gemm) / 1e6
 
 
 def step_peak(run, setting: Setting) -> int:

@@ -38,6 +38,12 @@ COLUMNS = {  # summary-table column -> heading, in print order
     "matmul_gflops": "matmul GF/s",
     "mfu_own_gemms": "MFU own GEMMs",
     "own_gemm_gflops": "own GEMMs GF/s",
+    "gemm_share": "GEMM share",
+    "gemm_gflops_in_step": "GEMM GF/s in step",
+    "other_ms": "non-GEMM ms",
+    "hf_gemm_share": "HF GEMM share",
+    "hf_gemm_gflops_in_step": "HF GEMM GF/s",
+    "hf_other_ms": "HF non-GEMM ms",
     "vs_hf_eager": "x HF eager",
     "vs_hf_compile": "x HF compiled",
     "td_overhead": "TD overhead",
@@ -128,7 +134,7 @@ def _cell(key: str, value) -> str:
         return value
     if isinstance(value, int):
         return f"{value:,}"
-    if key.startswith("mfu") or key in ("td_overhead", "attention_flops_share"):
+    if key.startswith("mfu") or key.endswith("_share") or key == "td_overhead":
         return f"{value:.1%}"
     if key.endswith("abs_diff"):
         return f"{value:.1e}"

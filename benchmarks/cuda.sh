@@ -4,7 +4,7 @@
 # Needs a Python environment with a CUDA build of torch and minsota's dev extras (transformers,
 # pytest-benchmark) installed: `pip install -e ".[dev]"` with a CUDA torch. Nothing is downloaded.
 # Sizes switch to CUDA by themselves: bf16 autocast, attention T 1024-8192, the train step of sota-2024
-# itself (~124M parameters, batch 16 x 1024) against HF Llama with the same weights.
+# itself (~153M parameters, batch 16 x 1024) against HF Llama with the same weights.
 #
 # Targets (issue 6): flash >= 4x math at T=4096 (test_kernel[4096-flash-*]); >= 50% bf16 MFU for the train
 # step (MFU against the bf16 matmul rate minsota.runtime.peak_flops measures). The targets' suites run first,

@@ -1,4 +1,5 @@
-"""The `minsota` command line: train, prepare, recipes, list, show, plugins, compare, diff, generate, eval.
+"""The `minsota` command line: train, prepare, recipes, list, show, plugins, compare, diff, generate, eval,
+import-hf, export-hf, bench.
 
 Exit codes (every command): 0 ok · 1 internal error · 2 user error (bad recipe, argument, plugin, data
 source, checkpoint) · 3 training diverged · 130 after SIGINT · 141 when stdout's reader has gone (`| head`),
@@ -32,8 +33,8 @@ def finite_float(text: str) -> float:
 
 
 def path_arg(text: str) -> str:
-    """An argparse type for every path argument: an empty one ('' from an unset shell variable) is a mistake,
-    never the current directory."""
+    """An argparse type for every path argument (a recipe name or path, a data spec): an empty one ('' from an
+    unset shell variable) is a mistake, never the current directory or a default."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path")
     return text
@@ -122,7 +123,7 @@ def cmd_train(args):
         if args.out is not None:
             raise UserError(f"--out and --resume are exclusive: the run continues in its own directory ({args.resume})")
         return resume(Path(args.resume), _overrides(args), args.plugin, args.allow_change)
-    args.recipe = args.recipe or "quickstart"
+    args.recipe = "quickstart" if args.recipe is None else args.recipe
     recipe = _recipe(args)
     run_dir = Path(args.out) if args.out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
     return train(recipe, run_dir)
@@ -245,7 +246,7 @@ def cmd_bench(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minsota", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="minsota", description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -273,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train(sub, common, overridable) -> None:
     p = sub.add_parser("train", parents=[common, overridable], help="train a recipe (default: quickstart)")
-    p.add_argument("recipe", nargs="?", help="recipe name or TOML path (default: quickstart; not with --resume)")
+    p.add_argument(
+        "recipe", nargs="?", type=path_arg, help="recipe name or TOML path (default: quickstart; not with --resume)"
+    )
     p.add_argument(
         "--out", metavar="RUN_DIR", type=path_arg, help="a new run directory (default: runs/RECIPE-TIMESTAMP)"
     )
@@ -288,8 +291,9 @@ def _add_train(sub, common, overridable) -> None:
         action="append",
         default=[],
         metavar="KEY",
-        help="with --resume: accept a changed model shape, tokenizer, batch size or data source "
-        "(a dotted key such as data.source, or a table such as model; repeatable)",
+        help="with --resume: accept a changed model shape, tokenizer, batch size, sequence length, data source or "
+        "order (data.shuffle, train.seed), optimizer or param groups (a dotted key such as data.source, or a table "
+        "such as model; repeatable)",
     )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser(
@@ -297,10 +301,16 @@ def _add_train(sub, common, overridable) -> None:
         parents=[common, overridable],
         help="tokenize a data source once into memory-mapped shards that data.source can name",
     )
-    p.add_argument("source", metavar="SOURCE", help="a data.source spec (a path, glob, stdlib, c4, hf:NAME, ...)")
-    p.add_argument("--tokenizer", required=True, help="a data.tokenizer spec (bytes, gpt-neox-20b, a path, ...)")
-    p.add_argument("--out", required=True, metavar="DIR", help="a new directory")
-    p.add_argument("--recipe", default="quickstart", help="whose data settings apply (text_field, holdout_every)")
+    p.add_argument(
+        "source", metavar="SOURCE", type=path_arg, help="a data.source spec (a path, glob, stdlib, c4, hf:NAME, ...)"
+    )
+    p.add_argument(
+        "--tokenizer", required=True, type=path_arg, help="a data.tokenizer spec (bytes, gpt-neox-20b, a path, ...)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", type=path_arg, help="a new directory")
+    p.add_argument(
+        "--recipe", default="quickstart", type=path_arg, help="whose data settings apply (text_field, holdout_every)"
+    )
     p.add_argument("--workers", type=int, help="tokenizing processes (default: the cores less one)")
     p.add_argument("--max-tokens", type=int, help="end each split after about this many tokens (a prefix)")
     p.set_defaults(func=cmd_prepare)
@@ -313,7 +323,7 @@ def _add_catalogue(sub, common, overridable) -> None:
     p.add_argument("kind", nargs="?", help=f"one of: {', '.join(KINDS)}")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("show", parents=[common, overridable], help="print a resolved recipe, parameters, FLOPs/token")
-    p.add_argument("recipe")
+    p.add_argument("recipe", type=path_arg)
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("plugins", parents=[common], help="list loaded plugins with distribution and version")
     p.set_defaults(func=cmd_plugins)
@@ -325,9 +335,13 @@ def _add_comparisons(sub, common, overridable) -> None:
         parents=[common, overridable],
         help="train a base and variants over seeds: table with CIs and p-values, plot, JSON",
     )
-    p.add_argument("base", help="the baseline recipe (name or TOML path)")
+    p.add_argument("base", type=path_arg, help="the baseline recipe (name or TOML path)")
     p.add_argument(
-        "variants", nargs="*", metavar="variant", help="recipes to compare with it (none: the base's own spread)"
+        "variants",
+        nargs="*",
+        metavar="variant",
+        type=path_arg,
+        help="recipes to compare with it (none: the base's own spread)",
     )
     p.add_argument("--steps", type=int, help="optimizer steps of every run (default: each recipe's own)")
     p.add_argument(
@@ -357,8 +371,8 @@ def _add_comparisons(sub, common, overridable) -> None:
     )
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("diff", parents=[common], help="components and hyperparameters two recipes differ in")
-    p.add_argument("a", metavar="A", help="recipe name or TOML path")
-    p.add_argument("b", metavar="B", help="recipe name or TOML path")
+    p.add_argument("a", metavar="A", type=path_arg, help="recipe name or TOML path")
+    p.add_argument("b", metavar="B", type=path_arg, help="recipe name or TOML path")
     p.set_defaults(func=cmd_diff)
 
 
@@ -397,7 +411,8 @@ def _add_run_tools(sub, common, overridable) -> None:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser(
         "import-hf",
-        help="a Hugging Face Llama/Mistral/OLMo 2/GPT-2 directory -> a run directory (recipe.json, checkpoints/step-0)",
+        help="a Hugging Face model directory (Llama, Mistral, OLMo 2, GPT-2, Gemma 2/3, Mixtral, OLMoE, Qwen3-MoE, "
+        "DeepSeek-V3) -> a run directory (recipe.json, checkpoints/step-0)",
     )
     p.add_argument(
         "hf_dir", metavar="HF_DIR", type=path_arg, help="a save_pretrained directory (config.json, safetensors)"

@@ -8,7 +8,7 @@ does not depend on the seed, so every run sees the same batches in the same orde
 initialisation variance alone. ``--vary-data-order`` (data.shuffle) lets the seed set the order of the training
 documents too; the table's footer and compare.json (``variance``) say which was measured. Runs go seed-major, each recipe's seed 0 before any seed 1,
 so every recipe's tokens/s is measured interleaved in one process: eager speed drifts ~30% between processes
-(FIELD-NOTES), far more than within one.
+(measured on the 2-core CPU machine), far more than within one.
 
 Recipes that cost differently per step (MoE, local attention, another optimizer) are compared at an equal budget
 (``--budget``): equal tokens (the default), equal training FLOPs (each model's own ``flops_per_token``) or equal

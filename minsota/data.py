@@ -491,8 +491,8 @@ def shuffle_seed(recipe, split: str) -> int | None:
 
 def default_workers(cuda: bool) -> int:
     """data.num_workers left unset: 1 on CPU, where the cores also train; on CUDA this rank's share of the cores
-    less one for the trainer, up to 8: one worker tokenizes ~0.34M tokens/s (gpt-neox, FIELD-NOTES), and on
-    the fly every rank tokenizes the whole stream (`minsota prepare` removes that work)."""
+    less one for the trainer, up to 8: one worker tokenizes ~0.34M tokens/s (gpt-neox, one core of the 2-core
+    CPU machine), and on the fly every rank tokenizes the whole stream (`minsota prepare` removes that work)."""
     if not cuda:
         return 1
     share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -8,7 +8,8 @@ A `UserError` is printed as one line (no traceback unless MINSOTA_DEBUG=1).
 
 import difflib
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 0, 1, 2, 3, 130, 141, 143
+# after a signal: 128 + its number (minsota.train)
+EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGPIPE = 1, 2, 3, 130, 141
 
 
 def did_you_mean(name: str, choices) -> str:

@@ -183,7 +183,7 @@ def layer_rules(cfg: ModelConfig, spec: dict, i: int, family: str) -> list:
             ]
     name, options = component(spec["feedforward"])
     if name == "swiglu":
-        width = options.get("hidden") or cfg.ffn_dim
+        width = options.get("hidden") or cfg.ffn_width(8 / 3)  # the width GatedFeedForward builds
         return rules + [
             (
                 f"{ours}feed_forward.w13.weight",
@@ -202,7 +202,9 @@ def layer_rules(cfg: ModelConfig, spec: dict, i: int, family: str) -> list:
     if options.get("balance") == "bias":
         rules.append((f"{ours}feed_forward.expert_bias", (f"{theirs}mlp.gate.e_score_correction_bias",)))
     if options.get("shared_experts"):
-        width = options["shared_experts"] * (options.get("shared_dim") or options.get("expert_dim") or cfg.ffn_dim)
+        width = options["shared_experts"] * (
+            options.get("shared_dim") or options.get("expert_dim") or cfg.ffn_width(8 / 3)
+        )
         shared = f"{theirs}mlp.shared_experts."
         rules += [
             (

@@ -8,7 +8,8 @@ Names must be unique within a kind across all plugins; a clash is an error namin
 plugin that means to replace a name wraps the factory in `minsota.override(factory)`.
 
 ``cfg`` below is the resolved `minsota.recipe.ModelConfig`: it has at least ``dim``, ``n_layers``,
-``n_heads``, ``n_kv_heads``, ``head_dim``, ``vocab_size``, ``ffn_dim`` (resolved), ``max_seq_len``.
+``n_heads``, ``n_kv_heads``, ``head_dim``, ``vocab_size``, ``max_seq_len``, and ``ffn_dim`` (None unless the
+recipe sets it: a feed-forward takes ``cfg.ffn_width(ratio)``, which is ``ffn_dim`` when set).
 ``**options`` are the keys of the recipe's inline table for that component (everything but ``name``);
 a factory rejects options it does not know by raising TypeError or ValueError, which minsota reports as
 one line naming the recipe key and component.
@@ -53,7 +54,8 @@ logs it (the mean over micro-batches and ranks) and nothing minimises it (MoE: `
 After the optimizer step. A module with ``after_optimizer_step(applied: bool)`` is called by the trainer
 (`minsota.step.train_step`, through `Decoder.after_optimizer_step`) once per optimizer step, after the step and
 outside autograd, on every rank in the same module order, so it may run collectives (``torch.distributed``, when
-initialised); ``applied`` is False when a non-finite step was skipped. What it changes lives in buffers: the
+initialised); ``applied`` is False when the parameters did not move (a non-finite step skipped, or fp16's
+loss scaler skipping an overflow). What it changes lives in buffers: the
 checkpoint saves persistent ones and a resume restores them, so the update resumes exactly. DDP does not broadcast
 buffers from rank 0 (each rank keeps its own, e.g. counts to all-reduce). MoE bias balancing is the built-in use.
 """
@@ -182,7 +184,10 @@ def minsota_register_optimizers():
     nested dicts, strings) as JSON. Optional seams: ``train()``/``eval()`` methods, called before stepping
     and around evaluation, checkpoints and sampling (schedule-free); ``group_state_keys``, the param-group
     entries the optimizer itself updates while training (schedule-free's ``k``), restored on resume (the
-    rest of a group comes from the recipe).
+    rest of a group comes from the recipe). Under fp16 the trainer steps through a ``torch.amp.GradScaler``:
+    an optimizer that sets ``_step_supports_amp_scaling`` (fused AdamW, and so its subclasses) must itself
+    skip the step when ``self.found_inf`` is nonzero and divide gradients by ``self.grad_scale`` when set;
+    any other is skipped by the scaler on overflow.
     """
 
 

@@ -33,6 +33,8 @@ RESERVED_METRICS = (
     "epoch",
     "tokens_per_s",
     "mfu",
+    "mfu_gemms",
+    "mfu_datasheet",
     "skipped",
 )  # metrics.jsonl keys an auxiliary term may not take
 

@@ -72,6 +72,11 @@ def t_quantile(level: float, df: float) -> float:
     return (low + high) / 2.0
 
 
+def confidence_half_width(std: float, n: int, level: float = 0.95) -> float:
+    """Half the width of the two-sided ``level`` confidence interval of a mean over ``n`` values (Student t)."""
+    return t_quantile(level, n - 1) * std / math.sqrt(n)
+
+
 @dataclass
 class Difference:
     """variant − base: the mean over seeds, its confidence interval and the two-sided p-value (None for one seed)."""
@@ -91,6 +96,5 @@ def paired_difference(base, variant, level: float = 0.95) -> Difference:
         return Difference(mean, None, None, None)
     if std == 0.0:  # identical differences in every seed: no spread to test against
         return Difference(mean, mean, mean, 1.0 if mean == 0.0 else 0.0)
-    standard_error = std / math.sqrt(n)
-    half_width = t_quantile(level, n - 1) * standard_error
-    return Difference(mean, mean - half_width, mean + half_width, t_two_sided_p(mean / standard_error, n - 1))
+    half_width = confidence_half_width(std, n, level)
+    return Difference(mean, mean - half_width, mean + half_width, t_two_sided_p(mean / (std / math.sqrt(n)), n - 1))

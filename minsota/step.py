@@ -82,6 +82,7 @@ def train_step(
         scaler.step(optimizer)
     scaler.update()
     if hasattr(model, "after_optimizer_step"):  # modules acting on the step: MoE bias balancing (minsota.hookspecs)
-        model.after_optimizer_step(finite)
+        with torch.no_grad():  # applied: the parameters moved (not when the scaler skipped an fp16 overflow)
+            model.after_optimizer_step(finite and math.isfinite(norm_value))
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_value, norm_value, finite, asked_value > 0, aux)

@@ -151,11 +151,7 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
     loss_module, loss_fn = parallelize(model, t.parallelism, dtype, device, t.compile)  # loss_fn compiled or not
     state = TrainState(model, build_optimizer(model, t, recipe.plugins), build_scaler(device, dtype), batches=None)
     train_mode(state.optimizer)  # optimizers with modes (schedule-free) step, and restore, in training mode
-    tokenizer = build_tokenizer(recipe)
-    state.batches = build_batches(recipe, tokenizer, "train", rank, world)
-    val_batches = list(
-        itertools.islice(build_batches(recipe, tokenizer, "validation", rank, world), math.ceil(t.eval_batches / world))
-    )  # ~eval_batches over all ranks
+    tokenizer, state.batches, val_batches = _data(recipe, rank, world)
     accum = t.batch_size // (t.micro_batch_size * world)
     if ckpt:
         restore(ckpt, state)
@@ -229,6 +225,14 @@ def _run(recipe: Recipe, run_dir: Path, ckpt: dict | None, abandon_after: int | 
         saved_step=state.step if ckpt else None,
         mfu=_mfu(model, t, device, dtype, world),
     )
+
+
+def _data(recipe: Recipe, rank: int, world: int) -> tuple:
+    """(tokenizer, this rank's training batches, its validation micro-batches: ~eval_batches over all ranks)."""
+    tokenizer = build_tokenizer(recipe)
+    train_batches = build_batches(recipe, tokenizer, "train", rank, world)
+    validation = build_batches(recipe, tokenizer, "validation", rank, world)
+    return tokenizer, train_batches, list(itertools.islice(validation, math.ceil(recipe.train.eval_batches / world)))
 
 
 def _task_evaluator(recipe: Recipe):

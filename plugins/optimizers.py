@@ -48,13 +48,18 @@ class MuonAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        # fused AdamW takes the GradScaler's contract (`_step_supports_amp_scaling`): the scaler hands over
+        # `found_inf` (skip the step: fp16 overflowed) and `grad_scale` (divide the gradients by it) instead of
+        # stepping only finite steps itself. The Muon half keeps the same contract (one sync, fp16 only).
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        for group in self.param_groups if found_inf is None or not found_inf.item() else ():
             if group["algorithm"] != "muon":
                 continue
             for p, splits in zip(group["params"], group["splits"]):
                 if p.grad is not None:
+                    grad = p.grad if grad_scale is None else p.grad / grad_scale
                     buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                    _muon_step(p, buffer, splits or [p.shape[0]], group)
+                    _muon_step(p, grad, buffer, splits or [p.shape[0]], group)
         everything = self.param_groups
         self.param_groups = [g for g in everything if g["algorithm"] != "muon"]
         try:
@@ -82,14 +87,14 @@ def newton_schulz(update: torch.Tensor, coefficients: tuple, steps: int, dtype: 
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _muon_step(p: torch.Tensor, buffer: torch.Tensor, sizes: list[int], group: dict) -> None:
+def _muon_step(p: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor, sizes: list[int], group: dict) -> None:
     """`torch.optim.Muon`'s step, op for op (its lr adjustment; `newton_schulz`), one logical matrix (``sizes``:
     rows) at a time. On an FSDP2 shard (a DTensor) the momentum stays sharded (it is elementwise); the update
     and the parameter are gathered whole, stepped as one process would, and each rank keeps its own rows."""
     from torch.optim._muon import _adjust_lr  # torch >= 2.9
 
-    buffer.lerp_(p.grad, 1 - group["momentum"])
-    update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+    buffer.lerp_(grad, 1 - group["momentum"])
+    update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
     sharded = isinstance(p, DTensor)
     whole, target = (update.full_tensor(), p.full_tensor()) if sharded else (update, p)
     for part, param in zip(whole.split(sizes), target.split(sizes)):

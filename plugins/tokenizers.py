@@ -4,7 +4,7 @@
 `minsota.data.build_tokenizer`). Hugging Face tokenizers load through `transformers.AutoTokenizer` from a hub
 name, a local directory, or a bare ``tokenizer.json``. With the hub unreachable a hub name is looked up in the
 local cache only, and failing that refused in one line, at once, instead of after the libraries' ~47 s of
-retries (FIELD-NOTES).
+retries (measured with the hub unreachable: ~47 s for a tokenizer, ~24 s for streaming C4).
 """
 
 from pathlib import Path

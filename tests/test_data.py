@@ -517,7 +517,7 @@ def timed_train(tmp_path, sets: list[str], env: dict, out: str):
 def fails_fast_in_one_line(tmp_path, sets: list[str], env: dict, *words: str) -> None:
     """`minsota train tiny` with these --set options exits 2 in one stderr line holding ``words``, and no later
     than a start-up that fails on a missing local file, measured beside it, plus 8 s: the libraries' retries
-    take 24-47 s (FIELD-NOTES), and a loaded machine slows both runs alike."""
+    take 24-47 s with the hub unreachable, and a loaded machine slows both runs alike."""
     result, elapsed = timed_train(tmp_path, sets, env, "run")
     assert result.returncode == 2, result.stderr
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr

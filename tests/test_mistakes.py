@@ -107,7 +107,11 @@ def test_every_float_argument_is_a_finite_number(capsys, tmp_path, arg):
     "args",
     [
         ["train", "tiny", "--out", ""],
+        ["train", ""],
         ["train", "--resume", ""],
+        ["prepare", "corpus.txt", "--tokenizer", "bytes", "--out", ""],
+        ["show", " "],
+        ["diff", "tiny", ""],
         ["eval", ""],
         ["generate", " "],
         ["compare", "tiny", "tiny", "--out", ""],

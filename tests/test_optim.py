@@ -1,15 +1,18 @@
 """Optimizers and schedules as plugins: Muon per logical matrix, every built-in (and a third-party plugin)
 resuming bit for bit with its whole state, and a changed optimizer refused on resume."""
 
+import itertools
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from minsota.optim import optimizer_over, train_mode
 from minsota.plugins import load_plugins
-from minsota.recipe import TrainConfig
+from minsota.recipe import TrainConfig, stand_in_groups
 
 from conftest import PLUGINS, losses, records, sets
 
@@ -79,6 +82,46 @@ def test_muon_match_rms_adamw_uses_the_adamw_lr_scaled_per_matrix():
     # match_rms_adamw scales it by 0.2·sqrt(16) (RMS 0.2, AdamW's typical update) times AdamW's lr
     assert optimizer.param_groups[0]["lr"] == 1e-3
     assert p.detach().pow(2).mean().sqrt().item() == pytest.approx(0.2 * 4 * 1e-3 * 0.25, rel=0.3)
+
+
+FACTORIES = {  # name -> (train.optimizer, plugins): the optimizers as `optimizer_over` builds them
+    "adamw": ("adamw", ()),
+    "muon": ("muon", ()),
+    "lion": ({"name": "lion"}, ()),
+    "schedulefree-adamw": ("schedulefree-adamw", ()),
+    "signum (third-party)": ({"name": "signum"}, (SIGNUM,)),
+}
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_an_fp16_step_through_the_scaler_unscales_and_skips_an_overflow(name):
+    """GradScaler's contract, whichever way an optimizer takes it (fused AdamW and Muon's AdamW half receive the
+    scale and the overflow flag; the others are skipped by the scaler): the step on scaled gradients equals the
+    step on the true ones, and a step whose gradients overflowed leaves every parameter untouched."""
+    if name == "schedulefree-adamw":
+        pytest.importorskip("schedulefree")
+    optimizer_name, plugins = FACTORIES[name]
+    t = TrainConfig(lr=1e-2, optimizer=optimizer_name)
+    runs = {}
+    for run in ("true", "scaled", "overflow"):
+        groups = stand_in_groups(t)  # the same tensors each time (seeded)
+        optimizer = optimizer_over(groups, t, plugins)
+        train_mode(optimizer)
+        params = [p for g in groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
+        if run == "true":
+            optimizer.step()
+        else:
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+            scaler.scale(torch.ones(()))  # the scale exists once a loss was scaled
+            for p in params:
+                p.grad.mul_(2.0**16)  # a power of two: unscaling is exact
+            params[0].grad.view(-1)[0] = float("inf") if run == "overflow" else params[0].grad.view(-1)[0]
+            scaler.step(optimizer)  # no unscale_ first: the scale reaches a fused step as its grad_scale
+        runs[run] = [p.detach().clone() for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(runs["overflow"], before))
+    assert all(torch.equal(a, b) for a, b in zip(runs["scaled"], runs["true"]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs["true"], before))
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -194,3 +237,36 @@ def test_an_optimizer_with_modes_evaluates_checkpoints_and_samples_in_eval_mode(
         groups = json.loads((tmp_path / "run" / "checkpoints" / f"step-{step}" / "trainer.json").read_text())
         assert {g["train_mode"] for g in groups["optimizer"]["param_groups"]} == {False}
         assert {g["k"] for g in groups["optimizer"]["param_groups"]} == {step}
+
+
+def test_a_step_the_loss_scaler_skips_moves_nothing_not_even_the_moe_bias():
+    """fp16: gradients that overflow under the loss scale are skipped by GradScaler, not counted as divergence;
+    the modules acting after the optimizer step (MoE's bias balancing) then hear ``applied`` False and keep
+    their buffers. With a scale that does not overflow, the same step moves both."""
+    from minsota.loader import load_recipe
+    from minsota.model import build_model
+    from minsota.optim import build_optimizer
+    from minsota.step import train_step
+    from minsota.train_state import TrainState
+
+    from conftest import REPO
+
+    recipe = load_recipe(REPO / "tests" / "assets" / "tiny-moe.toml")
+    T = recipe.train.seq_len
+    tokens = torch.randint(0, recipe.model.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(T).expand(2, T)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions, "document_ids": 0 * positions}
+    moved = {}
+    for scale in (2.0**10, 2.0**127):  # the second overflows fp32 gradients to inf
+        torch.manual_seed(0)
+        model = build_model(recipe)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        state = TrainState(model, build_optimizer(model, recipe.train), scaler, itertools.repeat(batch))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        result = train_step(state, model.losses, 1.0, device=torch.device("cpu"), grad_clip=1.0)
+        assert result.finite  # the scaler's skip is not a divergence
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        moved[scale] = (changed, math.isfinite(result.grad_norm))
+    biases = {k for k in before if k.endswith("expert_bias")}
+    assert biases and moved[2.0**10][1] and biases <= moved[2.0**10][0]  # the bias and the weights moved
+    assert moved[2.0**127] == (set(), False)  # nothing moved: weights, bias

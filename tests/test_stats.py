@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from minsota.stats import incomplete_beta, mean_std, paired_difference, t_quantile, t_two_sided_p
+from minsota.stats import confidence_half_width, incomplete_beta, mean_std, paired_difference, t_quantile, t_two_sided_p
 
 
 @pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)])
@@ -48,3 +48,8 @@ def test_paired_difference_edge_cases():
     assert one_seed.mean == pytest.approx(0.2) and one_seed.p_value is None and one_seed.ci_low is None
     same = paired_difference([1.0, 2.0], [1.0, 2.0])
     assert (same.mean, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_the_confidence_interval_of_a_mean_is_two_sided():
+    # 3 values with std 1: t(0.975 one-sided, df 2) = 4.303, so the 95% interval is mean ± 4.303/sqrt(3)
+    assert confidence_half_width(1.0, 3) == pytest.approx(4.303 / 3**0.5, abs=1e-3)
