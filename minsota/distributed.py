@@ -52,7 +52,8 @@ def init_distributed(recipe: Recipe, device: torch.device) -> tuple[int, int, to
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # a host process (a notebook, tests/jobs.py) may have joined the group already
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     global _checkpoint_group
     _checkpoint_group = dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
