@@ -289,7 +289,7 @@ def kill_at_fsync(n: int, signum: int = signal.SIGKILL) -> str:
     )
 
 
-def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference):
+def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference, cli):
     run_dir = tmp_path / "run"
     # fsyncs: 1 recipe.json, then per checkpoint 6 files, its directory and checkpoints/ (2-9 = step 3)
     code, _ = finish(popen("train", "tiny", "--out", run_dir, *sets(SHORT), prelude=kill_at_fsync(11)))
@@ -306,7 +306,7 @@ def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference):
     process.kill()  # between steps
     assert finish(process)[0] == -signal.SIGKILL
 
-    code, err = finish(popen("train", "--resume", run_dir))
+    code, _, err = cli("train", "--resume", run_dir)  # in this process: it has torch imported already
     assert code == 0, err
     assert "resuming at step 6" in err
     assert_same_run(run_dir, reference)
@@ -314,7 +314,7 @@ def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference):
 
 
 @pytest.mark.parametrize("to", ["trainer", "group"])
-def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference, to):
+def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference, to, cli):
     """SIGTERM to the trainer alone (kill, torchrun) or to its whole process group, data workers included
     (Slurm's scancel, container stops): either way the step is checkpointed and no worker is left behind."""
     run_dir = tmp_path / "run"
@@ -331,7 +331,7 @@ def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference,
         os.killpg(process.pid, 0)  # the group is empty: the workers ended with the trainer
     stopped = max(losses(run_dir))
     assert stopped < 8 and checkpoint.checkpoints(run_dir / "checkpoints")[-1].name == f"step-{stopped}"
-    code, err = finish(popen("train", "--resume", run_dir))
+    code, _, err = cli("train", "--resume", run_dir)
     assert code == 0, err
     assert_same_run(run_dir, reference)
 
@@ -421,19 +421,19 @@ def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, cli):
     assert records(finished_run)[-2]["tokens"] == 8 * 8 * 64 + 16 * 64
 
 
+def train_poisoned(cli, run_dir: Path, where: str, overrides: dict | None = None) -> tuple[int, str]:
+    """SHORT, checkpointing every step, with NAN_PLUGIN's feed-forward making step 3's ``where`` (loss or grad)
+    non-finite -> (exit code, stderr)."""
+    poison = f'{{name="poison", at_step=3, where="{where}"}}'
+    recipe = {**SHORT, "train.checkpoint_every": 1, "model.feedforward": poison, **(overrides or {})}
+    code, _, err = cli("train", "tiny", "--plugin", NAN_PLUGIN, "--out", run_dir, *sets(recipe))
+    return code, err
+
+
 @pytest.mark.parametrize("where, what", [("loss", "loss"), ("grad", "gradient norm")])
 def test_non_finite_step_exits_3_with_parameters_untouched(tmp_path, cli, where, what):
     run_dir = tmp_path / "run"
-    poison = f'{{name="poison", at_step=3, where="{where}"}}'
-    code, _, err = cli(
-        "train",
-        "tiny",
-        "--plugin",
-        NAN_PLUGIN,
-        "--out",
-        run_dir,
-        *sets({**SHORT, "train.checkpoint_every": 1, "model.feedforward": poison}),
-    )
+    code, err = train_poisoned(cli, run_dir, where)
     assert code == 3 and err.strip().splitlines()[-1] == (
         f"minsota: error: step 3: non-finite {what}; parameters were not updated (lower train.lr, or let "
         f"train.max_bad_steps skip such steps)"
@@ -449,23 +449,7 @@ def test_non_finite_step_exits_3_with_parameters_untouched(tmp_path, cli, where,
 
 def test_skipped_step_changes_nothing(tmp_path, cli):
     run_dir = tmp_path / "run"
-    code, _, err = cli(
-        "train",
-        "tiny",
-        "--plugin",
-        NAN_PLUGIN,
-        "--out",
-        run_dir,
-        *sets(
-            {
-                **SHORT,
-                "train.steps": 4,
-                "train.checkpoint_every": 1,
-                "train.max_bad_steps": 1,
-                "model.feedforward": '{name="poison", at_step=3, where="grad"}',
-            }
-        ),
-    )
+    code, err = train_poisoned(cli, run_dir, "grad", {"train.steps": 4, "train.max_bad_steps": 1})
     assert code == 0, err
     assert "step 3: non-finite gradient norm, step skipped" in err
     assert records(run_dir)[2] == {"step": 3, "lr": records(run_dir)[2]["lr"], "skipped": "non-finite gradient norm"}
@@ -534,12 +518,12 @@ def test_a_second_trainer_of_a_running_run_exits_2(tmp_path, cli):
     )
     try:
         wait_for_step(first, run_dir, 2)
-        for args, then in [
+        for args, then in [  # the second trainers in this process (a child would spend ~4 s importing torch)
             (("--resume", run_dir), f"let it finish or stop it, then --resume {run_dir}"),
             (("--resume", run_dir / "checkpoints" / "step-1"), f"then --resume {run_dir}"),
             (("tiny", "--out", run_dir), "choose another --out"),
         ]:
-            code, err = finish(popen("train", *args, *sets({"train.steps": 3})))
+            code, _, err = cli("train", *args, *sets({"train.steps": 3}))
             assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
             assert (
                 err.startswith(f"minsota: error: {run_dir} is being written by another trainer (pid {first.pid} on ")
