@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,21 +50,28 @@ SHORT = {"train.steps": 8, "train.checkpoint_every": 3, "train.eval_batches": 1,
 
 
 def popen(*args, prelude: str = "", **options) -> subprocess.Popen:
-    """`minsota ARGS` in a child process, after running ``prelude`` there (to arm a fault)."""
+    """`minsota ARGS` in a child process, after running ``prelude`` there (to arm a fault). Its stderr goes to a
+    file, not a pipe: the data worker of a trainer killed with -9 would hold a pipe open (and a reader waiting)
+    until torch's watchdog ends it, ~5 s later."""
     code = f"import sys\n{prelude}\nfrom minsota.cli import main\nsys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen(
+    err = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(
         [sys.executable, "-c", code, *map(str, args)],
         env=ENV,
         text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
         **options,
     )
+    process.err = err
+    return process
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
-    _, err = process.communicate(timeout=timeout)
-    return process.returncode, err
+    """Once the child has exited: (its exit code, its stderr)."""
+    process.wait(timeout=timeout)
+    process.err.seek(0)
+    return process.returncode, process.err.read()
 
 
 def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
@@ -589,8 +597,6 @@ def test_generate_refuses_max_new_tokens_below_1(tmp_path, cli, n):
 
 def record_golden(keep_others: bool) -> None:
     """Record this platform's golden trace: alone (an intended numerics change), or beside the others."""
-    import tempfile
-
     torch.set_num_threads(1)
     os.environ["TQDM_DISABLE"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
