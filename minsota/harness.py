@@ -19,16 +19,17 @@ straight from the run directory (no export step), and `evaluate_tasks` hands it 
 `tests/test_harness.py` checks every per-example log-likelihood against the harness's `HFLM` run on
 `minsota export-hf` of the same run (fp32, within 1e-4) and the greedy generations token for token.
 
-Tasks are found by the harness (`TaskManager`, plus the YAML files of ``--include-path`` directories): a task on
-local files is a YAML with ``dataset_path: json`` and ``dataset_kwargs: {data_files: ...}``. With the Hugging
-Face hub unreachable, `datasets` is switched to offline mode for the evaluation, so a hub data set that is not
-in the local cache fails at once, in one line saying how to use local files, and not after its ~24 s of
-retries. `report_run` is ``minsota eval RUN_DIR --tasks ...``; `TaskEvaluator` is the trainer's hook for
+Tasks are found by the harness (`TaskManager`, plus the YAML files of ``--include-path`` directories; tasks named
+exactly from such a directory are indexed from it alone, see `task_manager`): a task on local files is a YAML with
+``dataset_path: json`` and ``dataset_kwargs: {data_files: ...}``. With the Hugging Face hub unreachable,
+`datasets` is switched to offline mode for the evaluation, so a hub data set that is not in the local cache
+fails at once, in one line saying how to use local files, and not after its ~24 s of retries. `report_run` is ``minsota eval RUN_DIR --tasks ...``; `TaskEvaluator` is the trainer's hook for
 ``train.eval_tasks``. Nothing else imports this module, and they import it only when asked: lm-eval is optional.
 """
 
 import contextlib
 import difflib
+import functools
 import json
 import random
 from datetime import datetime
@@ -163,13 +164,27 @@ class MinsotaLM(TemplateLM):
 # ------------------------------------------------------------------------------------------------ tasks
 
 
-def task_manager(include_path: str | None, key: str = "--include-path"):
-    """The harness's task index, with the YAML tasks under ``include_path`` (a directory) added."""
-    from lm_eval.tasks import TaskManager
-
+def task_manager(include_path: str | None, key: str = "--include-path", tasks: list[str] | tuple = ()):
+    """The harness's task index for ``tasks``: the YAML tasks under ``include_path`` (a directory) alone when each
+    of ``tasks`` names one of them exactly, else those and the harness's own, ~15k YAML files that take ~7 s to
+    read here (in every process: each rank, each run of a `compare`). An exact task name finds the same task in
+    both (the directory's tasks override the harness's); groups, tags and globs may reach beyond the directory.
+    Each index is built once per process; loading a task reads its YAML again."""
     if include_path and not Path(include_path).is_dir():
         raise UserError(f"{key} {include_path}: no such directory (it should hold task YAML files)")
-    return TaskManager(include_path=str(include_path) if include_path else None)
+    include_path = str(Path(include_path).resolve()) if include_path else None
+    if include_path and tasks:
+        local = _index(include_path, defaults=False)
+        if set(tasks) <= set(local.all_subtasks):
+            return local
+    return _index(include_path, defaults=True)
+
+
+@functools.cache
+def _index(include_path: str | None, defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=defaults)
 
 
 def task_names(manager, tasks: list[str]) -> list[str]:
@@ -312,7 +327,7 @@ class TaskEvaluator:
     def __init__(self, recipe):
         t = recipe.train
         try:
-            self.manager = task_manager(t.eval_tasks_path or None, "train.eval_tasks_path")
+            self.manager = task_manager(t.eval_tasks_path or None, "train.eval_tasks_path", t.eval_tasks)
             self.tasks = task_names(self.manager, t.eval_tasks)
             with hub_or_offline():
                 self.manager.load(self.tasks)

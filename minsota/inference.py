@@ -119,7 +119,7 @@ def evaluate_run_tasks(
     before the model is loaded."""
     from minsota.harness import report_run, task_manager, task_names
 
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, tasks=tasks)
     names = task_names(manager, tasks)
     recipe, model, step = load_run(path, overrides, plugin_specs)
     path = Path(path)

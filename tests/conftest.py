@@ -140,3 +140,18 @@ def cli(capsys):
 def grad_norms(run_dir: Path) -> dict[int, float]:
     """step -> gradient norm (before clipping): a constant gradient factor that AdamW hides shows here."""
     return {r["step"]: r["grad_norm"] for r in records(run_dir) if "grad_norm" in r}
+
+
+# A toy Hugging Face decoder config (random init, no download) that the parity tests of every family start from
+HF_VOCAB = 101  # an odd vocabulary must survive exactly
+HF_TOY = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=HF_VOCAB,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+)

@@ -7,14 +7,18 @@ greedy flags, the same accuracies and the same greedy generations. The run's tok
 trained here (no download, no shared data) or, where ../shared/data has it, gpt-neox-20b.
 """
 
+import contextlib
+import io
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is part of [dev]")
 
 from minsota import harness  # noqa: E402
+from minsota.cli import main  # noqa: E402
 from minsota.data import build_tokenizer  # noqa: E402
 from minsota.inference import load_run  # noqa: E402
 
@@ -35,8 +39,8 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def manager():
-    """The harness's task index with tests/assets/eval (building it reads ~15k task YAML files: once)."""
-    return harness.task_manager(TASKS)
+    """The harness's task index for the tasks of tests/assets/eval: that directory alone."""
+    return harness.task_manager(TASKS, tasks=[CLOZE, PROSE, COMPLETE])
 
 
 def train_bpe(directory):
@@ -58,9 +62,17 @@ def train_bpe(directory):
     return directory / "tokenizer.json", 512
 
 
+def minsota(*args) -> tuple[int, str]:
+    """`minsota ARGS` in this process (a module's fixture has no capsys) -> (exit code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, err.getvalue()
+
+
 def train_and_export(tmp, tokenizer, vocab):
     """(run directory, its export-hf directory): `tiny` trained 20 steps with a 32-token context (short, so
-    few-shot prompts outgrow it)."""
+    few-shot prompts outgrow it), in this process (a child would import torch and transformers again)."""
     overrides = {
         "train.steps": 20,
         "train.eval_batches": 1,
@@ -71,10 +83,10 @@ def train_and_export(tmp, tokenizer, vocab):
         "data.tokenizer": tokenizer,
         "model.vocab_size": vocab,
     }
-    done = run("train", "tiny", "--out", tmp / "run", *sets(overrides), env=ENV)
-    assert done.returncode == 0, done.stderr
-    done = run("export-hf", tmp / "run", tmp / "hf", env=ENV)
-    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+    code, err = minsota("train", "tiny", "--out", tmp / "run", *sets(overrides))
+    assert code == 0, err
+    code, err = minsota("export-hf", tmp / "run", tmp / "hf")
+    assert code == 0 and "warning" not in err and (tmp / "hf" / "tokenizer.json").is_file(), err
     return tmp / "run", tmp / "hf"
 
 
@@ -167,8 +179,23 @@ def test_unknown_task_is_one_line_with_close_matches(cli, tmp_path):
     assert code == 2 and err == "minsota: error: --limit goes with --tasks\n"
 
 
+def test_a_directory_s_tasks_by_name_are_indexed_without_the_harness_own(manager):
+    """Exact names of tasks in the directory: its index alone (milliseconds, not ~7 s); a glob, or a task it does
+    not hold, gets the harness's ~15k beside them. Each index is built once per process."""
+    assert manager.all_tasks == sorted([CLOZE, PROSE, COMPLETE])
+    assert harness.task_manager("tests/assets/eval", tasks=[PROSE]) is manager  # the same directory
+    both = harness.task_manager(TASKS, tasks=["minsota_p*"])
+    assert "arc_easy" in both.all_tasks and harness.task_manager(TASKS, tasks=[CLOZE, "arc_easy"]) is both
+    assert sorted(harness.task_names(both, ["minsota_p*"])) == sorted([PROSE, CLOZE, COMPLETE])
+    assert harness.task_manager(TASKS) is both  # no names given
+
+
 def test_a_hub_task_without_an_answer_fails_without_retrying(bpe_run, tmp_path):
-    """No offline switch set, the hub just unreachable: datasets is put offline instead of retrying for ~24 s."""
+    """No offline switch set, the hub just unreachable: datasets is put offline instead of retrying for ~24 s.
+    The task is the harness's own arc_easy, named with its directory (indexing all of the harness's takes ~7 s)."""
+    import lm_eval.tasks
+
+    arc = Path(lm_eval.tasks.__file__).parent / "arc"
     run_dir, _ = bpe_run
     unreachable = {
         "HF_ENDPOINT": "http://127.0.0.1:9",
@@ -176,7 +203,8 @@ def test_a_hub_task_without_an_answer_fails_without_retrying(bpe_run, tmp_path):
         "HF_DATASETS_OFFLINE": "",
         "HF_HOME": str(tmp_path / "hf"),
     }
-    done = run("eval", run_dir, "--tasks", "arc_easy", env={**ENV, **unreachable}, cwd=REPO, timeout=120)
+    args = ("eval", run_dir, "--tasks", "arc_easy", "--include-path", arc)
+    done = run(*args, env={**ENV, **unreachable}, cwd=REPO, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("minsota: error: task data unavailable")
     assert "allenai/ai2_arc" in done.stderr and "unreachable" in done.stderr and "dataset_path: json" in done.stderr
@@ -191,7 +219,7 @@ def test_without_the_extra_it_is_one_line_naming_the_install(cli, monkeypatch, t
     assert code == 2 and err.count("\n") == 1 and 'pip install -e ".[eval]"' in err, err
 
 
-def test_tasks_during_training_go_to_metrics_and_compare(tmp_path, manager):
+def test_tasks_during_training_go_to_metrics_and_compare(tmp_path, manager, cli):
     """`compare` of tiny with itself, each run scoring two tasks at steps 2 and 4: metrics.jsonl, the table."""
     overrides = {
         "train.eval_batches": 1,
@@ -202,13 +230,13 @@ def test_tasks_during_training_go_to_metrics_and_compare(tmp_path, manager):
         "train.eval_tasks_limit": 8,
         "train.eval_tasks_path": "tests/assets/eval",
     }
-    done = run("compare", "tiny", "tiny", "--steps", 4, "--out", tmp_path, *sets(overrides), env=ENV, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    code, out, err = cli("compare", "tiny", "tiny", "--steps", 4, "--out", tmp_path, *sets(overrides))
+    assert code == 0, err
     keys = [f"tasks/{CLOZE}/acc_norm", f"tasks/{PROSE}/bits_per_byte"]
     run_dir = tmp_path / "tiny" / "seed-0"
     scored = [r for r in records(run_dir) if keys[0] in r]
     assert [r["step"] for r in scored] == [2, 4] and all(set(r) - {"val_loss"} == {"step", *keys} for r in scored)
-    header, _, *rows = done.stdout.splitlines()[:4]
+    header, _, *rows = out.splitlines()[:4]
     assert header.split()[-2:] == [key.removeprefix("tasks/") for key in keys]
     assert rows[0].split()[-2:] == rows[1].split()[-2:] == [f"{scored[-1][key]:.4f}" for key in keys]
     # the end-of-run scores are those of the final checkpoint, evaluated afterwards
@@ -219,7 +247,9 @@ def test_tasks_during_training_go_to_metrics_and_compare(tmp_path, manager):
 
 
 def test_an_unknown_training_task_stops_before_training(cli, tmp_path):
-    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets({"train.eval_tasks": '["arc_esy"]'}))
+    """With a task directory too: the harness's own tasks are found beside its (one index, built once a process)."""
+    overrides = {"train.eval_tasks": '["arc_esy"]', "train.eval_tasks_path": TASKS}
+    code, _, err = cli("train", "tiny", "--out", tmp_path / "run", *sets(overrides))
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("minsota: error: --set train.eval_tasks: train.eval_tasks: unknown task 'arc_esy'")
     assert "arc_easy" in err and not (tmp_path / "run" / "recipe.json").exists()

@@ -14,18 +14,10 @@ from minsota.loader import load_recipe
 from minsota.model import build_model
 from minsota.reference import assert_close
 
-VOCAB, T = 101, 24  # an odd vocabulary must survive exactly
-ROTARY = dict(
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-    initializer_range=0.1,
-)
+from conftest import HF_TOY, HF_VOCAB
+
+VOCAB, T = HF_VOCAB, 24
+ROTARY = HF_TOY  # the Llama-like (rotary) families start from it as it is
 GEMMA = dict(
     num_hidden_layers=4,
     head_dim=16,
@@ -279,42 +271,35 @@ def test_real_model_recipes_have_the_real_shapes(recipe_name, parameters):
 
 
 # The published configs of google/gemma-2-2b and google/gemma-3-1b-pt (their config.json), as transformers builds them
+GEMMA_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "sliding_window",
+)
+
+
+def gemma_published(sizes: tuple, **own) -> dict:
+    """A published Gemma config: the values of GEMMA_SIZES, in order, what both generations publish alike, and
+    the keys of its generation alone (``own``)."""
+    alike = dict(num_hidden_layers=26, head_dim=256, rms_norm_eps=1e-6, query_pre_attn_scalar=256)
+    return dict(zip(GEMMA_SIZES, sizes, strict=True), **alike, **own)
+
+
 PUBLISHED = {
     "gemma-2-2b": (
         "Gemma2Config",
-        dict(
-            vocab_size=256000,
-            hidden_size=2304,
-            intermediate_size=9216,
-            num_hidden_layers=26,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            head_dim=256,
-            max_position_embeddings=8192,
-            sliding_window=4096,
-            rms_norm_eps=1e-6,
-            query_pre_attn_scalar=256,
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=30.0,
+        gemma_published(
+            (256000, 2304, 9216, 8, 4, 8192, 4096), attn_logit_softcapping=50.0, final_logit_softcapping=30.0
         ),
     ),
     "gemma-3-1b": (
         "Gemma3TextConfig",
-        dict(
-            vocab_size=262144,
-            hidden_size=1152,
-            intermediate_size=6912,
-            num_hidden_layers=26,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=256,
-            max_position_embeddings=32768,
-            sliding_window=512,
-            rms_norm_eps=1e-6,
-            query_pre_attn_scalar=256,
-            sliding_window_pattern=6,
-            rope_theta=1000000.0,
-            rope_local_base_freq=10000.0,
+        gemma_published(
+            (262144, 1152, 6912, 4, 1, 32768, 512), sliding_window_pattern=6, rope_theta=1e6, rope_local_base_freq=1e4
         ),
     ),
 }

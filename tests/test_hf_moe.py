@@ -11,18 +11,10 @@ from minsota.loader import load_recipe
 from minsota.model import build_model
 from minsota.reference import assert_close
 
-VOCAB, T = 101, 24
-BASE = dict(
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-    initializer_range=0.1,
-)
+from conftest import HF_TOY, HF_VOCAB
+
+VOCAB, T = HF_VOCAB, 24
+BASE = dict(HF_TOY, num_hidden_layers=3)
 DEEPSEEK = dict(
     BASE,
     rms_norm_eps=1e-6,

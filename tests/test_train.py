@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,21 +50,28 @@ SHORT = {"train.steps": 8, "train.checkpoint_every": 3, "train.eval_batches": 1,
 
 
 def popen(*args, prelude: str = "", **options) -> subprocess.Popen:
-    """`minsota ARGS` in a child process, after running ``prelude`` there (to arm a fault)."""
+    """`minsota ARGS` in a child process, after running ``prelude`` there (to arm a fault). Its stderr goes to a
+    file, not a pipe: the data worker of a trainer killed with -9 would hold a pipe open (and a reader waiting)
+    until torch's watchdog ends it, ~5 s later."""
     code = f"import sys\n{prelude}\nfrom minsota.cli import main\nsys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen(
+    err = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(
         [sys.executable, "-c", code, *map(str, args)],
         env=ENV,
         text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
         **options,
     )
+    process.err = err
+    return process
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
-    _, err = process.communicate(timeout=timeout)
-    return process.returncode, err
+    """Once the child has exited: (its exit code, its stderr)."""
+    process.wait(timeout=timeout)
+    process.err.seek(0)
+    return process.returncode, process.err.read()
 
 
 def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
@@ -289,7 +297,7 @@ def kill_at_fsync(n: int, signum: int = signal.SIGKILL) -> str:
     )
 
 
-def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference):
+def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference, cli):
     run_dir = tmp_path / "run"
     # fsyncs: 1 recipe.json, then per checkpoint 6 files, its directory and checkpoints/ (2-9 = step 3)
     code, _ = finish(popen("train", "tiny", "--out", run_dir, *sets(SHORT), prelude=kill_at_fsync(11)))
@@ -306,7 +314,7 @@ def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference):
     process.kill()  # between steps
     assert finish(process)[0] == -signal.SIGKILL
 
-    code, err = finish(popen("train", "--resume", run_dir))
+    code, _, err = cli("train", "--resume", run_dir)  # in this process: it has torch imported already
     assert code == 0, err
     assert "resuming at step 6" in err
     assert_same_run(run_dir, reference)
@@ -314,7 +322,7 @@ def test_kill_9_anywhere_then_resume_is_bit_exact(tmp_path, reference):
 
 
 @pytest.mark.parametrize("to", ["trainer", "group"])
-def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference, to):
+def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference, to, cli):
     """SIGTERM to the trainer alone (kill, torchrun) or to its whole process group, data workers included
     (Slurm's scancel, container stops): either way the step is checkpointed and no worker is left behind."""
     run_dir = tmp_path / "run"
@@ -331,7 +339,7 @@ def test_sigterm_checkpoints_the_step_and_resumes_bit_exact(tmp_path, reference,
         os.killpg(process.pid, 0)  # the group is empty: the workers ended with the trainer
     stopped = max(losses(run_dir))
     assert stopped < 8 and checkpoint.checkpoints(run_dir / "checkpoints")[-1].name == f"step-{stopped}"
-    code, err = finish(popen("train", "--resume", run_dir))
+    code, _, err = cli("train", "--resume", run_dir)
     assert code == 0, err
     assert_same_run(run_dir, reference)
 
@@ -421,19 +429,19 @@ def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, cli):
     assert records(finished_run)[-2]["tokens"] == 8 * 8 * 64 + 16 * 64
 
 
+def train_poisoned(cli, run_dir: Path, where: str, overrides: dict | None = None) -> tuple[int, str]:
+    """SHORT, checkpointing every step, with NAN_PLUGIN's feed-forward making step 3's ``where`` (loss or grad)
+    non-finite -> (exit code, stderr)."""
+    poison = f'{{name="poison", at_step=3, where="{where}"}}'
+    recipe = {**SHORT, "train.checkpoint_every": 1, "model.feedforward": poison, **(overrides or {})}
+    code, _, err = cli("train", "tiny", "--plugin", NAN_PLUGIN, "--out", run_dir, *sets(recipe))
+    return code, err
+
+
 @pytest.mark.parametrize("where, what", [("loss", "loss"), ("grad", "gradient norm")])
 def test_non_finite_step_exits_3_with_parameters_untouched(tmp_path, cli, where, what):
     run_dir = tmp_path / "run"
-    poison = f'{{name="poison", at_step=3, where="{where}"}}'
-    code, _, err = cli(
-        "train",
-        "tiny",
-        "--plugin",
-        NAN_PLUGIN,
-        "--out",
-        run_dir,
-        *sets({**SHORT, "train.checkpoint_every": 1, "model.feedforward": poison}),
-    )
+    code, err = train_poisoned(cli, run_dir, where)
     assert code == 3 and err.strip().splitlines()[-1] == (
         f"minsota: error: step 3: non-finite {what}; parameters were not updated (lower train.lr, or let "
         f"train.max_bad_steps skip such steps)"
@@ -449,23 +457,7 @@ def test_non_finite_step_exits_3_with_parameters_untouched(tmp_path, cli, where,
 
 def test_skipped_step_changes_nothing(tmp_path, cli):
     run_dir = tmp_path / "run"
-    code, _, err = cli(
-        "train",
-        "tiny",
-        "--plugin",
-        NAN_PLUGIN,
-        "--out",
-        run_dir,
-        *sets(
-            {
-                **SHORT,
-                "train.steps": 4,
-                "train.checkpoint_every": 1,
-                "train.max_bad_steps": 1,
-                "model.feedforward": '{name="poison", at_step=3, where="grad"}',
-            }
-        ),
-    )
+    code, err = train_poisoned(cli, run_dir, "grad", {"train.steps": 4, "train.max_bad_steps": 1})
     assert code == 0, err
     assert "step 3: non-finite gradient norm, step skipped" in err
     assert records(run_dir)[2] == {"step": 3, "lr": records(run_dir)[2]["lr"], "skipped": "non-finite gradient norm"}
@@ -534,12 +526,12 @@ def test_a_second_trainer_of_a_running_run_exits_2(tmp_path, cli):
     )
     try:
         wait_for_step(first, run_dir, 2)
-        for args, then in [
+        for args, then in [  # the second trainers in this process (a child would spend ~4 s importing torch)
             (("--resume", run_dir), f"let it finish or stop it, then --resume {run_dir}"),
             (("--resume", run_dir / "checkpoints" / "step-1"), f"then --resume {run_dir}"),
             (("tiny", "--out", run_dir), "choose another --out"),
         ]:
-            code, err = finish(popen("train", *args, *sets({"train.steps": 3})))
+            code, _, err = cli("train", *args, *sets({"train.steps": 3}))
             assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
             assert (
                 err.startswith(f"minsota: error: {run_dir} is being written by another trainer (pid {first.pid} on ")
@@ -605,8 +597,6 @@ def test_generate_refuses_max_new_tokens_below_1(tmp_path, cli, n):
 
 def record_golden(keep_others: bool) -> None:
     """Record this platform's golden trace: alone (an intended numerics change), or beside the others."""
-    import tempfile
-
     torch.set_num_threads(1)
     os.environ["TQDM_DISABLE"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
