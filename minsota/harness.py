@@ -23,8 +23,9 @@ Tasks are found by the harness (`TaskManager`, plus the YAML files of ``--includ
 exactly from such a directory are indexed from it alone, see `task_manager`): a task on local files is a YAML with
 ``dataset_path: json`` and ``dataset_kwargs: {data_files: ...}``. With the Hugging Face hub unreachable,
 `datasets` is switched to offline mode for the evaluation, so a hub data set that is not in the local cache
-fails at once, in one line saying how to use local files, and not after its ~24 s of retries. `report_run` is ``minsota eval RUN_DIR --tasks ...``; `TaskEvaluator` is the trainer's hook for
-``train.eval_tasks``. Nothing else imports this module, and they import it only when asked: lm-eval is optional.
+fails at once, in one line saying how to use local files, and not after its ~24 s of retries. `report_run` is
+``minsota eval RUN_DIR --tasks ...``; `TaskEvaluator` is the trainer's hook for ``train.eval_tasks``. Nothing
+else imports this module, and they import it only when asked: lm-eval is optional.
 """
 
 import contextlib

@@ -8,8 +8,7 @@ import pytest
 
 from minsota import checkpoint
 
-# torchrun unused here: test_harness.py imports it from this module
-from conftest import Launch, copied, grad_norms, in_turn, losses, records, sets, torchrun  # noqa: F401
+from conftest import Launch, copied, grad_norms, in_turn, losses, records, sets
 
 # 8 sequences per step: 2 micro-batches of 4 in one process, one per rank in two
 RUN = {

@@ -22,7 +22,7 @@ from minsota.cli import main  # noqa: E402
 from minsota.data import build_tokenizer  # noqa: E402
 from minsota.inference import load_run  # noqa: E402
 
-from conftest import ENV, REPO, SHARED_DATA, records, run, sets  # noqa: E402
+from conftest import ENV, REPO, SHARED_DATA, records, run, sets, torchrun  # noqa: E402
 
 TASKS = REPO / "tests" / "assets" / "eval"
 CLOZE, PROSE, COMPLETE = "minsota_python_cloze", "minsota_prose", "minsota_python_complete"
@@ -257,8 +257,6 @@ def test_an_unknown_training_task_stops_before_training(cli, tmp_path):
 
 def test_tasks_under_fsdp_score_as_the_checkpoint_does(tmp_path, manager):
     """Two ranks, FSDP2: every rank runs the harness (the root's weights gathered around hidden_states/logits)."""
-    from test_distributed import torchrun
-
     overrides = {
         "train.steps": 2,
         "train.micro_batch_size": 4,
