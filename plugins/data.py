@@ -6,6 +6,7 @@ Every one is streamed through `datasets` (`minsota.data.hf_source`), so it resum
 in one line that says how to use a local copy.
 """
 
+import functools
 import glob
 import random
 import sysconfig
@@ -65,10 +66,17 @@ def files(spec: str, data_cfg, split: str):
 def stdlib(arg: str, data_cfg, split: str):
     """The Python standard library's own modules, code and docstrings (~12 MB on CPython 3.11): real text, offline"""
     no_argument("stdlib", arg)
+    return _text_files(list(_stdlib_modules()), data_cfg, split)
+
+
+@functools.cache
+def _stdlib_modules() -> tuple[str, ...]:
+    """The modules' paths in a fixed order that mixes packages, so a short run sees many of them; walked once per
+    process (0.3-0.5 s here, for each split of each run a process trains: a `compare`, the tests)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     modules = sorted(str(p) for p in root.rglob("*.py") if not STDLIB_SKIP & set(p.relative_to(root).parts))
-    random.Random(0).shuffle(modules)  # a fixed order that mixes packages, so a short run sees many of them
-    return _text_files(modules, data_cfg, split)
+    random.Random(0).shuffle(modules)
+    return tuple(modules)
 
 
 def _require_hub(what: str, local_hint: str, data_cfg):
