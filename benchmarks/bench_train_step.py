@@ -37,6 +37,7 @@ import pytest
 import torch
 import transformers
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import minsota.model
@@ -324,12 +325,14 @@ def op_seconds(run, setting: Setting) -> tuple[float, float]:
     the device), the GEMMs by op name; inductor's generated kernels count under the compiled graph that calls
     them, flash attention's products under its own op (not a GEMM). The shares, not the absolute times, are
     the figure: profiling slows the small ops most."""
-    activities = [ProfilerActivity.CUDA] if setting.cuda else [ProfilerActivity.CPU]
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if setting.cuda else [])]
     with profile(activities=activities) as prof:
         run()
         setting.sync()
-    times = {e.key: e.self_device_time_total if setting.cuda else e.self_cpu_time_total for e in prof.key_averages()}
+    ops = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]  # the kernels' rows: counted by op
+    times = {e.key: e.self_device_time_total if setting.cuda else e.self_cpu_time_total for e in ops}
     gemm = sum(t for key, t in times.items() if key in GEMM_OPS)
+    assert gemm > 0, f"no GEMM op ({', '.join(sorted(GEMM_OPS))}) in the profile: {sorted(times)[:20]}"
     return gemm / 1e6, (sum(times.values()) - gemm) / 1e6
 
 

@@ -34,8 +34,8 @@ def checkpoint_group():
 
 def init_distributed(recipe: Recipe, device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on CUDA,
-    gloo on CPU; a CUDA ``device`` becomes this rank's GPU. One process runs alone whatever
-    train.parallelism says."""
+    gloo on CPU (or keeps the one the host process joined, if its size and backend are those); a CUDA
+    ``device`` becomes this rank's GPU. One process runs alone whatever train.parallelism says."""
     t, world = recipe.train, int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -52,8 +52,14 @@ def init_distributed(recipe: Recipe, device: torch.device) -> tuple[int, int, to
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():  # a host process (a notebook, tests/jobs.py) may have joined the group already
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    elif (dist.get_world_size(), dist.get_backend()) != (world, backend):  # joined by the host (tests/jobs.py)
+        raise UserError(
+            f"this process already joined a process group of {dist.get_world_size()} {dist.get_backend()} ranks; "
+            f"training on {device.type} under WORLD_SIZE={world} needs {world} {backend} ranks"
+        )
     global _checkpoint_group
     _checkpoint_group = dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes to it

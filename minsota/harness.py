@@ -170,7 +170,8 @@ def task_manager(include_path: str | None, key: str = "--include-path", tasks: l
     of ``tasks`` names one of them exactly, else those and the harness's own, ~15k YAML files that take ~7 s to
     read here (in every process: each rank, each run of a `compare`). An exact task name finds the same task in
     both (the directory's tasks override the harness's); groups, tags and globs may reach beyond the directory.
-    Each index is built once per process; loading a task reads its YAML again."""
+    Each index is built once per process (a task file added later in the same process is not seen); loading a
+    task reads its YAML again."""
     if include_path and not Path(include_path).is_dir():
         raise UserError(f"{key} {include_path}: no such directory (it should hold task YAML files)")
     include_path = str(Path(include_path).resolve()) if include_path else None

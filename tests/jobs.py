@@ -6,9 +6,10 @@ group: ~10 s) is paid once for all of them rather than once per command.
 
 JOBS.json maps a name to {"code": Python that every rank runs first (optional), "argv": the `minsota` arguments
 (null: the code alone)}. Every rank runs every job in that order and writes OUT/NAME/RANK.out and RANK.err
-(what the job printed), then RANK.code (its exit status; absent: it never finished). A job that raises ends
-the process, since the other ranks may be waiting for it in a collective: torchrun then ends the launch, and
-the jobs after it never run. A job's code may patch modules for the jobs after it: such jobs go last.
+(what the job printed), then RANK.code (its exit status; absent: it never finished). Under torchrun a job that
+raises or exits non-zero ends its rank's process, as the command would alone, since the other ranks may be
+waiting for it in a collective: torchrun then ends the launch, and the jobs after it never run. A job's code
+may patch modules for the jobs after it: such jobs go last.
 """
 
 import contextlib
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from minsota.cli import main
 
 
-def run(job: dict, folder: Path, rank: int) -> None:
+def run(job: dict, folder: Path, rank: int) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{rank}.start").write_text(repr(time.time()))
     with (
@@ -46,6 +47,7 @@ def run(job: dict, folder: Path, rank: int) -> None:
             traceback.print_exc()
             raise
     (folder / f"{rank}.code").write_text(str(code))
+    return code
 
 
 if __name__ == "__main__":
@@ -54,4 +56,5 @@ if __name__ == "__main__":
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the ranks join once: the trainer keeps a group it finds
         dist.init_process_group("gloo")
     for name, job in jobs.items():
-        run(job, out / name, rank)
+        if run(job, out / name, rank) and dist.is_initialized():
+            os._exit(1)  # a rank alone refused (rank 0 checks the run directory): the others must not wait on it

@@ -5,8 +5,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from minsota import checkpoint
+from minsota.distributed import init_distributed
+from minsota.errors import UserError
+from minsota.loader import load_recipe
 
 from conftest import Launch, copied, grad_norms, in_turn, losses, records, sets
 
@@ -30,8 +35,9 @@ def one_process(tmp_path_factory) -> Launch:
         "stdlib": {"argv": [*prepare, "--out", out / "stdlib" / "run"]},
         "single": {"argv": train(out / "single", RUN)},
     }
-    for name, _, overrides, _ in OPTIMIZED:
-        jobs[name] = {"argv": train(out / name, short(overrides))}  # once for its DDP and FSDP2 cases
+    for name, _, overrides, _ in OPTIMIZED:  # once for its DDP and FSDP2 cases, which share the name and overrides
+        job = {"argv": train(out / name, short(overrides))}
+        assert jobs.setdefault(name, job) == job, f"{name}: its cases differ in their overrides"
     return in_turn(jobs, out)
 
 
@@ -61,11 +67,11 @@ def two_ranks(one_process, tmp_path_factory) -> Launch:
         "code": copied(out / "muon-fsdp", out / "muon-fsdp-resumed"),
         "argv": ["train", "--resume", out / "muon-fsdp-resumed" / "run" / "checkpoints" / "step-2"],
     }
+    jobs["meta"] = {"code": META, "argv": None}
     jobs["fsdp-resumed"] = {  # step 6's weights damaged unseen by size; every rank says what it reads and hashes
-        "code": copied(out / "fsdp", out / "fsdp-resumed", then=DAMAGE) + READS,
+        "code": copied(out / "fsdp", out / "fsdp-resumed", then=DAMAGE) + READS,  # (its spy stays for "dies")
         "argv": ["train", "--resume", out / "fsdp-resumed" / "run"],
     }
-    jobs["meta"] = {"code": META, "argv": None}
     jobs["dies"] = {"code": DIES, "argv": train(out / "dies", ddp)}
     return in_turn(jobs, out, ranks=2)
 
@@ -237,3 +243,15 @@ def test_fsdp_ranks_build_on_meta_and_receive_rank_zeros_weights(two_ranks):
     meta = two_ranks.jobs["meta"]
     assert meta.returncode == 0, meta.stderr
     assert "rank 0 ok" in meta.stdout and "rank 1 ok" in meta.stdout
+
+
+def test_a_process_group_the_host_joined_is_kept_only_if_it_fits(monkeypatch):
+    """A process that joined a group before training (a notebook, tests/jobs.py) keeps it when its size and
+    backend are the launch's; another one is refused in one line rather than trained on."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(UserError, match="already joined a process group of 1 gloo ranks.*needs 2 gloo ranks"):
+            init_distributed(load_recipe("tiny", {"train.parallelism": "ddp"}), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
