@@ -7,7 +7,6 @@ import collections
 import contextlib
 import ctypes
 import functools
-import math
 import os
 import platform
 import sys
@@ -108,18 +107,17 @@ def gemm_shapes(model: nn.Module, rows: int) -> collections.Counter:
 
 
 def gemm_flops(shapes: collections.Counter, device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
-    """FLOP/s of the matmuls ``shapes`` ((m, k, n) -> how many, e.g. `gemm_shapes`): each shape timed once on
-    random operands (as `peak_flops`) and weighted by its count; the fastest of ``repeats`` passes, after one
-    that warms up. Beside `peak_flops`' square matmul, the rate a model's own GEMMs reach (narrow or short
-    ones run below it); one pass costs about 1/count of a step's matmul time."""
-    operands = {shape: _operands(shape, device, dtype) for shape in shapes}
-    best = math.inf
-    for _ in range(repeats + 1):
-        seconds = 0.0
-        for shape, (a, b) in operands.items():
-            seconds += shapes[shape] * _seconds(lambda a=a, b=b: a @ b, device)
-        best = min(best, seconds)
-    return sum(2 * m * k * n * count for (m, k, n), count in shapes.items()) / best
+    """FLOP/s of the matmuls ``shapes`` ((m, k, n) -> how many, e.g. `gemm_shapes`): each shape on random
+    operands (as `peak_flops`), the fastest of ``repeats`` runs after one that warms up, weighted by its count.
+    One shape's operands at a time: a 7B model's shapes together would hold GBs just before training starts.
+    Beside `peak_flops`' square matmul, the rate a model's own GEMMs reach (narrow or short ones run below it);
+    each run of every shape costs about 1/count of a step's matmul time."""
+    seconds = 0.0
+    for shape, count in shapes.items():
+        a, b = _operands(shape, device, dtype)
+        a @ b
+        seconds += count * min(_seconds(lambda a=a, b=b: a @ b, device) for _ in range(repeats))
+    return sum(2 * m * k * n * count for (m, k, n), count in shapes.items()) / seconds
 
 
 def _operands(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype):
