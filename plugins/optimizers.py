@@ -52,9 +52,8 @@ class MuonAdamW(torch.optim.AdamW):
         # `found_inf` (skip the step: fp16 overflowed) and `grad_scale` (divide the gradients by it) instead of
         # stepping only finite steps itself. The Muon half keeps the same contract (one sync, fp16 only).
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
-        for group in self.param_groups if found_inf is None or not found_inf.item() else ():
-            if group["algorithm"] != "muon":
-                continue
+        overflowed = found_inf is not None and bool(found_inf.item())
+        for group in [g for g in self.param_groups if g["algorithm"] == "muon" and not overflowed]:
             for p, splits in zip(group["params"], group["splits"]):
                 if p.grad is not None:
                     grad = p.grad if grad_scale is None else p.grad / grad_scale
