@@ -12,8 +12,8 @@ runs in the same rounds: "TD overhead" is how much slower the TensorDict version
 by the fp32 (CUDA: bf16) matmul rate `minsota.runtime.peak_flops` measures, re-measured every round; "MFU own
 GEMMs" by the rate of the model's own matmul shapes (`minsota.runtime.gemm_shapes`: every Linear forward and
 backward, the head at the loss's chunk rows), measured in the same rounds. Peak
-memory: CUDA's allocator peak; on CPU the live parameters and optimizer state plus the largest net
-allocation within a step, from the profiler's allocation events. Where the time goes: one more step of each
+memory: the live parameters and optimizer state plus the largest net allocation within a step (CPU: from the
+profiler's allocation events; CUDA: the allocator's peak above what was held). Where the time goes: one more step of each
 side under the profiler (`op_seconds`): the GEMMs' share of the op time, the rate they reach inside the step
 (the model's GEMM FLOPs over their time) and the time of everything else (norms, RoPE, activations, the
 loss's softmax, attention, the optimizer).
@@ -46,7 +46,7 @@ from minsota.loader import load_recipe
 from minsota.loss import chunk_rows, linear_cross_entropy
 from minsota.model import build_model
 from minsota.optim import build_optimizer, build_scaler
-from minsota.runtime import gemm_flops, gemm_shapes, peak_flops
+from minsota.runtime import gemm_flop_count, gemm_flops, gemm_shapes, peak_flops
 from minsota.state import DOCUMENT_IDS, EMBEDDINGS, HIDDEN, POSITIONS
 from minsota.step import train_step
 from minsota.train_state import TrainState
@@ -126,11 +126,8 @@ class Trainee:
 
 
 def peak_bytes(trainee: Trainee, batch) -> int:
-    """Peak memory of one step (see the module docstring for how each device measures it)."""
-    if trainee.setting.cuda:
-        torch.cuda.reset_peak_memory_stats(trainee.setting.device)
-        trainee.step(batch)
-        return torch.cuda.max_memory_allocated(trainee.setting.device)
+    """Peak memory of one step: what the trainee keeps between steps plus the largest net allocation within one
+    (`step_peak`; on CUDA the allocator's peak above what was held, so the peer model beside it is not counted)."""
     return trainee.live_bytes() + step_peak(lambda: trainee.step(batch), trainee.setting)
 
 
@@ -239,7 +236,7 @@ def test_train_step(benchmark, record, setting, models, mode):
     )
     peak, hf_peak = peak_bytes(ours, batch), peak_bytes(peers[f"hf_{mode}"], batch)
     figures |= {"peak_mb": peak / 2**20, "vs_hf_peak": peak / hf_peak}
-    gemm_flop = sum(2 * m * k * n * count for (m, k, n), count in own_shapes.items())  # HF's GEMMs: the same FLOPs
+    gemm_flop = gemm_flop_count(own_shapes)  # HF's GEMMs: the same FLOPs
     for prefix, trainee in (("", ours), ("hf_", peers[f"hf_{mode}"])):
         gemm_s, other_s = op_seconds(lambda t=trainee: t.step(batch), setting)
         figures |= {

@@ -117,7 +117,12 @@ def gemm_flops(shapes: collections.Counter, device: torch.device, dtype: torch.d
         a, b = _operands(shape, device, dtype)
         a @ b
         seconds += count * min(_seconds(lambda a=a, b=b: a @ b, device) for _ in range(repeats))
-    return sum(2 * m * k * n * count for (m, k, n), count in shapes.items()) / seconds
+    return gemm_flop_count(shapes) / seconds
+
+
+def gemm_flop_count(shapes: collections.Counter) -> int:
+    """The FLOPs of the matmuls ``shapes`` ((m, k, n) -> how many): 2·m·k·n each."""
+    return sum(2 * m * k * n * count for (m, k, n), count in shapes.items())
 
 
 def _operands(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype):
